@@ -1,0 +1,101 @@
+"""What both jobs share: logging, Ray start-up (embedded locally, connect on a cluster), run flags, exit codes.
+
+Only ``jobs/`` configures logging and calls ``ray.init()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+logger = logging.getLogger("rayanom.jobs")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run (speed only; recorded in the artifact's provenance)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--num-actors", type=int, default=None,
+                   help="feature/scoring actors (default: one per GPU on a GPU cluster, else 1)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="actor device; auto = cuda with one GPU per actor when the cluster has GPUs (default: auto)")
+    g.add_argument("--threads-per-actor", type=int, default=None,
+                   help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
+    g.add_argument("--overwrite", action="store_true", help="replace this tool's files in existing output dirs")
+    g.add_argument("--quiet", action="store_true", help="warnings and the final summary only, no progress bars")
+
+
+def setup_logging(quiet: bool) -> None:
+    if quiet:  # must be set before ray.data is first imported
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def init_ray(args: argparse.Namespace):
+    """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded local Ray.
+
+    Returns the RunConfig sized for what Ray offers. Locally the actors reserve at most all but two logical CPUs,
+    so the decode tasks can always be placed (a pool holding every CPU deadlocks Ray Data, ray.md section 2).
+    """
+    from rayanom.config import RunConfig
+
+    import ray
+    import ray.data
+
+    cluster = bool(os.environ.get("RAY_ADDRESS"))
+    num_actors = args.num_actors
+    if cluster:
+        ray.init(logging_level=logging.WARNING)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
+        gpus = 0
+    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    if num_actors is None:
+        num_actors = max(1, gpus) if device == "cuda" else 1
+    if not cluster:
+        ray.init(num_cpus=num_actors + 2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
+    threads = args.threads_per_actor
+    if threads is None:
+        threads = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = not args.quiet
+    if not cluster:
+        ctx.execution_no_progress_timeout_s = 900  # a local hang becomes an error instead of a silent wait
+    if args.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    run = RunConfig(batch_size=args.batch_size, num_actors=num_actors, device=device,
+                    num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads)
+    logger.info("ray: %s, %d actor(s) on %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
+                num_actors, device)
+    return run
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exit codes: 0 success, 2 user error (one clear message, no traceback), 1 internal failure."""
+    from rayanom.config import UserError
+
+    try:
+        code = main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # noqa: BLE001 - last resort: show the traceback and exit 1
+        traceback.print_exc()
+        code = 1
+    sys.exit(code)
+
+
+def print_summary(summary: dict) -> None:
+    auroc = summary.get("auroc")
+    line = (f"scored {summary['scored']} of {summary['rows']} rows, {summary['failed']} failed"
+            + (f", image AUROC {auroc:.4f} ({summary['n_normal']} normal, {summary['n_anomalous']} anomalous)"
+               if auroc is not None else ""))
+    print(line)
+    print(f"scores: {summary['output']}")

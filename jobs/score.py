@@ -1,0 +1,52 @@
+"""Score every row of a parquet index with a fitted model, on Ray.
+
+    python jobs/score.py --model runs/r1/model --index test.parquet --out runs/r1/scores-test
+    ray job submit --working-dir . -- python jobs/score.py --model s3://b/r1/model --index s3://b/all.parquet \
+        --out s3://b/r1/scores
+
+Writes a parquet dataset: every input column unchanged, plus row_index, anomaly_score (-log density, higher = more
+anomalous), anomaly_probability and error (null when scored). One output row per input row.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import _cli
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="artifact directory written by fit.py")
+    p.add_argument("--index", required=True, help="parquet index with a 'path' column")
+    p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
+    p.add_argument("--weights", metavar="PATH",
+                   help="where the backbone weights file is on this machine, if not at the path the model recorded "
+                        "(its sha256 must match)")
+    _cli.add_run_flags(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from rayanom.artifact import Artifact, check_output_dir
+    from rayanom.data import read_index
+    from rayanom.features import artifact_weights
+
+    _cli.setup_logging(args.quiet)
+    # Everything a user can get wrong is checked here, before Ray starts.
+    artifact = Artifact.load(args.model)
+    table = read_index(args.index)
+    check_output_dir(args.out, lambda n: n.endswith(".parquet"), args.overwrite)
+    state = artifact_weights(artifact.config, artifact.weights, args.weights)
+
+    from rayanom import pipeline
+
+    run = _cli.init_ray(args)
+    summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
+    _cli.print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run_main(lambda: main(get_args_parser().parse_args()))

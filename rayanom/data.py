@@ -1,0 +1,178 @@
+"""Input stage: the parquet index (read and validated on the driver) and the CPU decode task (bytes -> float image).
+
+The index needs one column, ``path`` (a local path or a pyarrow-filesystem URI such as ``s3://bucket/a.png``).
+Optional: ``label`` (0 normal, 1 anomalous), ``split`` (fit keeps ``"train"`` rows when the column exists), and any
+other column, carried unchanged into the scores.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from rayanom.config import UserError
+
+logger = logging.getLogger(__name__)
+
+PATH_COL = "path"
+LABEL_COL = "label"
+SPLIT_COL = "split"
+ROW_COL = "row_index"  # position of the row in the index; the key of every output row
+IMAGE_COL = "image"
+ERROR_COL = "error"
+SCORE_COL = "anomaly_score"
+PROB_COL = "anomaly_probability"
+RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL)
+
+MAX_IMAGE_PIXELS = 100_000_000  # larger images are rejected from the header, before any pixel is decoded
+
+# ImageNet statistics, as anomalib's default pre-processor (models.md A1/B 1.2).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI with a scheme (``s3://``, ``gs://``, ``file://``...)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    scheme, rest = uri.split("://", 1)
+    if scheme in ("s3", "gs", "gcs"):
+        # One filesystem per bucket and process: building an S3 filesystem (region lookup) per file is slow.
+        return _bucket_filesystem(scheme, rest.split("/", 1)[0]), rest
+    return pafs.FileSystem.from_uri(uri)
+
+
+@lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def read_index(uri: str) -> pa.Table:
+    """Read and validate a parquet index (a file or a directory of parquet files).
+
+    Raises:
+        UserError: missing ``path`` column, wrong column types, labels outside {0, 1}, reserved column names.
+    """
+    fs, path = resolve_filesystem(uri)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        msg = f"cannot read index {uri!r} as parquet: {e}"
+        raise UserError(msg) from e
+    return validate_index(table, uri)
+
+
+def validate_index(table: pa.Table, name: str = "index") -> pa.Table:
+    """Check the schema and values of an index table and return it unchanged."""
+    cols = table.column_names
+    if PATH_COL not in cols:
+        msg = f"{name}: required column 'path' is missing (columns: {cols}); it must hold image paths or URIs"
+        raise UserError(msg)
+    if not (pa.types.is_string(table.schema.field(PATH_COL).type)
+            or pa.types.is_large_string(table.schema.field(PATH_COL).type)):
+        msg = f"{name}: column 'path' has type {table.schema.field(PATH_COL).type}; expected string"
+        raise UserError(msg)
+    reserved = [c for c in cols if c in RESERVED_COLS]
+    if reserved:
+        msg = f"{name}: column(s) {reserved} are reserved for outputs; rename them (reserved: {list(RESERVED_COLS)})"
+        raise UserError(msg)
+    if LABEL_COL in cols:
+        t = table.schema.field(LABEL_COL).type
+        if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
+            msg = f"{name}: column 'label' has type {t}; expected integers 0 (normal) or 1 (anomalous)"
+            raise UserError(msg)
+        labels = table.column(LABEL_COL).cast(pa.int64())
+        bad = pc.invert(pc.is_in(labels, pa.array([0, 1], pa.int64())))
+        if pc.any(pc.fill_null(bad, True)).as_py():
+            values = sorted({v for v in pc.filter(labels, pc.fill_null(bad, True)).to_pylist()}, key=str)[:5]
+            msg = f"{name}: column 'label' holds {values}; allowed values are 0 (normal) and 1 (anomalous), no nulls"
+            raise UserError(msg)
+    if SPLIT_COL in cols and not (pa.types.is_string(table.schema.field(SPLIT_COL).type)
+                                  or pa.types.is_large_string(table.schema.field(SPLIT_COL).type)):
+        msg = f"{name}: column 'split' has type {table.schema.field(SPLIT_COL).type}; expected string"
+        raise UserError(msg)
+    return table
+
+
+def with_row_index(table: pa.Table) -> pa.Table:
+    """Append ``row_index`` (0..n-1, the row's position in the index)."""
+    return table.append_column(ROW_COL, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def training_rows(table: pa.Table) -> pa.Table:
+    """Normal training rows: ``split == "train"`` when the column exists, and ``label == 0`` when it exists."""
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    if SPLIT_COL in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table.column(SPLIT_COL), "train"), False))
+    if LABEL_COL in table.column_names:
+        mask = pc.and_(mask, pc.equal(table.column(LABEL_COL).cast(pa.int64()), 0))
+    return table.filter(mask)
+
+
+def read_bytes(path: str) -> bytes:
+    """All bytes of a local file or URI."""
+    if path is None or not str(path).strip():
+        msg = "empty path"
+        raise ValueError(msg)
+    fs, p = resolve_filesystem(str(path))
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        msg = f"missing file {path}"
+        raise FileNotFoundError(msg)
+    if info.type == pafs.FileType.Directory:
+        msg = f"{path} is a directory, expected an image file"
+        raise IsADirectoryError(msg)
+    with fs.open_input_file(p) as f:
+        return f.read()
+
+
+def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
+    """Decode to RGB float in [0, 1] and resize to ``image_size`` (h, w), shape (3, h, w), float32.
+
+    The resize is bilinear with antialiasing on float data, as anomalib v2 (torch ``interpolate(antialias=True)``);
+    PIL's float-mode resize computes the same filter (agreement ~2e-7, pinned by a test).
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        if w * h > MAX_IMAGE_PIXELS:
+            msg = f"image too large: {w}x{h} pixels (limit {MAX_IMAGE_PIXELS})"
+            raise ValueError(msg)
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    out_h, out_w = image_size
+    return np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((out_w, out_h), Image.BILINEAR))
+                     for c in range(3)])
+
+
+def error_message(e: BaseException) -> str:
+    """A one-line reason for a failed row."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:500]
+
+
+def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """CPU stage: read and decode every row; a failure becomes that row's ``error``, never an exception.
+
+    Returns a new dict: every input column, plus ``image`` (n, 3, h, w) float32 (zeros for failed rows) and
+    ``error`` (None when decoded).
+    """
+    paths = batch[PATH_COL]
+    n = len(paths)
+    images = np.zeros((n, 3, *image_size), dtype=np.float32)
+    errors = np.full(n, None, dtype=object)
+    for i, p in enumerate(paths):
+        try:
+            images[i] = decode_image(read_bytes(p), image_size)
+        except Exception as e:  # noqa: BLE001 - any per-file failure is recorded in its row, the job goes on
+            errors[i] = error_message(e)
+    out = dict(batch)
+    out[IMAGE_COL] = images
+    out[ERROR_COL] = errors
+    return out

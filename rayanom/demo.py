@@ -1,0 +1,80 @@
+"""A generated demo image set: textured discs ("parts") on a background, and the same parts with visible defects.
+
+Used by the embedded default of the jobs (no ``--index``) and by the tests. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+DEFECTS = ("scratch", "stain", "hole", "crack")
+
+
+def _part(rng: np.random.Generator, size: int) -> Image.Image:
+    """A normal part: a grey disc with fine concentric texture, small pose/lighting jitter, sensor noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = size / 2 + rng.normal(0, size * 0.01, 2)
+    r = np.hypot(xx - cx, yy - cy)
+    radius = size * (0.36 + rng.normal(0, 0.004))
+    background = 40 + 10 * (yy / size)
+    disc = 150 + 12 * np.sin(r / size * 90 + rng.uniform(0, 2 * np.pi)) + rng.normal(0, 2)
+    grey = np.where(r < radius, disc, background)
+    grey = np.where(r < radius * 0.25, background + 5, grey)  # centre bore
+    img = np.stack([grey * 0.98, grey, grey * 1.03], axis=-1) + rng.normal(0, 3, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+    size = img.size[0]
+    draw = ImageDraw.Draw(img)
+    c = size / 2
+    ang = rng.uniform(0, 2 * np.pi)
+    px, py = c + np.cos(ang) * size * 0.18, c + np.sin(ang) * size * 0.18
+    s = size * rng.uniform(0.11, 0.15)
+    if kind == "scratch":
+        dx, dy = np.cos(ang + 1.57) * s * 1.3, np.sin(ang + 1.57) * s * 1.3
+        draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=(20, 20, 25), width=max(6, size // 14))
+    elif kind == "stain":
+        draw.ellipse([px - s, py - s * 0.7, px + s, py + s * 0.7], fill=(170, 60, 30))
+    elif kind == "hole":
+        draw.ellipse([px - s * 0.7, py - s * 0.7, px + s * 0.7, py + s * 0.7], fill=(5, 5, 5))
+    else:  # crack: a bright zig-zag
+        pts = [(px + rng.uniform(-s, s), py + rng.uniform(-s, s)) for _ in range(6)]
+        draw.line(pts, fill=(250, 250, 235), width=max(5, size // 18))
+    return img
+
+
+def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_anomalous: int = 30,
+              size: int = 320, seed: int = 0) -> str:
+    """Write PNGs under ``root``, the index ``root/index.parquet`` (path, label, split, defect) and its test rows
+    alone as ``root/test.parquet``; return the index path."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows: dict[str, list] = {"path": [], "label": [], "split": [], "defect": []}
+    plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
+    plan += [("test", DEFECTS[i % len(DEFECTS)]) for i in range(n_test_anomalous)]
+    for i, (split, defect) in enumerate(plan):
+        img = _part(rng, size)
+        if defect:
+            img = _defect(img, defect, rng)
+        path = os.path.abspath(os.path.join(root, "images", f"{split}_{i:05d}_{defect or 'good'}.png"))
+        img.save(path)
+        rows["path"].append(path)
+        rows["label"].append(int(defect is not None))
+        rows["split"].append(split)
+        rows["defect"].append(defect or "good")
+    index = os.path.join(root, "index.parquet")
+    table = pa.table({**rows, "label": pa.array(rows["label"], pa.int64())})
+    pq.write_table(table, index)
+    pq.write_table(table.filter(pa.array(np.asarray(rows["split"]) == "test")), os.path.join(root, "test.parquet"))
+    logger.info("demo set: %d images (%d train, %d test) in %s", len(plan), n_train,
+                n_test_normal + n_test_anomalous, root)
+    return index

@@ -1,0 +1,194 @@
+"""Backbone stage: timm CNN features for DFKDE (global average pool per layer, concatenated on the feature axis).
+
+Weights are resolved once, on the driver (a local file, timm's pretrained tag, or a seeded random init), validated
+against the backbone, and shipped to the actors through the object store: actors never download anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayanom.config import DfkdeConfig, UserError
+from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+
+def _create(backbone: str, **kwargs: Any) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(backbone, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            hint = ", ".join(timm.list_models(f"*{backbone.split('.')[0][:6]}*")[:8])
+            msg = f"invalid backbone={backbone!r}: not a timm model (similar names: {hint or 'none'})"
+            raise UserError(msg) from e
+        raise
+
+
+def layer_indices(backbone: str, layers: tuple[str, ...]) -> list[int]:
+    """timm ``out_indices`` of the named layers, in the given order; unknown names are an error listing the valid."""
+    probe = _create(backbone, pretrained=False, features_only=True)
+    names = probe.feature_info.module_name()
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        msg = f"invalid layers={list(layers)}: {unknown} not in {backbone}'s feature layers {names}"
+        raise UserError(msg)
+    return [names.index(name) for name in layers]
+
+
+def build_backbone(config: DfkdeConfig, pretrained: bool = False) -> tuple[torch.nn.Module, list[int]]:
+    """Features-only timm model for ``config.layers`` and, per requested layer, its position in the model's output."""
+    idx = layer_indices(config.backbone, config.layers)
+    out_indices = sorted(set(idx))
+    model = _create(config.backbone, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices))
+    return model.eval(), [out_indices.index(i) for i in idx]
+
+
+@contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_weights(config: DfkdeConfig, weights: str | None, pretrained: bool) -> tuple[dict[str, np.ndarray], dict]:
+    """Backbone state dict (numpy arrays) and a JSON description of where it came from.
+
+    ``weights``: a local timm state dict (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
+    ``weights_only=True``). It may be complete, or hold only the layers the model uses (the classifier and unused
+    later stages may be absent); anything else missing, unexpected or of the wrong shape is an error.
+    Without a file: timm's pretrained tag when ``pretrained``, else a random init seeded with ``config.seed``.
+    """
+    if weights:
+        model, _ = build_backbone(config)
+        state, sha = load_state_file(weights)
+        state = match_state(state, model, config.backbone)
+        source = {"kind": "file", "path": weights, "sha256": sha}
+    elif pretrained:
+        model, _ = build_backbone(config, pretrained=True)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        tag = f"{cfg.get('architecture', config.backbone)}.{cfg.get('tag', '')}".rstrip(".")
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        source = {"kind": "timm", "tag": tag}
+    else:
+        with _seeded(config.seed):
+            model, _ = build_backbone(config)
+        state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        source = {"kind": "random", "seed": config.seed}
+    return state, source
+
+
+def artifact_weights(config: DfkdeConfig, source: dict, weights: str | None) -> dict[str, np.ndarray]:
+    """The backbone weights an artifact was fitted with (its ``weights`` source); a file must match its sha256.
+
+    ``weights`` overrides the recorded file path (the file may sit elsewhere on this machine).
+    """
+    kind = source.get("kind")
+    if kind == "file":
+        state, got = resolve_weights(config, weights or source["path"], False)
+        if got["sha256"] != source["sha256"]:
+            msg = (f"invalid weights={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the model "
+                   f"was fitted with ({source['sha256'][:12]}...)")
+            raise UserError(msg)
+        return state
+    if weights:
+        msg = f"invalid weights={weights!r}: this model was fitted with {kind} weights, not a file"
+        raise UserError(msg)
+    if kind == "timm":  # the recorded tag, not today's default tag for the name
+        return resolve_weights(dataclasses.replace(config, backbone=source["tag"]), None, True)[0]
+    if kind == "random":
+        if source.get("seed") != config.seed:
+            msg = f"invalid artifact: random weight seed {source.get('seed')} != config seed {config.seed}"
+            raise UserError(msg)
+        return resolve_weights(config, None, False)[0]
+    msg = f"invalid artifact: unknown weight source {source!r}; expected kind 'file', 'timm' or 'random'"
+    raise UserError(msg)
+
+
+def load_state_file(path: str) -> tuple[dict[str, np.ndarray], str]:
+    """Read a state dict without unpickling anything; returns (arrays, sha256 of the file)."""
+    from rayanom.data import read_bytes
+
+    try:
+        data = read_bytes(path)
+    except (OSError, ValueError) as e:
+        msg = f"invalid weights={path!r}: {e}"
+        raise UserError(msg) from e
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load
+
+            state = load(data)
+        else:
+            import io
+
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if isinstance(obj, dict) and set(obj) <= {"state_dict", "model"} and len(obj) == 1:
+                obj = next(iter(obj.values()))
+            if not isinstance(obj, dict):
+                msg = f"holds a {type(obj).__name__}, expected a state dict"
+                raise ValueError(msg)
+            state = {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad user file
+        msg = f"invalid weights={path!r}: cannot read a state dict from it ({type(e).__name__}: {e})"
+        raise UserError(msg) from e
+    return state, sha
+
+
+def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, backbone: str) -> dict[str, np.ndarray]:
+    """Check a state dict against the features model; return exactly the arrays the model needs."""
+    expected = model.state_dict()
+    full_keys = set(_create(backbone, pretrained=False).state_dict())
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - full_keys)
+    if missing or unexpected:
+        msg = (f"weights do not match backbone {backbone!r}: missing keys {missing[:5]}"
+               f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys {unexpected[:5]}"
+               f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); only the classifier and unused later "
+               "stages may be absent")
+        raise UserError(msg)
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        msg = f"weights do not match backbone {backbone!r}: wrong shapes {wrong[:5]}"
+        raise UserError(msg)
+    return {k: np.asarray(state[k]) for k in expected}
+
+
+class FeatureExtractor:
+    """Pooled backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
+
+    The Ray stage classes (``pipeline``) own the batch dicts; this class owns torch.
+    """
+
+    def __init__(self, config: DfkdeConfig, state: dict[str, np.ndarray], device: str = "cpu",
+                 threads: int = 0) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        model, self.order = build_backbone(config)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+        self.model = model.eval().to(self.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.dim = sum(model.feature_info.channels()[i] for i in self.order)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """(n, 3, h, w) float32 RGB in [0, 1] -> (n, dim) float32 features."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
+        with torch.inference_mode():
+            maps = self.model((x - self.mean) / self.std)
+            pooled = [maps[i].mean(dim=(2, 3)) for i in self.order]
+            return torch.cat(pooled, dim=1).float().cpu().numpy()

@@ -1,0 +1,214 @@
+"""Fitted heads (numpy only, no torch): PCA and the DFKDE head (PCA -> scaling -> Gaussian KDE).
+
+Everything is float64 and nothing mutates its inputs. Sign convention as scikit-learn: ``score_samples`` returns the
+log-density (higher = more normal); the jobs write ``anomaly_score = -score_samples``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from rayanom.config import UserError
+
+logger = logging.getLogger(__name__)
+
+# anomalib's KDEClassifier.compute_probabilities constants (models.md A6): s = 1 / (1 + exp(0.05 (log p - 12))).
+ANOMALIB_STEEPNESS = 0.05
+ANOMALIB_OFFSET = 12.0
+_BLOCK_ELEMENTS = 1 << 22  # queries x support points per block in the KDE: 32 MiB of float64 at a time
+
+
+def anomaly_probability(log_density: np.ndarray) -> np.ndarray:
+    """anomalib's ``pred_score`` for a KDE head, computed stably in float64 (never exactly 1 from underflow)."""
+    t = ANOMALIB_STEEPNESS * (np.asarray(log_density, dtype=np.float64) - ANOMALIB_OFFSET)
+    return np.exp(-np.logaddexp(0.0, t))
+
+
+def _not_fitted(obj: object) -> RuntimeError:
+    return RuntimeError(f"{type(obj).__name__} is not fitted; call fit() first")
+
+
+class PCA:
+    """Principal components in float64 (models.md A4).
+
+    ``n_components`` is an integer k (exactly k components) or a fraction in (0, 1): the smallest k whose cumulative
+    explained variance reaches it (scikit-learn's rule). Tall data is decomposed through the d x d covariance,
+    wide data through a thin SVD: never a full-matrices SVD and never an n x n product when n > d.
+    """
+
+    def __init__(self, n_components: int | float = 16) -> None:
+        self.n_components = n_components
+
+    def fit(self, x: np.ndarray) -> PCA:
+        """Fit on ``x`` of shape (n_samples, n_features)."""
+        x = np.asarray(x, dtype=np.float64)
+        n, d = x.shape
+        self.mean_ = x.mean(axis=0)
+        xc = x - self.mean_
+        if n > d:
+            evals, evecs = np.linalg.eigh(xc.T @ xc)
+            order = np.argsort(evals)[::-1]
+            variances = np.clip(evals[order], 0.0, None)
+            vt = evecs[:, order].T
+        else:
+            _, s, vt = np.linalg.svd(xc, full_matrices=False)
+            variances = s**2
+        total = variances.sum()
+        ratios = variances / total if total > 0 else np.zeros_like(variances)
+        k = self._n_kept(ratios)
+        self.components_ = vt[:k]  # (k, n_features)
+        self.explained_variance_ratio_ = ratios[:k]
+        self.explained_variance_ = variances[:k] / max(n - 1, 1)
+        return self
+
+    def _n_kept(self, ratios: np.ndarray) -> int:
+        nc = self.n_components
+        if isinstance(nc, float) and 0 < nc < 1:
+            return int(min(np.searchsorted(np.cumsum(ratios), nc) + 1, len(ratios)))
+        return min(int(nc), len(ratios))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """(n, n_features) -> (n, k) projections of the centred data."""
+        if not hasattr(self, "components_"):
+            raise _not_fitted(self)
+        return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.components_.T
+
+
+class GaussianKDE:
+    """``scipy.stats.gaussian_kde`` semantics: Scott factor n^(-1/(d+4)) times the full unbiased data covariance.
+
+    No centring of the support points (fixes anomalib P1); log-densities by log-sum-exp in float64 (fixes P7),
+    vectorised over blocks of queries (P8); the bandwidth is Cholesky-factorised with a jitter only if needed (P9).
+    """
+
+    def fit(self, z: np.ndarray) -> GaussianKDE:
+        """Fit on support points ``z`` of shape (n, d), n > d."""
+        z = np.asarray(z, dtype=np.float64)
+        n, d = z.shape
+        factor = n ** (-1.0 / (d + 4))
+        cov = np.cov(z, rowvar=False, bias=False).reshape(d, d) * factor**2
+        chol = _cholesky_with_jitter(cov)
+        self.inv_chol_ = np.linalg.inv(chol)  # whitening: y = z @ inv_chol_.T has identity bandwidth
+        self.support_ = z @ self.inv_chol_.T
+        self.support_sq_ = np.einsum("ij,ij->i", self.support_, self.support_)
+        log_det = 2.0 * np.log(np.diag(chol)).sum()
+        self.log_norm_ = -0.5 * (d * math.log(2 * math.pi) + log_det) - math.log(n)
+        return self
+
+    def score_samples(self, q: np.ndarray) -> np.ndarray:
+        """Log-density at queries ``q`` (m, d) -> (m,)."""
+        if not hasattr(self, "support_"):
+            raise _not_fitted(self)
+        y = np.asarray(q, dtype=np.float64) @ self.inv_chol_.T
+        n = self.support_.shape[0]
+        out = np.empty(y.shape[0])
+        step = max(1, _BLOCK_ELEMENTS // max(n, 1))
+        for start in range(0, y.shape[0], step):
+            yb = y[start:start + step]
+            sq = np.einsum("ij,ij->i", yb, yb)[:, None] + self.support_sq_[None, :] - 2.0 * (yb @ self.support_.T)
+            np.maximum(sq, 0.0, out=sq)
+            sq *= -0.5
+            top = sq.max(axis=1, keepdims=True)
+            out[start:start + step] = top[:, 0] + np.log(np.exp(sq - top).sum(axis=1))
+        return out + self.log_norm_
+
+
+def _cholesky_with_jitter(cov: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        pass
+    scale = max(float(np.trace(cov)) / cov.shape[0], np.finfo(float).tiny)
+    for exponent in range(-12, -3):
+        jitter = scale * 10.0**exponent
+        try:
+            chol = np.linalg.cholesky(cov + jitter * np.eye(cov.shape[0]))
+        except np.linalg.LinAlgError:
+            continue
+        logger.warning("KDE bandwidth covariance is singular; added a jitter of %.3g to its diagonal", jitter)
+        return chol
+    msg = "KDE bandwidth covariance is not positive definite even with jitter: the training features are degenerate"
+    raise UserError(msg)
+
+
+class KdeHead:
+    """DFKDE/RKDE head: PCA (k components) -> scaling -> Gaussian KDE (models.md A4-A6).
+
+    ``feature_scaling="scale"`` divides by the largest training projection norm (stored); ``"norm"`` makes each
+    projection a unit vector.
+    """
+
+    def __init__(self, n_components: int = 16, feature_scaling: str = "scale") -> None:
+        self.n_components = n_components
+        self.feature_scaling = feature_scaling
+
+    def fit(self, x: np.ndarray) -> KdeHead:
+        """Fit on features ``x`` of shape (n_samples, n_features); needs n_samples > n_components."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            msg = f"features must be 2-D (n_samples, n_features), got shape {x.shape}"
+            raise UserError(msg)
+        n, d = x.shape
+        if n <= self.n_components:
+            msg = (f"the KDE head needs more training rows than n_pca_components={self.n_components}, got {n}; "
+                   "add normal training images or lower n_pca_components")
+            raise UserError(msg)
+        if self.n_components > d:
+            msg = f"n_pca_components={self.n_components} exceeds the feature dimension {d}"
+            raise UserError(msg)
+        if not np.isfinite(x).all():
+            msg = "training features contain NaN or inf"
+            raise UserError(msg)
+        self.pca_ = PCA(self.n_components).fit(x)
+        p = self.pca_.transform(x)
+        norms = np.linalg.norm(p, axis=1)
+        self.max_norm_ = float(norms.max()) if norms.size else 1.0
+        if self.max_norm_ == 0.0:
+            msg = "all training features are identical: nothing to model (constant images?)"
+            raise UserError(msg)
+        self.kde_ = GaussianKDE().fit(self._scale(p))
+        return self
+
+    def _scale(self, p: np.ndarray) -> np.ndarray:
+        if self.feature_scaling == "scale":
+            return p / self.max_norm_
+        norms = np.linalg.norm(p, axis=1, keepdims=True)
+        return np.divide(p, norms, out=np.zeros_like(p), where=norms > 0)
+
+    def score_samples(self, x: np.ndarray) -> np.ndarray:
+        """Log-density of features ``x`` (m, n_features) -> (m,); higher = more normal."""
+        if not hasattr(self, "kde_"):
+            raise _not_fitted(self)
+        return self.kde_.score_samples(self._scale(self.pca_.transform(x)))
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        """Arrays that define the fitted head (for safetensors)."""
+        if not hasattr(self, "kde_"):
+            raise _not_fitted(self)
+        return {
+            "pca_mean": self.pca_.mean_,
+            "pca_components": self.pca_.components_,
+            "max_norm": np.array([self.max_norm_]),
+            "kde_inv_chol": self.kde_.inv_chol_,
+            "kde_support": self.kde_.support_,
+            "kde_log_norm": np.array([self.kde_.log_norm_]),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], n_components: int, feature_scaling: str) -> KdeHead:
+        """Rebuild a fitted head from :meth:`to_state` arrays; gives bit-identical scores."""
+        head = cls(n_components, feature_scaling)
+        head.pca_ = PCA(n_components)
+        head.pca_.mean_ = state["pca_mean"]
+        head.pca_.components_ = state["pca_components"]
+        head.max_norm_ = float(state["max_norm"][0])
+        kde = GaussianKDE()
+        kde.inv_chol_ = state["kde_inv_chol"]
+        kde.support_ = state["kde_support"]
+        kde.support_sq_ = np.einsum("ij,ij->i", kde.support_, kde.support_)
+        kde.log_norm_ = float(state["kde_log_norm"][0])
+        head.kde_ = kde
+        return head

@@ -1,0 +1,226 @@
+"""Orchestration: the one place that builds Ray Data pipelines.
+
+fit:   index -> training rows -> decode (CPU tasks) -> features + bank keys (actor pool) -> bank (driver) -> head
+score: index -> decode (CPU tasks) -> features + head (actor pool; head broadcast once via the object store) -> parquet
+
+Ray must already be initialised (``jobs/`` does it). Blocks are index slices of exactly ``batch_size`` rows and
+every stage maps whole blocks, so each forward pass sees the same rows whatever the number of actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from rayanom import __version__
+from rayanom.artifact import Artifact, prepare_output_dir
+from rayanom.bank import BankSelector, key_threshold, row_keys
+from rayanom.config import DfkdeConfig, ModelConfig, RunConfig, UserError
+from rayanom.data import (
+    ERROR_COL, IMAGE_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, decode_batch, resolve_filesystem, training_rows,
+    with_row_index,
+)
+from rayanom.features import FeatureExtractor
+from rayanom.evaluate import summarize
+from rayanom.heads import KdeHead, anomaly_probability
+
+logger = logging.getLogger(__name__)
+
+KEY_COL = "bank_key"
+FEATURES_COL = "features"
+
+
+def _resolve(ref):
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+
+
+def _images(table: pa.Table) -> np.ndarray:
+    return table.column(IMAGE_COL).combine_chunks().to_numpy()
+
+
+def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
+    """CPU stage on an arrow block: every input column unchanged, plus ``image`` (tensor) and ``error`` (string)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    paths = table.column(PATH_COL).to_pylist()
+    out = decode_batch({PATH_COL: paths}, image_size)
+    return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(out[IMAGE_COL]))
+            .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
+
+
+class BankFeatures:
+    """Fit-stage actor: features of the rows whose bank key falls under the threshold; failed rows pass through."""
+
+    def __init__(self, config: ModelConfig, state, threshold: float, device: str, threads: int) -> None:
+        self.extractor = FeatureExtractor(config, _resolve(state), device, threads)
+        self.seed = config.seed
+        self.threshold = threshold
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ids = table.column(ROW_COL).to_numpy()
+        errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
+        keys = row_keys(ids, self.seed)
+        failed = np.array([e is not None for e in errors], dtype=bool)
+        keep = (~failed & (keys < self.threshold)) | failed
+        feats = np.zeros((len(ids), self.extractor.dim), dtype=np.float32)
+        todo = ~failed & keep
+        if todo.any():
+            feats[todo] = self.extractor(_images(table)[todo])
+        from ray.data.extensions import ArrowTensorArray
+
+        return pa.table({ROW_COL: pa.array(ids[keep]), KEY_COL: pa.array(keys[keep]),
+                         FEATURES_COL: ArrowTensorArray.from_numpy(feats[keep]),
+                         ERROR_COL: pa.array(errors[keep].tolist(), pa.string())})
+
+
+class Scorer:
+    """Score-stage actor: backbone + fitted head; writes every input column plus score, probability and error."""
+
+    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int) -> None:
+        self.extractor = FeatureExtractor(config, _resolve(state), device, threads)
+        self.head = KdeHead.from_state(_resolve(head_state), config.n_pca_components, config.feature_scaling)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        errors = table.column(ERROR_COL).to_pylist()
+        ok = np.array([e is None for e in errors], dtype=bool)
+        log_density = np.full(table.num_rows, np.nan)
+        if ok.any():
+            log_density[ok] = self.head.score_samples(self.extractor(_images(table)[ok]))
+        valid = np.isfinite(log_density)
+        for i in np.flatnonzero(ok & ~valid):
+            errors[i] = "ValueError: non-finite anomaly score (non-finite features?)"
+        out = table.drop_columns([IMAGE_COL, ERROR_COL])
+        out = out.append_column(SCORE_COL, pa.array(-log_density, pa.float64(), mask=~valid))
+        out = out.append_column(PROB_COL, pa.array(anomaly_probability(log_density), pa.float64(), mask=~valid))
+        return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
+
+
+def _dataset(table: pa.Table, block_rows: int) -> ray.data.Dataset:
+    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
+
+
+def _actor_args(run: RunConfig) -> dict:
+    # Fixed pool of num_actors; each reserves num_cpus (+1 GPU on a GPU cluster). Decode tasks use a different
+    # num_cpus so Ray does not fuse them into the actor: decoding then overlaps the forward passes.
+    args = {"compute": ActorPoolStrategy(size=run.num_actors), "num_cpus": run.num_cpus_per_actor,
+            "batch_size": None, "batch_format": "pyarrow"}
+    if run.num_gpus_per_actor:
+        args["num_gpus"] = run.num_gpus_per_actor
+    return args
+
+
+def _decoded(table: pa.Table, config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
+    return _dataset(table, run.batch_size).map_batches(
+        decode_table, fn_kwargs={"image_size": config.image_size}, batch_size=None, batch_format="pyarrow",
+        num_cpus=run.decode_num_cpus)
+
+
+@dataclass
+class FitResult:
+    artifact: Artifact
+    n_train: int
+    n_failed: int
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+
+def fit(index: pa.Table, config: DfkdeConfig, state: dict[str, np.ndarray], weights_source: dict,
+        run: RunConfig = RunConfig(), index_name: str = "index") -> FitResult:
+    """Fit ``config``'s model on the normal training rows of a validated index table (see ``data.read_index``).
+
+    ``state``/``weights_source`` come from ``features.resolve_weights``. Returns the artifact, not yet saved.
+    """
+    t0 = time.time()
+    train = training_rows(with_row_index(index))
+    n = train.num_rows
+    if n <= config.n_pca_components:
+        msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
+               f"exists); the KDE head needs more than n_pca_components={config.n_pca_components}")
+        raise UserError(msg)
+    threshold = key_threshold(n, config.max_training_points)
+    logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d, worker keep-rate %.4f",
+                n, config.backbone, weights_source["kind"], config.max_training_points, threshold)
+    ds = _decoded(train.select([ROW_COL, PATH_COL]), config, run).map_batches(
+        BankFeatures, fn_constructor_kwargs={"config": config, "state": ray.put(state), "threshold": threshold,
+                                             "device": run.device, "threads": run.threads_per_actor},
+        udf_modifying_row_count=True, **_actor_args(run))
+    selector = BankSelector(config.max_training_points)
+    failures: list[tuple[int, str]] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        failed = np.array([isinstance(e, str) for e in batch[ERROR_COL]], dtype=bool)
+        failures += list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist()))
+        selector.add(batch[KEY_COL][~failed], batch[ROW_COL][~failed], batch[FEATURES_COL][~failed])
+    ids, feats = selector.result()
+    n_ok = n - len(failures)
+    if failures:
+        logger.warning("fit: %d of %d training rows failed, e.g. row %d: %s", len(failures), n, *min(failures))
+    if len(ids) < min(n_ok, config.max_training_points):
+        logger.warning("fit: bank holds %d rows, fewer than min(good rows, cap) = %d (improbable key shortfall)",
+                       len(ids), min(n_ok, config.max_training_points))
+    logger.info("fit: bank of %d x %d features gathered in %.1f s", *feats.shape[:2], time.time() - t0)
+    t1 = time.time()
+    head = KdeHead(config.n_pca_components, config.feature_scaling).fit(feats)
+    logger.info("fit: head fitted in %.2f s", time.time() - t1)
+    provenance = {
+        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
+        "n_train_rows": n, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
+        "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": vars_of(run),
+    }
+    artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
+    return FitResult(artifact=artifact, n_train=n, n_failed=len(failures), failures=sorted(failures)[:20])
+
+
+def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], output: str,
+          run: RunConfig = RunConfig(), overwrite: bool = False) -> dict:
+    """Score every row of a validated index table into a parquet dataset at ``output`` (one row per input row).
+
+    ``state`` is the backbone from ``features.artifact_weights``. Returns the summary of ``evaluate.summarize``.
+    """
+    table = with_row_index(index)
+    # Only parquet files may be replaced (with --overwrite); anything else in the directory is refused.
+    fs, path = resolve_filesystem(output)
+    for name in prepare_output_dir(output, lambda name: name.endswith(".parquet"), overwrite):
+        fs.delete_file(f"{path}/{name}")
+    logger.info("score: %d rows with a %s model -> %s", table.num_rows, artifact.config.model, output)
+    ds = _decoded(table, artifact.config, run).map_batches(
+        Scorer, fn_constructor_kwargs={"config": artifact.config, "state": ray.put(state),
+                                       "head_state": ray.put(artifact.head.to_state()), "device": run.device,
+                                       "threads": run.threads_per_actor}, **_actor_args(run))
+    ds.write_parquet(output, min_rows_per_file=10_000)
+    summary = summarize(output)
+    if summary["rows"] != table.num_rows:
+        msg = f"scores at {output!r} hold {summary['rows']} rows for {table.num_rows} input rows"
+        raise RuntimeError(msg)
+    return summary
+
+
+def _sha(ids: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def vars_of(run: RunConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(run)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"rayanom": __version__}
+    for name in ("ray", "torch", "torchvision", "timm", "numpy", "pyarrow"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
