@@ -138,7 +138,7 @@ def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
     """Decode to RGB float in [0, 1] and resize to ``image_size`` (h, w), shape (3, h, w), float32.
 
     The resize is bilinear with antialiasing on float data, as anomalib v2 (torch ``interpolate(antialias=True)``);
-    PIL's float-mode resize computes the same filter (agreement ~2e-7, pinned by a test).
+    PIL's float-mode resize computes the same filter (agreement within 3e-6, pinned by a test).
     """
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size

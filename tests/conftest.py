@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny generated image set, and one local Ray for the whole session (marker ``ray``)."""
+
+import logging
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# Small and fast: resnet18 at 64 x 64 on a few dozen 96-pixel images.
+SMALL = dict(backbone="resnet18", image_size=(64, 64), n_pca_components=4, max_training_points=40_000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    from rayanom.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    index = make_demo(str(root), n_train=24, n_test_normal=6, n_test_anomalous=6, size=96, seed=1)
+    return {"root": str(root), "index": index, "test": os.path.join(str(root), "test.parquet")}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+    import ray.data
+
+    # 4 logical CPUs on 2 cores: actors (1 CPU each, at most 2) always leave room for decode tasks (ray.md 2).
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = 180  # a deadlock fails the test instead of hanging CI
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    yield ray
+    ray.shutdown()

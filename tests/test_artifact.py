@@ -1,0 +1,88 @@
+"""Artifact: JSON + safetensors round trip, and clear errors for anything else."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rayanom.artifact import Artifact
+from rayanom.config import DfkdeConfig, RunConfig, UserError, config_from_dict, config_to_dict
+from rayanom.heads import KdeHead
+
+
+@pytest.fixture
+def saved(tmp_path):
+    rng = np.random.default_rng(0)
+    config = DfkdeConfig(backbone="resnet18", n_pca_components=8, seed=3)
+    head = KdeHead(8).fit(rng.normal(size=(80, 32)).astype(np.float32))
+    artifact = Artifact(config=config, head=head, weights={"kind": "random", "seed": 3}, provenance={"n": 80})
+    path = str(tmp_path / "model")
+    artifact.save(path)
+    return artifact, path
+
+
+def test_round_trip_scores_are_bit_identical(saved):
+    artifact, path = saved
+    loaded = Artifact.load(path)
+    query = np.random.default_rng(1).normal(size=(25, 32))
+    assert np.array_equal(artifact.head.score_samples(query), loaded.head.score_samples(query))
+    assert loaded.config == artifact.config and loaded.weights == artifact.weights
+    assert sorted(os.listdir(path)) == ["config.json", "head.safetensors"]
+    meta = json.load(open(os.path.join(path, "config.json")))
+    assert meta["model"] == "dfkde" and meta["config"]["n_pca_components"] == 8
+
+
+def _edit_config(path, fn):
+    p = os.path.join(path, "config.json")
+    meta = json.load(open(p))
+    fn(meta)
+    json.dump(meta, open(p, "w"))
+
+
+@pytest.mark.parametrize("fn,match", [
+    (lambda m: m.update(format_version=99), "format_version=99, this rayanom reads format_version 1"),
+    (lambda m: m.update(format="other"), "not a rayanom-artifact file"),
+    (lambda m: m["config"].update(model="patchcore"), r"invalid model='patchcore': expected one of \['dfkde'\]"),
+    (lambda m: m["config"].update(colour="red"), r"invalid config keys=\['colour'\]"),
+    (lambda m: m["config"].update(n_pca_components=0), "invalid n_pca_components=0"),
+])
+def test_bad_config_json_is_rejected(saved, fn, match):
+    _, path = saved
+    _edit_config(path, fn)
+    with pytest.raises(UserError, match=match):
+        Artifact.load(path)
+
+
+def test_truncated_head_is_rejected(saved):
+    _, path = saved
+    p = os.path.join(path, "head.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+    with pytest.raises(UserError, match="head.safetensors is damaged"):
+        Artifact.load(path)
+
+
+def test_missing_artifact_and_occupied_output(saved, tmp_path):
+    artifact, path = saved
+    with pytest.raises(UserError, match="not a readable rayanom artifact"):
+        Artifact.load(str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="pass --overwrite"):
+        artifact.save(path)
+    artifact.save(path, overwrite=True)
+    (tmp_path / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds other files \['notes.txt'\]"):
+        artifact.save(path, overwrite=True)
+
+
+def test_config_dict_round_trip_and_validation():
+    config = DfkdeConfig(layers=("layer3", "layer4"), image_size=(224, 320))
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+    with pytest.raises(UserError, match=r"invalid feature_scaling='zscore': expected one of \['scale', 'norm'\]"):
+        DfkdeConfig(feature_scaling="zscore")
+    with pytest.raises(UserError, match="invalid layers"):
+        DfkdeConfig(layers=("layer4", "layer4"))
+    with pytest.raises(UserError, match="invalid max_training_points=10"):
+        DfkdeConfig(max_training_points=10)
+    with pytest.raises(UserError, match="invalid batch_size=0"):
+        RunConfig(batch_size=0)

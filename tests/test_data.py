@@ -1,0 +1,99 @@
+"""Index validation and the CPU decode stage (pre-processing parity with torch's antialiased resize)."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rayanom.config import UserError
+from rayanom.data import decode_batch, decode_image, read_index, training_rows, validate_index, with_row_index
+
+
+def _png(path, h, w, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).convert(mode).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("h,w", [(300, 200), (64, 64), (1000, 37)])
+def test_decode_matches_torch_antialiased_resize(tmp_path, h, w):
+    path = _png(tmp_path / "a.png", h, w)
+    ours = decode_image(open(path, "rb").read(), (64, 80))
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    ref = F.interpolate(x[None], size=(64, 80), mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+    assert ours.shape == (3, 64, 80) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)  # float32 rounding: 2e-7 downscaling, 2e-6 upscaling
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    path = _png(tmp_path / "g.png", 50, 50, mode="L")
+    img = decode_image(open(path, "rb").read(), (32, 32))
+    assert np.array_equal(img[0], img[1]) and np.array_equal(img[1], img[2])
+
+
+def test_decode_batch_records_errors_per_row(tmp_path):
+    good = _png(tmp_path / "ok.png", 40, 40)
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    (tmp_path / "dir.png").mkdir()
+    paths = np.array([good, str(tmp_path / "missing.png"), str(text), str(tmp_path / "dir.png"), "", None],
+                     dtype=object)
+    out = decode_batch({"path": paths, "row_index": np.arange(6)}, (32, 32))
+    assert out["error"][0] is None and out["image"][0].any()
+    assert "missing" in out["error"][1]
+    assert out["error"][2].startswith("UnidentifiedImageError")
+    assert "directory" in out["error"][3]
+    assert out["error"][4] == out["error"][5] == "ValueError: empty path"
+    assert all("\n" not in e for e in out["error"][1:])
+    assert np.array_equal(out["row_index"], np.arange(6))
+
+
+def _write(tmp_path, **cols):
+    path = str(tmp_path / "index.parquet")
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+@pytest.mark.parametrize("cols,match", [
+    ({"file": ["a.png"]}, "required column 'path' is missing"),
+    ({"path": [1, 2]}, "column 'path' has type int64; expected string"),
+    ({"path": ["a", "b"], "label": [0, 2]}, r"column 'label' holds \[2\]; allowed values are 0"),
+    ({"path": ["a", "b"], "label": ["good", "bad"]}, "column 'label' has type string"),
+    ({"path": ["a"], "label": pa.array([None], pa.int64())}, "no nulls"),
+    ({"path": ["a"], "split": [1]}, "column 'split' has type int64"),
+    ({"path": ["a"], "anomaly_score": [1.0]}, "reserved for outputs"),
+])
+def test_bad_index_is_rejected_with_the_reason(tmp_path, cols, match):
+    with pytest.raises(UserError, match=match):
+        read_index(_write(tmp_path, **cols))
+
+
+def test_unreadable_index(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_text("nope")
+    with pytest.raises(UserError, match="cannot read index"):
+        read_index(str(bad))
+    with pytest.raises(UserError, match="cannot read index"):
+        read_index(str(tmp_path / "absent.parquet"))
+
+
+def test_training_rows_keep_normal_train_split():
+    table = validate_index(pa.table({"path": list("abcdef"), "label": [0, 1, 0, 0, 1, 0],
+                                     "split": ["train", "train", "test", "train", "test", None]}))
+    rows = training_rows(with_row_index(table))
+    assert rows.column("path").to_pylist() == ["a", "d"]
+    assert rows.column("row_index").to_pylist() == [0, 3]
+    assert training_rows(with_row_index(pa.table({"path": list("ab")}))).num_rows == 2
+
+
+def test_directory_of_parquet_files_is_one_index(tmp_path):
+    os.makedirs(tmp_path / "idx")
+    pq.write_table(pa.table({"path": ["a", "b"]}), tmp_path / "idx" / "part-0.parquet")
+    pq.write_table(pa.table({"path": ["c"]}), tmp_path / "idx" / "part-1.parquet")
+    assert sorted(read_index(str(tmp_path / "idx")).column("path").to_pylist()) == ["a", "b", "c"]

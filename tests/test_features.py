@@ -1,0 +1,164 @@
+"""Backbone features against a direct timm + torchvision computation (models.md B 1.2 / 2.2), and weight files."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from rayanom.config import DfkdeConfig, UserError
+from rayanom.data import decode_image
+from rayanom.features import FeatureExtractor, artifact_weights, build_backbone, layer_indices, resolve_weights
+
+
+def _perturbed_state(config, seed=0):
+    """Random weights whose every layer matters: timm zero-initialises the last BN of each block, so perturb BNs."""
+    state, _ = resolve_weights(config, None, False)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in state.items():
+        if k.endswith("running_var"):
+            v = rng.uniform(0.5, 2.0, v.shape).astype(v.dtype)
+        elif k.endswith("running_mean") or (k.endswith(".bias") and "bn" in k):
+            v = rng.normal(0, 0.1, v.shape).astype(v.dtype)
+        elif k.endswith(".weight") and "bn" in k:
+            v = rng.uniform(0.5, 1.5, v.shape).astype(v.dtype)
+        out[k] = v
+    return out
+
+
+def _reference(path, state, backbone, out_index, size):
+    """anomalib v2: PIL RGB -> float [0,1] -> v2 Resize(antialias) -> Normalize -> timm features -> avg pool."""
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    x = TF.resize(x, list(size), antialias=True)
+    x = TF.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    model = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True, out_indices=[out_index])
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items() if k in model.state_dict()})
+    with torch.no_grad():
+        return F.adaptive_avg_pool2d(model.eval()(x[None])[0], 1).flatten(1)[0].numpy()
+
+
+def _images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(300, 260), (128, 128), (90, 400)]):
+        base = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3))
+        arr = np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+        p = tmp_path / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("backbone,layer,index", [("resnet18", "layer4", 4), ("resnet18", "layer3", 3)])
+def test_features_match_direct_reference(tmp_path, backbone, layer, index):
+    config = DfkdeConfig(backbone=backbone, layers=(layer,), image_size=(128, 128), n_pca_components=4)
+    state = _perturbed_state(config)
+    extractor = FeatureExtractor(config, state)
+    paths = _images(tmp_path)
+    ours = extractor(np.stack([decode_image(open(p, "rb").read(), config.image_size) for p in paths]))
+    ref = np.stack([_reference(p, state, backbone, index, config.image_size) for p in paths])
+    assert ours.shape == ref.shape == (3, extractor.dim)
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert ours.std(axis=0).mean() > 1e-3  # the images really differ in feature space
+
+
+def test_several_layers_concatenate_on_the_feature_axis_in_given_order():
+    config = DfkdeConfig(backbone="resnet18", layers=("layer4", "layer2"), image_size=(64, 64), n_pca_components=4)
+    state = _perturbed_state(config)
+    images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    both = FeatureExtractor(config, state)(images)
+    assert both.shape == (2, 512 + 128)
+    for layer, cols in (("layer4", slice(0, 512)), ("layer2", slice(512, None))):
+        single = DfkdeConfig(backbone="resnet18", layers=(layer,), image_size=(64, 64), n_pca_components=4)
+        keys = build_backbone(single)[0].state_dict().keys()
+        sub = {k: v for k, v in state.items() if k in keys}
+        np.testing.assert_array_equal(FeatureExtractor(single, sub)(images), both[:, cols])
+
+
+def test_batch_composition_does_not_change_features():
+    config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
+    extractor = FeatureExtractor(config, _perturbed_state(config))
+    images = np.random.default_rng(1).random((5, 3, 64, 64), dtype=np.float32)
+    whole = extractor(images)
+    parts = np.concatenate([extractor(images[:2]), extractor(images[2:])])
+    np.testing.assert_allclose(whole, parts, rtol=0, atol=1e-6)
+
+
+def test_unknown_layer_and_backbone_are_clear_errors():
+    with pytest.raises(UserError, match=r"\['layer9'\] not in resnet18's feature layers \['act1', 'layer1'"):
+        layer_indices("resnet18", ("layer9",))
+    with pytest.raises(UserError, match="invalid backbone='resnet_nope'"):
+        layer_indices("resnet_nope", ("layer4",))
+
+
+def test_random_weights_are_seeded():
+    a = DfkdeConfig(backbone="resnet18", n_pca_components=4, seed=1)
+    s1, src = resolve_weights(a, None, False)
+    s2, _ = resolve_weights(a, None, False)
+    s3, _ = resolve_weights(DfkdeConfig(backbone="resnet18", n_pca_components=4, seed=2), None, False)
+    assert src == {"kind": "random", "seed": 1}
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+    assert not np.array_equal(s1["conv1.weight"], s3["conv1.weight"])
+
+
+def _full_state():
+    torch.manual_seed(3)
+    return timm.create_model("resnet18", pretrained=False).state_dict()
+
+
+def test_weight_files_load_without_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    config = DfkdeConfig(backbone="resnet18", layers=("layer3",), n_pca_components=4)
+    full = _full_state()
+    pth, st = str(tmp_path / "w.pth"), str(tmp_path / "w.safetensors")
+    torch.save(full, pth)  # complete model, classifier included
+    save_file({k: v for k, v in full.items() if not k.startswith(("fc.", "layer4."))}, st)  # only what is used
+    for path in (pth, st):
+        state, source = resolve_weights(config, path, False)
+        assert source["kind"] == "file" and len(source["sha256"]) == 64
+        assert set(state) == set(build_backbone(config)[0].state_dict())
+        np.testing.assert_array_equal(state["conv1.weight"], full["conv1.weight"].numpy())
+        assert artifact_weights(config, source, None).keys() == state.keys()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.pop("layer1.0.conv1.weight"), r"missing keys \['layer1.0.conv1.weight'\]"),
+    (lambda s: s.update({"head.extra": torch.zeros(1)}), r"unexpected keys \['head.extra'\]"),
+    (lambda s: s.update({"conv1.weight": torch.zeros(64, 3, 3, 3)}), "wrong shapes"),
+])
+def test_mismatched_weights_are_rejected(tmp_path, edit, match):
+    state = _full_state()
+    edit(state)
+    path = str(tmp_path / "w.pth")
+    torch.save(state, path)
+    with pytest.raises(UserError, match=match):
+        resolve_weights(DfkdeConfig(backbone="resnet18", n_pca_components=4), path, False)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_objects_are_refused(tmp_path, capsys):
+    path = str(tmp_path / "evil.pth")
+    torch.save({"conv1.weight": _Evil()}, path)
+    with pytest.raises(UserError, match="cannot read a state dict"):
+        resolve_weights(DfkdeConfig(backbone="resnet18", n_pca_components=4), path, False)
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_changed_weight_file_is_detected(tmp_path):
+    config = DfkdeConfig(backbone="resnet18", n_pca_components=4)
+    path = str(tmp_path / "w.pth")
+    torch.save(_full_state(), path)
+    _, source = resolve_weights(config, path, False)
+    other = _full_state()
+    other["conv1.weight"] += 1
+    torch.save(other, path)
+    with pytest.raises(UserError, match="differs from the file the model was fitted with"):
+        artifact_weights(config, source, None)

@@ -1,0 +1,101 @@
+"""Heads against independent references: numpy SVD for PCA, scipy.stats.gaussian_kde for the KDE."""
+
+import numpy as np
+import pytest
+from scipy.stats import gaussian_kde
+from sklearn.decomposition import PCA as SkPCA
+
+from rayanom.config import UserError
+from rayanom.heads import PCA, GaussianKDE, KdeHead, anomaly_probability
+
+
+def _features(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(3.0, 0.2, d)  # distinct variances: a well-defined leading subspace
+    return (rng.normal(size=(n, d)) * scales + rng.normal(size=d) * 5).astype(np.float32)
+
+
+def _reference_log_density(train, query, k, scaling):
+    """Independent pipeline: numpy thin SVD PCA -> scaling -> scipy gaussian_kde.logpdf."""
+    x = train.astype(np.float64)
+    mu = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mu, full_matrices=False)
+    v = vt[:k].T
+    p, q = (x - mu) @ v, (query.astype(np.float64) - mu) @ v
+    if scaling == "scale":
+        m = np.linalg.norm(p, axis=1).max()
+        p, q = p / m, q / m
+    else:
+        p = p / np.linalg.norm(p, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return gaussian_kde(p.T).logpdf(q.T)
+
+
+@pytest.mark.parametrize("scaling", ["scale", "norm"])
+@pytest.mark.parametrize("n,d", [(300, 64), (40, 64)])  # tall (covariance eigh) and wide (thin SVD) PCA paths
+def test_kde_head_matches_scipy(scaling, n, d):
+    train, query = _features(n, d), _features(50, d, seed=1) * 1.3
+    head = KdeHead(16, scaling).fit(train)
+    ours = head.score_samples(query)
+    ref = _reference_log_density(train, query, 16, scaling)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+    np.testing.assert_allclose(head.score_samples(train[:10]), _reference_log_density(train, train[:10], 16, scaling),
+                               rtol=1e-6)
+
+
+def test_gaussian_kde_far_queries_do_not_underflow():
+    z = np.random.default_rng(0).normal(size=(200, 4))
+    kde = GaussianKDE().fit(z)
+    far = np.array([[20.0] * 4, [30.0] * 4, [40.0] * 4])
+    ours = kde.score_samples(far)
+    # anomalib's float32 density is exactly 0 here (log = -inf, ties, P7); log-sum-exp keeps the ranking.
+    assert np.isfinite(ours).all() and ours[0] > ours[1] > ours[2]
+    ref = gaussian_kde(z.T).logpdf(far.T)  # scipy also uses logsumexp in logpdf
+    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+
+
+def test_inputs_are_not_mutated():
+    train, query = _features(100, 32), _features(20, 32, seed=3)
+    t0, q0 = train.copy(), query.copy()
+    head = KdeHead(8).fit(train)
+    head.score_samples(query)
+    np.testing.assert_array_equal(train, t0)
+    np.testing.assert_array_equal(query, q0)
+
+
+def test_state_round_trip_is_bit_identical():
+    train, query = _features(120, 48), _features(30, 48, seed=2)
+    head = KdeHead(16).fit(train)
+    copy = KdeHead.from_state({k: v.copy() for k, v in head.to_state().items()}, 16, "scale")
+    assert np.array_equal(head.score_samples(query), copy.score_samples(query))
+
+
+@pytest.mark.parametrize("n", [0, 5, 16])
+def test_too_few_rows_is_a_clear_error(n):
+    with pytest.raises(UserError, match="more training rows than n_pca_components=16"):
+        KdeHead(16).fit(_features(max(n, 1), 32)[:n])
+
+
+def test_constant_features_are_a_clear_error():
+    with pytest.raises(UserError, match="identical"):
+        KdeHead(4).fit(np.ones((50, 8), np.float32))
+
+
+def test_unfitted_head_raises():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        KdeHead().score_samples(np.zeros((1, 4)))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.97])
+@pytest.mark.parametrize("n", [500, 30])
+def test_pca_fraction_follows_sklearn(fraction, n):
+    x = _features(n, 40, seed=4)
+    ours = PCA(fraction).fit(x)
+    ref = SkPCA(fraction, svd_solver="full").fit(x.astype(np.float64))
+    assert ours.components_.shape[0] == ref.n_components_
+    np.testing.assert_allclose(np.abs(ours.components_ @ ref.components_.T), np.eye(ref.n_components_), atol=1e-6)
+
+
+def test_anomaly_probability_formula():
+    ll = np.array([-500.0, -20.0, 0.0, 12.0, 40.0])
+    np.testing.assert_allclose(anomaly_probability(ll), 1.0 / (1.0 + np.exp(0.05 * (ll - 12.0))), rtol=1e-12)

@@ -1,0 +1,131 @@
+"""End to end on a local Ray: fit and score against an in-process reference, determinism, row accounting, CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SMALL
+
+from rayanom import pipeline
+from rayanom.artifact import Artifact
+from rayanom.bank import row_keys
+from rayanom.config import DfkdeConfig, RunConfig
+from rayanom.data import decode_image, read_index, training_rows, with_row_index
+from rayanom.features import FeatureExtractor, resolve_weights
+from rayanom.heads import KdeHead, anomaly_probability
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _features(config, state, paths):
+    images = np.stack([decode_image(open(p, "rb").read(), config.image_size) for p in paths])
+    return FeatureExtractor(config, state)(images)
+
+
+@pytest.fixture(scope="module")
+def fitted(ray_local, demo_set):
+    config = DfkdeConfig(**{**SMALL, "max_training_points": 12})
+    state, source = resolve_weights(config, None, False)
+    index = read_index(demo_set["index"])
+    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=5, num_actors=1))
+    return config, state, index, result
+
+
+def test_fit_equals_in_process_reference(fitted):
+    config, state, index, result = fitted
+    train = training_rows(with_row_index(index))
+    assert result.n_train == 24 and result.n_failed == 0
+    ids = train.column("row_index").to_numpy()
+    bank_ids = np.sort(ids[np.argsort(row_keys(ids, config.seed))[:12]])  # the 12 smallest keys: uniform subset
+    assert result.artifact.provenance["n_bank_rows"] == 12
+    paths = index.column("path").to_numpy(zero_copy_only=False)[bank_ids]
+    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(_features(config, state, paths))
+    query = np.random.default_rng(0).normal(size=(7, 512)).astype(np.float32)
+    np.testing.assert_allclose(result.artifact.head.score_samples(query), ref.score_samples(query), rtol=1e-9)
+
+
+def test_same_artifact_with_one_or_two_actors(fitted):
+    config, state, index, result = fitted
+    other = pipeline.fit(index, config, state, {"kind": "random", "seed": 0}, RunConfig(batch_size=5, num_actors=2))
+    a, b = result.artifact.head.to_state(), other.artifact.head.to_state()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert result.artifact.provenance["bank_row_index_sha256"] == other.artifact.provenance["bank_row_index_sha256"]
+
+
+def test_score_accounts_for_every_row(fitted, demo_set, tmp_path):
+    config, state, _, result = fitted
+    test = pq.read_table(demo_set["test"])
+    good = test.column("path").to_pylist()
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(open(good[0], "rb").read()[:200])
+    paths = good + [str(tmp_path / "missing.png"), str(corrupt), good[1], None]
+    n = len(paths)
+    index = pa.table({
+        "path": pa.array(paths, pa.string()),
+        "label": pa.array([*test.column("label").to_pylist(), 0, 1, 1, 0], pa.int64()),
+        "item_id": pa.array([f"id-{i}" for i in range(n)]),
+        "weight": pa.array([None if i % 3 == 0 else i * 0.5 for i in range(n)], pa.float32()),
+    })
+    out = str(tmp_path / "scores")
+    summary = pipeline.score(index, result.artifact, state, out, RunConfig(batch_size=4, num_actors=2))
+    assert (summary["rows"], summary["scored"], summary["failed"]) == (n, n - 3, 3)
+    scores = pq.read_table(out).sort_by("row_index")
+    assert scores.column_names == ["path", "label", "item_id", "weight", "row_index", "anomaly_score",
+                                   "anomaly_probability", "error"]
+    assert scores.column("row_index").to_pylist() == list(range(n))
+    for name in index.column_names:  # every input column unchanged, types included
+        assert scores.column(name).combine_chunks().equals(index.column(name).combine_chunks()), name
+    err, score = scores.column("error").to_pylist(), scores.column("anomaly_score").to_numpy(zero_copy_only=False)
+    assert [e is None for e in err] == [True] * (n - 4) + [False, False, True, False]
+    assert "missing" in err[n - 4] and err[n - 3] and err[n - 1] == "ValueError: empty path"
+    ok = np.array([e is None for e in err])
+    assert np.isfinite(score[ok]).all() and np.isnan(score[~ok]).all()
+    ref = -result.artifact.head.score_samples(_features(config, state, [p for p in paths if p][:n - 4]))
+    np.testing.assert_allclose(score[: n - 4], ref, rtol=1e-7)
+    assert score[n - 2] == pytest.approx(score[1], rel=1e-12)  # the duplicate path (another batch) scores like its twin
+    prob = scores.column("anomaly_probability").to_numpy(zero_copy_only=False)
+    np.testing.assert_allclose(prob[ok], anomaly_probability(-score[ok]), rtol=1e-12)
+
+
+def _job(*args, timeout=280):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
+    small = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained",
+             "--batch-size", "8", "--quiet"]
+    run_dir = str(tmp_path / "run")
+    fit = _job("jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", run_dir,
+               "--score", demo_set["test"], *small)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "scored 12 of 12 rows, 0 failed, image AUROC" in fit.stdout
+    model = Artifact.load(os.path.join(run_dir, "model"))
+    assert model.provenance["n_train_rows"] == 24 and model.weights == {"kind": "random", "seed": 0}
+    again = _job("jobs/score.py", "--model", os.path.join(run_dir, "model"), "--index", demo_set["test"],
+                 "--out", str(tmp_path / "scores2"), "--quiet")
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = pq.read_table(os.path.join(run_dir, "scores")).sort_by("row_index")
+    second = pq.read_table(str(tmp_path / "scores2")).sort_by("row_index")
+    assert first.equals(second)  # a reloaded artifact in a new process gives bit-identical scores
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n-pca-components", "0"], "invalid n_pca_components=0: expected an integer >= 1"),
+    (["--layers", "layer7"], "invalid layers=['layer7']"),
+    (["--index", "/nonexistent/index.parquet", "--out", "x"], "cannot read index '/nonexistent/index.parquet'"),
+    (["--weights", "/nonexistent/w.pth"], "invalid weights='/nonexistent/w.pth'"),
+])
+def test_user_errors_exit_2_without_traceback(demo_set, tmp_path, args, message):
+    base = ["jobs/fit.py", "--model", "dfkde", "--backbone", "resnet18", "--quiet"]
+    if "--index" not in args:
+        base += ["--index", demo_set["index"], "--out", str(tmp_path / "r")]
+    proc = _job(*base, *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
