@@ -41,7 +41,7 @@ def init_ray(args: argparse.Namespace):
     Returns the RunConfig sized for what Ray offers. Locally the actors reserve at most all but two logical CPUs,
     so the decode tasks can always be placed (a pool holding every CPU deadlocks Ray Data, ray.md section 2).
     """
-    from rayanom.config import RunConfig
+    from rayanom.config import RunConfig, UserError
 
     import ray
     import ray.data
@@ -55,6 +55,9 @@ def init_ray(args: argparse.Namespace):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
         gpus = 0
     device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda" and not gpus:
+        ray.shutdown()
+        raise UserError("invalid device='cuda': the Ray cluster has no GPU (use --device cpu or auto)")
     if num_actors is None:
         num_actors = max(1, gpus) if device == "cuda" else 1
     if not cluster:

@@ -74,7 +74,15 @@ def resolve_weights(config: DfkdeConfig, weights: str | None, pretrained: bool) 
         state = match_state(state, model, config.backbone)
         source = {"kind": "file", "path": weights, "sha256": sha}
     elif pretrained:
-        model, _ = build_backbone(config, pretrained=True)
+        try:
+            model, _ = build_backbone(config, pretrained=True)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+            msg = (f"cannot load timm's pretrained weights for backbone={config.backbone!r} ({type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:300]}); without network access pass --weights PATH "
+                   "or --no-pretrained")
+            raise UserError(msg) from e
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         tag = f"{cfg.get('architecture', config.backbone)}.{cfg.get('tag', '')}".rstrip(".")
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -162,3 +162,17 @@ def test_changed_weight_file_is_detected(tmp_path):
     torch.save(other, path)
     with pytest.raises(UserError, match="differs from the file the model was fitted with"):
         artifact_weights(config, source, None)
+
+
+def test_pretrained_without_network_is_a_clear_error(tmp_path):
+    # HF_HUB_OFFLINE makes the hub fail at once instead of reaching for the network.
+    import subprocess
+    import sys
+
+    code = ("from rayanom.config import DfkdeConfig, UserError\nfrom rayanom.features import resolve_weights\n"
+            "try:\n    resolve_weights(DfkdeConfig(backbone='resnet18', n_pca_components=4), None, True)\n"
+            "except UserError as e:\n    print('USERERROR', e)\n")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "USERERROR cannot load timm's pretrained weights for backbone='resnet18'" in proc.stdout, proc.stderr
+    assert "--weights PATH or --no-pretrained" in proc.stdout
