@@ -102,3 +102,29 @@ def print_summary(summary: dict) -> None:
                if auroc is not None else ""))
     print(line)
     print(f"scores: {summary['output']}")
+
+
+def check_heatmaps(config, out_dir: str, top_n: int, overwrite: bool) -> None:
+    """Heat maps need DFM with FRE scores, and an output directory we may write into."""
+    from rayanom.artifact import check_output_dir
+    from rayanom.config import UserError
+
+    if not top_n:
+        return
+    if top_n < 0 or config.model != "dfm" or config.score_type != "fre":
+        raise UserError(f"invalid heatmaps={top_n}: heat maps need a DFM model with score_type 'fre' and N > 0")
+    check_output_dir(out_dir, lambda n: n.endswith(".png"), overwrite)
+
+
+def write_heatmaps(config, scores_dir: str, out_dir: str, top_n: int, overwrite: bool) -> None:
+    from rayanom.artifact import prepare_output_dir
+    from rayanom.data import resolve_filesystem
+    from rayanom.maps import write_heatmaps as write
+
+    if not top_n:
+        return
+    fs, path = resolve_filesystem(out_dir)
+    for name in prepare_output_dir(out_dir, lambda n: n.endswith(".png"), overwrite):
+        fs.delete_file(f"{path}/{name}")  # old pictures of an overwritten run
+    files = write(scores_dir, out_dir, top_n)
+    print(f"heat maps: {out_dir} ({len(files)} images)")

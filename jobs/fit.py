@@ -23,19 +23,29 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=["dfkde"], help="model to fit")
+    p.add_argument("--model", required=True, choices=["dfkde", "dfm"], help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX", help="score this index with the fitted model in the same job")
-    m = p.add_argument_group("model (stored in the artifact)")
+    p.add_argument("--heatmaps", type=int, default=None, metavar="N",
+                   help="DFM (fre): write heat-map overlays of the N most anomalous scored images to OUT/heatmaps "
+                        "(default: 8 for the demo, else 0)")
+    m = p.add_argument_group("model, both (stored in the artifact)")
     m.add_argument("--backbone", default="resnet50", help="timm CNN name, optionally with a tag (default: %(default)s)")
-    m.add_argument("--layers", nargs="+", default=["layer4"], help="feature layers (default: layer4)")
     m.add_argument("--image-size", type=int, nargs="+", default=[256, 256], metavar="PX",
                    help="network input: SIZE or HEIGHT WIDTH (default: 256 256)")
-    m.add_argument("--n-pca-components", type=int, default=16, help="default: %(default)s")
-    m.add_argument("--feature-scaling", choices=["scale", "norm"], default="scale", help="default: %(default)s")
     m.add_argument("--max-training-points", type=int, default=40_000, help="memory bank cap (default: %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="bank sampling and random-weight seed (default: %(default)s)")
+    k = p.add_argument_group("model, dfkde only")
+    k.add_argument("--layers", nargs="+", default=None, help="feature layers, concatenated (default: layer4)")
+    k.add_argument("--n-pca-components", type=int, default=None, help="default: 16")
+    k.add_argument("--feature-scaling", choices=["scale", "norm"], default=None, help="default: scale")
+    f = p.add_argument_group("model, dfm only")
+    f.add_argument("--layer", default=None, help="feature layer (default: layer3)")
+    f.add_argument("--pooling-kernel-size", type=int, default=None, help="average-pooling kernel (default: 4)")
+    f.add_argument("--pca-level", type=_pca_level, default=None,
+                   help="variance fraction in (0, 1), or an integer number of components > 1 (default: 0.97)")
+    f.add_argument("--score-type", choices=["fre", "nll"], default=None, help="default: fre")
     w = p.add_argument_group("backbone weights")
     w.add_argument("--weights", metavar="PATH",
                    help="local timm state dict (.safetensors, or .pth read with weights_only=True)")
@@ -47,16 +57,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.config import DfkdeConfig, UserError
+    from rayanom.config import UserError
 
     _cli.setup_logging(args.quiet)
-    size = args.image_size
-    if len(size) not in (1, 2):
-        raise UserError(f"invalid image_size={size}: expected SIZE or HEIGHT WIDTH")
-    config = DfkdeConfig(backbone=args.backbone, layers=tuple(args.layers), image_size=(size[0], size[-1]),
-                         n_pca_components=args.n_pca_components, feature_scaling=args.feature_scaling,
-                         max_training_points=args.max_training_points, seed=args.seed)
+    config = build_config(args)
     index, score_index, out, pretrained = args.index, args.score, args.out, args.pretrained
+    heatmaps = args.heatmaps or 0
     if index is None:
         from rayanom.demo import make_demo
 
@@ -66,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
         score_index = score_index or os.path.join(DEMO_ROOT, "test.parquet")
         out = out or os.path.join("runs", f"{args.model}-demo")
         pretrained = bool(pretrained)
+        heatmaps = 8 if args.heatmaps is None and config.model == "dfm" else heatmaps
     elif out is None:
         raise UserError("invalid out=None: --out RUN_DIR is required with --index")
     if pretrained is None:
@@ -82,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
     check_output_dir(model_dir, {CONFIG_FILE, HEAD_FILE}.__contains__, args.overwrite)
     if score_index:
         check_output_dir(scores_dir, lambda n: n.endswith(".parquet"), args.overwrite)
+        _cli.check_heatmaps(config, _join(out, "heatmaps"), heatmaps, args.overwrite)
     state, source = resolve_weights(config, args.weights, pretrained)
 
     from rayanom import pipeline
@@ -96,7 +104,40 @@ def main(args: argparse.Namespace) -> int:
     if score_table is not None:
         summary = pipeline.score(score_table, result.artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
+        _cli.write_heatmaps(config, scores_dir, _join(out, "heatmaps"), heatmaps, args.overwrite)
     return 0
+
+
+MODEL_FLAGS = {"dfkde": ("layers", "n_pca_components", "feature_scaling"),
+               "dfm": ("layer", "pooling_kernel_size", "pca_level", "score_type")}
+
+
+def build_config(args: argparse.Namespace):
+    """The model config from the flags; a flag of the other model is an error, not silently ignored."""
+    from rayanom.config import CONFIG_CLASSES, UserError
+
+    size = args.image_size
+    if len(size) not in (1, 2):
+        raise UserError(f"invalid image_size={size}: expected SIZE or HEIGHT WIDTH")
+    kwargs = {"backbone": args.backbone, "image_size": (size[0], size[-1]),
+              "max_training_points": args.max_training_points, "seed": args.seed}
+    for model, names in MODEL_FLAGS.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if model != args.model:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"invalid {flag}: it applies to --model {model}, not {args.model}")
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return CONFIG_CLASSES[args.model](**kwargs)
+
+
+def _pca_level(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _join(base: str, name: str) -> str:

@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from rayanom.config import ModelConfig, UserError, config_from_dict, config_to_dict
 from rayanom.data import resolve_filesystem
-from rayanom.heads import KdeHead
+from rayanom.heads import DfmHead, KdeHead
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Artifact:
     """A fitted model: its config, its head, where its backbone weights come from, and how it was made."""
 
     config: ModelConfig
-    head: KdeHead
+    head: KdeHead | DfmHead
     weights: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -89,15 +89,27 @@ class Artifact:
         return cls(config=config, head=head, weights=meta.get("weights", {}), provenance=meta.get("provenance", {}))
 
 
-def head_from_state(config: ModelConfig, state: dict[str, np.ndarray], uri: str) -> KdeHead:
+def head_from_state(config: ModelConfig, state: dict[str, np.ndarray], uri: str = "model") -> KdeHead | DfmHead:
     """Rebuild the head of ``config.model`` from its arrays, checking names and shapes."""
-    need = {"pca_mean": 1, "pca_components": 2, "max_norm": 1, "kde_inv_chol": 2, "kde_support": 2,
-            "kde_log_norm": 1}
+    if config.model == "dfm":
+        need = {"pca_mean": 1, "pca_components": 2, "sigma": 1}
+    else:
+        need = {"pca_mean": 1, "pca_components": 2, "max_norm": 1, "kde_inv_chol": 2, "kde_support": 2,
+                "kde_log_norm": 1}
     bad = [k for k, ndim in need.items() if k not in state or state[k].ndim != ndim]
     if bad:
         msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
         raise UserError(msg)
+    if config.model == "dfm":
+        return DfmHead.from_state(state, config.pca_level, config.score_type)
     return KdeHead.from_state(state, config.n_pca_components, config.feature_scaling)
+
+
+def make_head(config: ModelConfig) -> KdeHead | DfmHead:
+    """An unfitted head for ``config``."""
+    if config.model == "dfm":
+        return DfmHead(config.pca_level, config.score_type)
+    return KdeHead(config.n_pca_components, config.feature_scaling)
 
 
 def check_output_dir(uri: str, is_ours: Callable[[str], bool], overwrite: bool) -> list[str]:

@@ -10,8 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-MODELS = ("dfkde",)  # DFM and RKDE join here when they land (one entry each, no registry).
+MODELS = ("dfkde", "dfm")  # RKDE joins here when it lands.
 FEATURE_SCALINGS = ("scale", "norm")
+SCORE_TYPES = ("fre", "nll")
 
 
 class UserError(ValueError):
@@ -46,31 +47,88 @@ class DfkdeConfig:
     model: str = field(default="dfkde", init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backbone, str) or not self.backbone:
-            _fail("backbone", self.backbone, "a timm model name such as 'resnet50'")
+        object.__setattr__(self, "image_size", _check_common(self))
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
         if not isinstance(layers, tuple) or not layers or not all(isinstance(x, str) and x for x in layers):
             _fail("layers", self.layers, "one or more layer names such as 'layer4'")
         if len(set(layers)) != len(layers):
             _fail("layers", self.layers, "distinct layer names")
         object.__setattr__(self, "layers", layers)
-        size = tuple(self.image_size) if isinstance(self.image_size, (list, tuple)) else self.image_size
-        if not isinstance(size, tuple) or len(size) != 2:
-            _fail("image_size", self.image_size, "(height, width), two integers >= 32")
-        for s in size:
-            _check_int("image_size", s, 32)
-        object.__setattr__(self, "image_size", size)
         _check_int("n_pca_components", self.n_pca_components, 1)
         if self.feature_scaling not in FEATURE_SCALINGS:
             _fail("feature_scaling", self.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
-        _check_int("max_training_points", self.max_training_points, 2)
         if self.max_training_points <= self.n_pca_components:
             _fail("max_training_points", self.max_training_points,
                   f"more than n_pca_components={self.n_pca_components} (the KDE needs a full-rank covariance)")
-        _check_int("seed", self.seed, 0)
+
+    @property
+    def min_training_rows(self) -> int:
+        """The KDE needs more rows than PCA components for a full-rank bandwidth covariance."""
+        return self.n_pca_components + 1
 
 
-ModelConfig = DfkdeConfig
+def _check_common(config) -> tuple[int, int]:
+    if not isinstance(config.backbone, str) or not config.backbone:
+        _fail("backbone", config.backbone, "a timm model name such as 'resnet50'")
+    size = tuple(config.image_size) if isinstance(config.image_size, (list, tuple)) else config.image_size
+    if not isinstance(size, tuple) or len(size) != 2:
+        _fail("image_size", config.image_size, "(height, width), two integers >= 32")
+    for s in size:
+        _check_int("image_size", s, 32)
+    _check_int("max_training_points", config.max_training_points, 2)
+    _check_int("seed", config.seed, 0)
+    return size
+
+
+@dataclass(frozen=True, kw_only=True)
+class DfmConfig:
+    """DFM: one backbone layer -> avg-pool -> PCA keeping a variance fraction -> FRE or Gaussian NLL (A1, A4, A8, A9).
+
+    ``pca_level`` in (0, 1) keeps the smallest number of components reaching that explained-variance fraction
+    (scikit-learn's rule); an integer > 1 keeps exactly that many.
+    """
+
+    backbone: str = "resnet50"
+    layer: str = "layer3"
+    pooling_kernel_size: int = 4
+    pca_level: float | int = 0.97
+    score_type: Literal["fre", "nll"] = "fre"
+    image_size: tuple[int, int] = (256, 256)
+    max_training_points: int = 40_000
+    seed: int = 0
+    model: str = field(default="dfm", init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", _check_common(self))
+        if not isinstance(self.layer, str) or not self.layer:
+            _fail("layer", self.layer, "one layer name such as 'layer3'")
+        _check_int("pooling_kernel_size", self.pooling_kernel_size, 1)
+        level = self.pca_level
+        if isinstance(level, float) and level.is_integer() and level > 1:
+            level = int(level)
+            object.__setattr__(self, "pca_level", level)
+        fraction = isinstance(level, float) and 0 < level < 1
+        integer = isinstance(level, int) and not isinstance(level, bool) and level > 1
+        if not (fraction or integer):
+            _fail("pca_level", self.pca_level, "a variance fraction in (0, 1) or an integer number of components > 1")
+        if self.score_type not in SCORE_TYPES:
+            _fail("score_type", self.score_type, f"one of {list(SCORE_TYPES)}")
+        if self.max_training_points < self.min_training_rows:
+            _fail("max_training_points", self.max_training_points, f"at least {self.min_training_rows} for "
+                  f"pca_level={self.pca_level}")
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return (self.layer,)
+
+    @property
+    def min_training_rows(self) -> int:
+        """An integer ``pca_level`` k needs k + 1 rows (centred data has rank <= n - 1); a fraction needs 2."""
+        return self.pca_level + 1 if isinstance(self.pca_level, int) else 2
+
+
+ModelConfig = DfkdeConfig | DfmConfig
+CONFIG_CLASSES = {"dfkde": DfkdeConfig, "dfm": DfmConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +168,7 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
     model = d.get("model")
     if model not in MODELS:
         _fail("model", model, f"one of {list(MODELS)}")
-    cls = DfkdeConfig
+    cls = CONFIG_CLASSES[model]
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - names - {"model"})
     if unknown:

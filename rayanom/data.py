@@ -30,7 +30,11 @@ IMAGE_COL = "image"
 ERROR_COL = "error"
 SCORE_COL = "anomaly_score"
 PROB_COL = "anomaly_probability"
-RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL)
+HEIGHT_COL = "image_height"  # original image size, pixels
+WIDTH_COL = "image_width"
+MAP_COL = "anomaly_map"  # DFM: pooled-resolution map, flattened row-major
+MAP_SHAPE_COL = "anomaly_map_shape"
+RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL, WIDTH_COL, MAP_COL, MAP_SHAPE_COL)
 
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are rejected from the header, before any pixel is decoded
 
@@ -140,6 +144,11 @@ def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
     The resize is bilinear with antialiasing on float data, as anomalib v2 (torch ``interpolate(antialias=True)``);
     PIL's float-mode resize computes the same filter (agreement within 3e-6, pinned by a test).
     """
+    return decode_image_sized(data, image_size)[0]
+
+
+def decode_image_sized(data: bytes, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`decode_image` and the original (height, width)."""
     with Image.open(io.BytesIO(data)) as im:
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
@@ -147,8 +156,9 @@ def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
             raise ValueError(msg)
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
     out_h, out_w = image_size
-    return np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((out_w, out_h), Image.BILINEAR))
-                     for c in range(3)])
+    resized = np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((out_w, out_h), Image.BILINEAR))
+                        for c in range(3)])
+    return resized, (h, w)
 
 
 def error_message(e: BaseException) -> str:
@@ -160,19 +170,21 @@ def error_message(e: BaseException) -> str:
 def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """CPU stage: read and decode every row; a failure becomes that row's ``error``, never an exception.
 
-    Returns a new dict: every input column, plus ``image`` (n, 3, h, w) float32 (zeros for failed rows) and
-    ``error`` (None when decoded).
+    Returns a new dict: every input column, plus ``image`` (n, 3, h, w) float32 (zeros for failed rows),
+    ``image_height``/``image_width`` (original size, 0 for failed rows) and ``error`` (None when decoded).
     """
     paths = batch[PATH_COL]
     n = len(paths)
     images = np.zeros((n, 3, *image_size), dtype=np.float32)
+    sizes = np.zeros((n, 2), dtype=np.int32)
     errors = np.full(n, None, dtype=object)
     for i, p in enumerate(paths):
         try:
-            images[i] = decode_image(read_bytes(p), image_size)
+            images[i], sizes[i] = decode_image_sized(read_bytes(p), image_size)
         except Exception as e:  # noqa: BLE001 - any per-file failure is recorded in its row, the job goes on
             errors[i] = error_message(e)
     out = dict(batch)
     out[IMAGE_COL] = images
+    out[HEIGHT_COL], out[WIDTH_COL] = sizes[:, 0], sizes[:, 1]
     out[ERROR_COL] = errors
     return out

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from rayanom.config import DfkdeConfig, UserError
+from rayanom.config import ModelConfig, UserError
 from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def layer_indices(backbone: str, layers: tuple[str, ...]) -> list[int]:
     return [names.index(name) for name in layers]
 
 
-def build_backbone(config: DfkdeConfig, pretrained: bool = False) -> tuple[torch.nn.Module, list[int]]:
+def build_backbone(config: ModelConfig, pretrained: bool = False) -> tuple[torch.nn.Module, list[int]]:
     """Features-only timm model for ``config.layers`` and, per requested layer, its position in the model's output."""
     idx = layer_indices(config.backbone, config.layers)
     out_indices = sorted(set(idx))
@@ -60,7 +61,7 @@ def _seeded(seed: int):
         yield
 
 
-def resolve_weights(config: DfkdeConfig, weights: str | None, pretrained: bool) -> tuple[dict[str, np.ndarray], dict]:
+def resolve_weights(config: ModelConfig, weights: str | None, pretrained: bool) -> tuple[dict[str, np.ndarray], dict]:
     """Backbone state dict (numpy arrays) and a JSON description of where it came from.
 
     ``weights``: a local timm state dict (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
@@ -95,7 +96,7 @@ def resolve_weights(config: DfkdeConfig, weights: str | None, pretrained: bool) 
     return state, source
 
 
-def artifact_weights(config: DfkdeConfig, source: dict, weights: str | None) -> dict[str, np.ndarray]:
+def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> dict[str, np.ndarray]:
     """The backbone weights an artifact was fitted with (its ``weights`` source); a file must match its sha256.
 
     ``weights`` overrides the recorded file path (the file may sit elsewhere on this machine).
@@ -174,29 +175,40 @@ def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, backbone: 
 
 
 class FeatureExtractor:
-    """Pooled backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
+    """Backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
 
+    DFKDE: global average pool of each layer, concatenated on the feature axis -> (n, sum of channels).
+    DFM: ``avg_pool2d(pooling_kernel_size)`` of its one layer, flattened channel-major (models.md B 2.3) ->
+    (n, C * h' * w'); ``map_shape`` = (C, h', w') gives the layout back for anomaly maps.
     The Ray stage classes (``pipeline``) own the batch dicts; this class owns torch.
     """
 
-    def __init__(self, config: DfkdeConfig, state: dict[str, np.ndarray], device: str = "cpu",
+    def __init__(self, config: ModelConfig, state: dict[str, np.ndarray], device: str = "cpu",
                  threads: int = 0) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        self.pool = config.pooling_kernel_size if config.model == "dfm" else 0
         model, self.order = build_backbone(config)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
         self.model = model.eval().to(self.device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        self.dim = sum(model.feature_info.channels()[i] for i in self.order)
+        probe = self._forward(np.zeros((1, 3, *config.image_size), dtype=np.float32))
+        self.map_shape = tuple(probe.shape[1:])
+        self.dim = int(np.prod(self.map_shape))
+
+    def _forward(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
+        with torch.inference_mode():
+            maps = self.model((x - self.mean) / self.std)
+            if not self.pool:
+                return torch.cat([maps[i].mean(dim=(2, 3)) for i in self.order], dim=1)
+            f = maps[self.order[0]]
+            return F.avg_pool2d(f, self.pool) if self.pool > 1 else f
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(n, 3, h, w) float32 RGB in [0, 1] -> (n, dim) float32 features."""
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
-        with torch.inference_mode():
-            maps = self.model((x - self.mean) / self.std)
-            pooled = [maps[i].mean(dim=(2, 3)) for i in self.order]
-            return torch.cat(pooled, dim=1).float().cpu().numpy()
+        return self._forward(images).reshape(len(images), -1).float().cpu().numpy()

@@ -35,8 +35,9 @@ class PCA:
     """Principal components in float64 (models.md A4).
 
     ``n_components`` is an integer k (exactly k components) or a fraction in (0, 1): the smallest k whose cumulative
-    explained variance reaches it (scikit-learn's rule). Tall data is decomposed through the d x d covariance,
-    wide data through a thin SVD: never a full-matrices SVD and never an n x n product when n > d.
+    explained variance reaches it (scikit-learn's rule). Tall data (n > d) is decomposed through the d x d scatter
+    matrix, accumulated in float64 over row chunks; wide data through a float64 thin SVD (whose n x n factor is then
+    smaller than d x d). Never a full-matrices SVD, never an n x n matrix when n > d.
     """
 
     def __init__(self, n_components: int | float = 16) -> None:
@@ -44,17 +45,21 @@ class PCA:
 
     def fit(self, x: np.ndarray) -> PCA:
         """Fit on ``x`` of shape (n_samples, n_features)."""
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
         n, d = x.shape
-        self.mean_ = x.mean(axis=0)
-        xc = x - self.mean_
+        self.mean_ = x.mean(axis=0, dtype=np.float64)
         if n > d:
-            evals, evecs = np.linalg.eigh(xc.T @ xc)
+            # Scatter matrix accumulated over row chunks in float64: memory is the input plus one d x d matrix.
+            scatter = np.zeros((d, d))
+            for start in range(0, n, 4096):
+                chunk = x[start:start + 4096].astype(np.float64) - self.mean_
+                scatter += chunk.T @ chunk
+            evals, evecs = np.linalg.eigh(scatter)
             order = np.argsort(evals)[::-1]
             variances = np.clip(evals[order], 0.0, None)
             vt = evecs[:, order].T
         else:
-            _, s, vt = np.linalg.svd(xc, full_matrices=False)
+            _, s, vt = np.linalg.svd(x.astype(np.float64) - self.mean_, full_matrices=False)
             variances = s**2
         total = variances.sum()
         ratios = variances / total if total > 0 else np.zeros_like(variances)
@@ -211,4 +216,84 @@ class KdeHead:
         kde.support_sq_ = np.einsum("ij,ij->i", kde.support_, kde.support_)
         kde.log_norm_ = float(state["kde_log_norm"][0])
         head.kde_ = kde
+        return head
+
+
+class DfmHead:
+    """DFM head: PCA keeping ``n_components`` (fraction or count) -> FRE or Gaussian NLL (models.md A8, A9).
+
+    FRE (feature reconstruction error) = squared norm of the residual of the PCA reconstruction, the textbook formula
+    (equal to anomalib's). NLL = Gaussian negative log-likelihood in PCA space, centred on the training mean (fixes
+    anomalib's double centring, P5), without the constant k log 2 pi and the 1/2 factor, as anomalib:
+    sum((z_i / sigma_i)^2) + 2 sum(log sigma_i), with sigma_i^2 = s_i^2 / n (anomalib's biased variance).
+    """
+
+    def __init__(self, n_components: int | float = 0.97, score_type: str = "fre") -> None:
+        self.n_components = n_components
+        self.score_type = score_type
+
+    def fit(self, x: np.ndarray) -> DfmHead:
+        """Fit on features ``x`` of shape (n_samples, n_features)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or len(x) < 2:
+            msg = f"DFM needs at least 2 training rows of 2-D features, got shape {x.shape}"
+            raise UserError(msg)
+        if not np.isfinite(x).all():
+            msg = "training features contain NaN or inf"
+            raise UserError(msg)
+        n, d = x.shape
+        if isinstance(self.n_components, int) and self.n_components >= min(n, d):
+            msg = (f"pca_level={self.n_components} components need more than {self.n_components} training rows "
+                   f"and features; got {n} rows of {d} features (rank <= {min(n - 1, d)})")
+            raise UserError(msg)
+        self.pca_ = PCA(self.n_components).fit(x)
+        variances = self.pca_.explained_variance_ * (n - 1) / n  # biased, divisor n, as anomalib's Gaussian
+        if not (variances > 0).any() or variances[0] <= 0:
+            msg = "all training features are identical: nothing to model (constant images?)"
+            raise UserError(msg)
+        keep = variances > variances[0] * 1e-12
+        if not keep.all():
+            # Components of (numerically) zero variance carry no information and would make the NLL infinite.
+            logger.warning("DFM: dropping %d PCA components of zero variance (rank-deficient training features)",
+                           int((~keep).sum()))
+            self.pca_.components_ = self.pca_.components_[keep]
+            variances = variances[keep]
+        self.sigma_ = np.sqrt(variances)
+        return self
+
+    def _parts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "sigma_"):
+            raise _not_fitted(self)
+        xc = np.asarray(x, dtype=np.float64) - self.pca_.mean_
+        z = xc @ self.pca_.components_.T
+        return xc, z
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        """Squared reconstruction residuals per feature, (m, n_features): the FRE anomaly map before reshaping."""
+        xc, z = self._parts(x)
+        return (xc - z @ self.pca_.components_) ** 2
+
+    def anomaly_scores(self, x: np.ndarray) -> np.ndarray:
+        """(m, n_features) -> (m,) FRE or NLL; higher = more anomalous."""
+        if self.score_type == "fre":
+            return self.residuals(x).sum(axis=1)
+        _, z = self._parts(x)
+        return ((z / self.sigma_) ** 2).sum(axis=1) + 2.0 * np.log(self.sigma_).sum()
+
+    def score_samples(self, x: np.ndarray) -> np.ndarray:
+        """-FRE or -NLL, higher = more normal (scikit-learn's sign)."""
+        return -self.anomaly_scores(x)
+
+    def to_state(self) -> dict[str, np.ndarray]:
+        if not hasattr(self, "sigma_"):
+            raise _not_fitted(self)
+        return {"pca_mean": self.pca_.mean_, "pca_components": self.pca_.components_, "sigma": self.sigma_}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], n_components: int | float, score_type: str) -> DfmHead:
+        head = cls(n_components, score_type)
+        head.pca_ = PCA(n_components)
+        head.pca_.mean_ = state["pca_mean"]
+        head.pca_.components_ = state["pca_components"]
+        head.sigma_ = state["sigma"]
         return head

@@ -20,16 +20,16 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from rayanom import __version__
-from rayanom.artifact import Artifact, prepare_output_dir
+from rayanom.artifact import Artifact, head_from_state, make_head, prepare_output_dir
 from rayanom.bank import BankSelector, key_threshold, row_keys
-from rayanom.config import DfkdeConfig, ModelConfig, RunConfig, UserError
+from rayanom.config import ModelConfig, RunConfig, UserError
 from rayanom.data import (
-    ERROR_COL, IMAGE_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, decode_batch, resolve_filesystem, training_rows,
-    with_row_index,
+    ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    decode_batch, resolve_filesystem, training_rows, with_row_index,
 )
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
-from rayanom.heads import KdeHead, anomaly_probability
+from rayanom.heads import anomaly_probability
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,15 @@ def _images(table: pa.Table) -> np.ndarray:
 
 
 def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
-    """CPU stage on an arrow block: every input column unchanged, plus ``image`` (tensor) and ``error`` (string)."""
+    """CPU stage on an arrow block: every input column unchanged, plus ``image`` (tensor), the original
+    ``image_height``/``image_width`` and ``error`` (string)."""
     from ray.data.extensions import ArrowTensorArray
 
     paths = table.column(PATH_COL).to_pylist()
     out = decode_batch({PATH_COL: paths}, image_size)
     return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(out[IMAGE_COL]))
+            .append_column(HEIGHT_COL, pa.array(out[HEIGHT_COL]))
+            .append_column(WIDTH_COL, pa.array(out[WIDTH_COL]))
             .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
 
 
@@ -81,25 +84,51 @@ class BankFeatures:
 
 
 class Scorer:
-    """Score-stage actor: backbone + fitted head; writes every input column plus score, probability and error."""
+    """Score-stage actor: backbone + fitted head; every input column, then the model's outputs and ``error``.
+
+    DFKDE: ``anomaly_score`` (-log density) and ``anomaly_probability``. DFM: ``anomaly_score`` (FRE or NLL) and,
+    for FRE, ``anomaly_map`` (pooled resolution, flattened row-major), ``anomaly_map_shape`` and the original
+    ``image_height``/``image_width`` for upsampling (``rayanom.maps``).
+    """
 
     def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int) -> None:
         self.extractor = FeatureExtractor(config, _resolve(state), device, threads)
-        self.head = KdeHead.from_state(_resolve(head_state), config.n_pca_components, config.feature_scaling)
+        self.head = head_from_state(config, _resolve(head_state))
+        self.config = config
 
     def __call__(self, table: pa.Table) -> pa.Table:
         errors = table.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
-        log_density = np.full(table.num_rows, np.nan)
-        if ok.any():
-            log_density[ok] = self.head.score_samples(self.extractor(_images(table)[ok]))
-        valid = np.isfinite(log_density)
+        n, m = table.num_rows, int(ok.sum())
+        feats = self.extractor(_images(table)[ok]) if m else np.zeros((0, self.extractor.dim), np.float32)
+        score = np.full(n, np.nan)
+        out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
+        if self.config.model == "dfkde":
+            score[ok] = -self.head.score_samples(feats)
+        else:
+            score[ok] = self.head.anomaly_scores(feats)
+        valid = np.isfinite(score)
         for i in np.flatnonzero(ok & ~valid):
             errors[i] = "ValueError: non-finite anomaly score (non-finite features?)"
-        out = table.drop_columns([IMAGE_COL, ERROR_COL])
-        out = out.append_column(SCORE_COL, pa.array(-log_density, pa.float64(), mask=~valid))
-        out = out.append_column(PROB_COL, pa.array(anomaly_probability(log_density), pa.float64(), mask=~valid))
+        out = out.append_column(SCORE_COL, pa.array(score, pa.float64(), mask=~valid))
+        if self.config.model == "dfkde":
+            prob = anomaly_probability(-score)
+            out = out.append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
+        elif self.config.score_type == "fre":
+            out = self._with_maps(out, table, feats, ok, valid)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
+
+    def _with_maps(self, out: pa.Table, table: pa.Table, feats: np.ndarray, ok: np.ndarray,
+                   valid: np.ndarray) -> pa.Table:
+        c, h, w = self.extractor.map_shape
+        maps = np.zeros((table.num_rows, h * w), dtype=np.float32)
+        if len(feats):
+            maps[ok] = self.head.residuals(feats).reshape(-1, c, h, w).sum(axis=1).reshape(-1, h * w)
+        shapes = [[h, w] if v else None for v in valid]
+        return (out.append_column(MAP_COL, pa.array(list(maps), pa.list_(pa.float32()), mask=~valid))
+                .append_column(MAP_SHAPE_COL, pa.array(shapes, pa.list_(pa.int32())))
+                .append_column(HEIGHT_COL, table.column(HEIGHT_COL))
+                .append_column(WIDTH_COL, table.column(WIDTH_COL)))
 
 
 def _dataset(table: pa.Table, block_rows: int) -> ray.data.Dataset:
@@ -130,7 +159,7 @@ class FitResult:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
-def fit(index: pa.Table, config: DfkdeConfig, state: dict[str, np.ndarray], weights_source: dict,
+def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weights_source: dict,
         run: RunConfig = RunConfig(), index_name: str = "index") -> FitResult:
     """Fit ``config``'s model on the normal training rows of a validated index table (see ``data.read_index``).
 
@@ -139,9 +168,9 @@ def fit(index: pa.Table, config: DfkdeConfig, state: dict[str, np.ndarray], weig
     t0 = time.time()
     train = training_rows(with_row_index(index))
     n = train.num_rows
-    if n <= config.n_pca_components:
+    if n < config.min_training_rows:
         msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
-               f"exists); the KDE head needs more than n_pca_components={config.n_pca_components}")
+               f"exists); {config.model} with these settings needs at least {config.min_training_rows}")
         raise UserError(msg)
     threshold = key_threshold(n, config.max_training_points)
     logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d, worker keep-rate %.4f",
@@ -163,9 +192,12 @@ def fit(index: pa.Table, config: DfkdeConfig, state: dict[str, np.ndarray], weig
     if len(ids) < min(n_ok, config.max_training_points):
         logger.warning("fit: bank holds %d rows, fewer than min(good rows, cap) = %d (improbable key shortfall)",
                        len(ids), min(n_ok, config.max_training_points))
+    if config.model == "dfm" and n_ok > config.max_training_points:
+        logger.warning("fit: DFM fitted on a uniform subset of %d of %d training rows (anomalib uses all of them); "
+                       "raise --max-training-points to use more", len(ids), n_ok)
     logger.info("fit: bank of %d x %d features gathered in %.1f s", *feats.shape[:2], time.time() - t0)
     t1 = time.time()
-    head = KdeHead(config.n_pca_components, config.feature_scaling).fit(feats)
+    head = make_head(config).fit(feats)
     logger.info("fit: head fitted in %.2f s", time.time() - t1)
     provenance = {
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,

@@ -99,3 +99,11 @@ def test_pca_fraction_follows_sklearn(fraction, n):
 def test_anomaly_probability_formula():
     ll = np.array([-500.0, -20.0, 0.0, 12.0, 40.0])
     np.testing.assert_allclose(anomaly_probability(ll), 1.0 / (1.0 + np.exp(0.05 * (ll - 12.0))), rtol=1e-12)
+
+
+def test_pca_scatter_accumulated_over_chunks_matches_svd():
+    x = _features(10_000, 12, seed=8)  # several 4096-row chunks
+    ours = PCA(5).fit(x)
+    ref = SkPCA(5, svd_solver="full").fit(x.astype(np.float64))
+    np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-10)
+    np.testing.assert_allclose(np.abs(ours.components_ @ ref.components_.T), np.eye(5), atol=1e-8)

@@ -129,3 +129,45 @@ def test_user_errors_exit_2_without_traceback(demo_set, tmp_path, args, message)
     proc = _job(*base, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
+    from rayanom.config import DfmConfig
+    from rayanom.heads import DfmHead
+    from rayanom.maps import anomaly_map, write_heatmaps
+
+    config = DfmConfig(backbone="resnet18", layer="layer3", pooling_kernel_size=2, pca_level=0.97,
+                       image_size=(64, 64))
+    state, source = resolve_weights(config, None, False)
+    index = read_index(demo_set["index"])
+    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=5, num_actors=2))
+    train = training_rows(with_row_index(index))
+    ref = DfmHead(0.97, "fre").fit(_features(config, state, train.column("path").to_pylist()))
+    assert np.array_equal(np.abs(result.artifact.head.pca_.components_).shape, ref.pca_.components_.shape)
+    out = str(tmp_path / "scores")
+    summary = pipeline.score(read_index(demo_set["test"]), result.artifact, state, out, RunConfig(batch_size=4))
+    assert (summary["rows"], summary["failed"]) == (12, 0)
+    rows = pq.read_table(out).sort_by("row_index").to_pylist()
+    test_paths = [r["path"] for r in rows]
+    np.testing.assert_allclose([r["anomaly_score"] for r in rows],
+                               ref.anomaly_scores(_features(config, state, test_paths)), rtol=1e-6)
+    for r in rows:
+        assert r["anomaly_map_shape"] == [2, 2] and (r["image_height"], r["image_width"]) == (96, 96)
+        assert np.sum(r["anomaly_map"]) == pytest.approx(r["anomaly_score"], rel=1e-5)  # the map sums to the FRE
+        assert anomaly_map(r, (r["image_height"], r["image_width"])).shape == (96, 96)
+    files = write_heatmaps(out, str(tmp_path / "heat"), 3)
+    assert len(files) == 3 and all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in files)
+    best = max(rows, key=lambda r: r["anomaly_score"])
+    assert f"_row{best['row_index']}_" in files[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "dfm", "--layers", "layer3"], "invalid --layers: it applies to --model dfkde, not dfm"),
+    (["--model", "dfm", "--pca-level", "1"], "invalid pca_level=1"),
+    (["--model", "dfkde", "--heatmaps", "3", "--score", "TEST"], "heat maps need a DFM model with score_type 'fre'"),
+])
+def test_model_specific_flags(demo_set, tmp_path, args, message):
+    args = [demo_set["test"] if a == "TEST" else a for a in args]
+    proc = _job("jobs/fit.py", "--index", demo_set["index"], "--out", str(tmp_path / "r"), "--quiet", *args,
+                timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]

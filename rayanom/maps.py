@@ -1,0 +1,96 @@
+"""DFM anomaly maps: from the pooled map stored with each scored row to network-input or original resolution, and
+heat-map overlays (PNG) for the most anomalous images.
+
+    import pyarrow.parquet as pq
+    from rayanom.maps import anomaly_map
+    row = pq.read_table("runs/r1/scores").sort_by([("anomaly_score", "descending")]).slice(0, 1).to_pylist()[0]
+    anomaly_map(row)                                          # pooled, e.g. (4, 4) at the defaults
+    anomaly_map(row, (256, 256))                              # network input, as anomalib's anomaly_map
+    anomaly_map(row, (row["image_height"], row["image_width"]))  # original image pixels
+
+Upsampling is bilinear with ``align_corners=False``, as anomalib (models.md B 6.2). The map at any resolution is the
+per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from rayanom.data import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL, read_bytes, resolve_filesystem
+
+logger = logging.getLogger(__name__)
+
+
+def anomaly_map(row: dict, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The map of one scored row, (h, w) float32: pooled when ``size`` is None, else bilinearly resized to it."""
+    if row.get(MAP_COL) is None:
+        msg = "this row has no anomaly map (not a DFM-FRE score, or the row failed)"
+        raise ValueError(msg)
+    pooled = np.asarray(row[MAP_COL], dtype=np.float32).reshape(row[MAP_SHAPE_COL])
+    return pooled if size is None else upsample(pooled, size)
+
+
+def upsample(pooled: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (align_corners=False) resize of an (h, w) map to ``size`` = (height, width)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def _jet(v: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB uint8 (a jet-like colour map: blue, cyan, yellow, red)."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
+
+
+def overlay(image_bytes: bytes, pooled: np.ndarray, vmax: float, alpha: float = 0.45):
+    """The original image with its upsampled map blended on top (a PIL image)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image_bytes)) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    heat = upsample(pooled, rgb.shape[:2]) / max(vmax, np.finfo(np.float32).tiny)
+    blended = (1 - alpha) * rgb + alpha * _jet(np.clip(heat, 0, 1)).astype(np.float32)
+    return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+
+
+def write_heatmaps(scores: str, out_dir: str, top_n: int) -> list[str]:
+    """Overlay PNGs for the ``top_n`` highest-scoring rows of a DFM-FRE scores dataset; returns the files written.
+
+    One colour scale for all (the largest map value among them), so the pictures compare with each other.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = resolve_filesystem(scores)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+        columns=["row_index", PATH_COL, SCORE_COL, MAP_COL, MAP_SHAPE_COL])
+    table = table.filter(pc.is_valid(table.column(MAP_COL)))
+    top = table.sort_by([(SCORE_COL, "descending"), ("row_index", "ascending")]).slice(0, top_n).to_pylist()
+    if not top:
+        return []
+    vmax = max(float(np.max(r[MAP_COL])) for r in top)
+    out_fs, out_path = resolve_filesystem(out_dir)
+    out_fs.create_dir(out_path, recursive=True)
+    written = []
+    for rank, row in enumerate(top, 1):
+        try:
+            picture = overlay(read_bytes(row[PATH_COL]), anomaly_map(row), vmax)
+        except Exception as e:  # noqa: BLE001 - a file that vanished since scoring must not stop the others
+            logger.warning("heat map for row %d skipped: %s", row["row_index"], e)
+            continue
+        name = f"{rank:04d}_row{row['row_index']}_{os.path.splitext(os.path.basename(row[PATH_COL]))[0]}.png"
+        with out_fs.open_output_stream(f"{out_path}/{name}") as f:
+            picture.save(f, format="PNG")
+        written.append(f"{out_dir.rstrip('/')}/{name}")
+    logger.info("%d heat maps written to %s", len(written), out_dir)
+    return written
