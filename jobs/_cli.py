@@ -104,27 +104,39 @@ def print_summary(summary: dict) -> None:
     print(f"scores: {summary['output']}")
 
 
-def check_heatmaps(config, out_dir: str, top_n: int, overwrite: bool) -> None:
-    """Heat maps need DFM with FRE scores, and an output directory we may write into."""
+REPORT_FILES = ("metrics.json", "report.png", "heatmaps")
+
+
+def check_report(config, report_dir: str, evaluate: bool, heatmaps: int, overwrite: bool) -> None:
+    """Heat maps need DFM with FRE scores; the report directory must be new, empty or ours (with --overwrite)."""
     from rayanom.artifact import check_output_dir
     from rayanom.config import UserError
 
-    if not top_n:
-        return
-    if top_n < 0 or config.model != "dfm" or config.score_type != "fre":
-        raise UserError(f"invalid heatmaps={top_n}: heat maps need a DFM model with score_type 'fre' and N > 0")
-    check_output_dir(out_dir, lambda n: n.endswith(".png"), overwrite)
+    if heatmaps and (heatmaps < 0 or config.model != "dfm" or config.score_type != "fre"):
+        raise UserError(f"invalid heatmaps={heatmaps}: heat maps need a DFM model with score_type 'fre' and N > 0")
+    if evaluate or heatmaps:
+        check_output_dir(report_dir, REPORT_FILES.__contains__, overwrite)
+        check_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite)
 
 
-def write_heatmaps(config, scores_dir: str, out_dir: str, top_n: int, overwrite: bool) -> None:
+def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int, overwrite: bool) -> None:
+    """metrics.json + report.png (with --evaluate) and heat-map overlays (with --heatmaps N) into ``report_dir``."""
     from rayanom.artifact import prepare_output_dir
     from rayanom.data import resolve_filesystem
-    from rayanom.maps import write_heatmaps as write
+    from rayanom.maps import write_heatmaps
+    from rayanom.report import evaluate as evaluate_scores
 
-    if not top_n:
+    if not (evaluate or heatmaps):
         return
-    fs, path = resolve_filesystem(out_dir)
-    for name in prepare_output_dir(out_dir, lambda n: n.endswith(".png"), overwrite):
-        fs.delete_file(f"{path}/{name}")  # old pictures of an overwritten run
-    files = write(scores_dir, out_dir, top_n)
-    print(f"heat maps: {out_dir} ({len(files)} images)")
+    prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite)
+    if evaluate:
+        metrics = evaluate_scores(scores_dir, report_dir)
+        f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
+        t = "n/a" if metrics["threshold"] is None else f"{metrics['threshold']:.6g}"
+        print(f"report: {report_dir}/report.png, metrics.json (F1 {f1} at threshold {t})")
+    if heatmaps:
+        fs, path = resolve_filesystem(report_dir + "/heatmaps")
+        for name in prepare_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite):
+            fs.delete_file(f"{path}/{name}")  # pictures of an overwritten run
+        files = write_heatmaps(scores_dir, report_dir + "/heatmaps", heatmaps)
+        print(f"heat maps: {report_dir}/heatmaps ({len(files)} images)")

@@ -27,9 +27,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX", help="score this index with the fitted model in the same job")
+    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --score and labels: write OUT/report/metrics.json and report.png (ROC curve, score "
+                        "histograms); default: yes for the demo")
     p.add_argument("--heatmaps", type=int, default=None, metavar="N",
-                   help="DFM (fre): write heat-map overlays of the N most anomalous scored images to OUT/heatmaps "
-                        "(default: 8 for the demo, else 0)")
+                   help="DFM (fre): heat-map overlays of the N most anomalous scored images in OUT/report/heatmaps "
+                        "(default: 8 for the DFM demo, else 0)")
     m = p.add_argument_group("model, both (stored in the artifact)")
     m.add_argument("--backbone", default="resnet50", help="timm CNN name, optionally with a tag (default: %(default)s)")
     m.add_argument("--image-size", type=int, nargs="+", default=[256, 256], metavar="PX",
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     _cli.setup_logging(args.quiet)
     config = build_config(args)
     index, score_index, out, pretrained = args.index, args.score, args.out, args.pretrained
-    heatmaps = args.heatmaps or 0
+    heatmaps, evaluate = args.heatmaps or 0, bool(args.evaluate)
     if index is None:
         from rayanom.demo import make_demo
 
@@ -73,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         out = out or os.path.join("runs", f"{args.model}-demo")
         pretrained = bool(pretrained)
         heatmaps = 8 if args.heatmaps is None and config.model == "dfm" else heatmaps
+        evaluate = args.evaluate is not False
     elif out is None:
         raise UserError("invalid out=None: --out RUN_DIR is required with --index")
     if pretrained is None:
@@ -89,7 +93,9 @@ def main(args: argparse.Namespace) -> int:
     check_output_dir(model_dir, {CONFIG_FILE, HEAD_FILE}.__contains__, args.overwrite)
     if score_index:
         check_output_dir(scores_dir, lambda n: n.endswith(".parquet"), args.overwrite)
-        _cli.check_heatmaps(config, _join(out, "heatmaps"), heatmaps, args.overwrite)
+        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps, args.overwrite)
+    elif evaluate or heatmaps:
+        raise UserError("invalid --evaluate/--heatmaps: they report on scores; add --score INDEX")
     state, source = resolve_weights(config, args.weights, pretrained)
 
     from rayanom import pipeline
@@ -104,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
     if score_table is not None:
         summary = pipeline.score(score_table, result.artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
-        _cli.write_heatmaps(config, scores_dir, _join(out, "heatmaps"), heatmaps, args.overwrite)
+        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, args.overwrite)
     return 0
 
 

@@ -24,8 +24,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="PATH",
                    help="where the backbone weights file is on this machine, if not at the path the model recorded "
                         "(its sha256 must match)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="the index has labels: write OUT-report/metrics.json (AUROC, F1 at the adaptive threshold) "
+                        "and OUT-report/report.png (ROC curve, score histograms)")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="DFM (fre): write heat-map overlays of the N most anomalous images to OUT-heatmaps "
+                   help="DFM (fre): heat-map overlays of the N most anomalous images in OUT-report/heatmaps "
                         "(default: %(default)s)")
     _cli.add_run_flags(p)
     return p
@@ -41,8 +44,8 @@ def main(args: argparse.Namespace) -> int:
     artifact = Artifact.load(args.model)
     table = read_index(args.index)
     check_output_dir(args.out, lambda n: n.endswith(".parquet"), args.overwrite)
-    heatmaps_dir = args.out.rstrip("/") + "-heatmaps"  # beside the scores: that directory holds parquet only
-    _cli.check_heatmaps(artifact.config, heatmaps_dir, args.heatmaps, args.overwrite)
+    report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet only
+    _cli.check_report(artifact.config, report_dir, args.evaluate, args.heatmaps, args.overwrite)
     state = artifact_weights(artifact.config, artifact.weights, args.weights)
 
     from rayanom import pipeline
@@ -50,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     run = _cli.init_ray(args)
     summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
     _cli.print_summary(summary)
-    _cli.write_heatmaps(artifact.config, args.out, heatmaps_dir, args.heatmaps, args.overwrite)
+    _cli.write_report(args.out, report_dir, args.evaluate, args.heatmaps, args.overwrite)
     return 0
 
 

@@ -1,5 +1,6 @@
 """End to end on a local Ray: fit and score against an in-process reference, determinism, row accounting, CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,8 +110,11 @@ def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
     model = Artifact.load(os.path.join(run_dir, "model"))
     assert model.provenance["n_train_rows"] == 24 and model.weights == {"kind": "random", "seed": 0}
     again = _job("jobs/score.py", "--model", os.path.join(run_dir, "model"), "--index", demo_set["test"],
-                 "--out", str(tmp_path / "scores2"), "--quiet")
+                 "--out", str(tmp_path / "scores2"), "--evaluate", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
+    metrics = json.load(open(tmp_path / "scores2-report" / "metrics.json"))
+    assert (metrics["rows"], metrics["scored"], metrics["n_normal"], metrics["n_anomalous"]) == (12, 12, 6, 6)
+    assert open(tmp_path / "scores2-report" / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     first = pq.read_table(os.path.join(run_dir, "scores")).sort_by("row_index")
     second = pq.read_table(str(tmp_path / "scores2")).sort_by("row_index")
     assert first.equals(second)  # a reloaded artifact in a new process gives bit-identical scores

@@ -1,0 +1,165 @@
+"""Report stage: metrics against scikit-learn and brute force (with tied scores), and the files evaluate() writes."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score
+
+from rayanom.report import compute_metrics, evaluate, f1_adaptive_threshold
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def brute_force_f1(labels: np.ndarray, scores: np.ndarray, t: float) -> float:
+    pred = scores >= t
+    tp = int((pred & (labels == 1)).sum())
+    fp = int((pred & (labels == 0)).sum())
+    fn = int((~pred & (labels == 1)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def tied_scores(seed: int = 0, n: int = 60):
+    """Scores rounded to one decimal: many ties, some across classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
+    scores = np.round(rng.normal(0, 1, n) + 1.0 * labels, 1)
+    assert len(np.unique(scores)) < n  # ties present
+    tie_values = set(scores[labels == 0]) & set(scores[labels == 1])
+    assert tie_values  # ties across the two classes
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn_and_brute_force_with_ties(seed):
+    labels, scores = tied_scores(seed)
+    m = compute_metrics(labels, scores)
+
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    best = max(brute_force_f1(labels, scores, t) for t in np.unique(scores))
+    assert m["f1"] == pytest.approx(best, abs=1e-12)
+    assert m["threshold"] in set(scores.tolist())
+    assert brute_force_f1(labels, scores, m["threshold"]) == pytest.approx(best, abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(labels, (scores >= m["threshold"]).astype(int)), abs=1e-12)
+    assert m["threshold_source"] == "scored set"
+    assert (m["n_normal"], m["n_anomalous"]) == (30, 30)
+    pred = scores >= m["threshold"]
+    assert m["precision"] == pytest.approx((pred & (labels == 1)).sum() / pred.sum())
+    assert m["recall"] == pytest.approx((pred & (labels == 1)).sum() / (labels == 1).sum())
+
+
+def test_ties_use_greater_equal():
+    # The best threshold is a score shared by a normal and two anomalous samples: with ">=" all three are predicted
+    # anomalous (F1 = 0.8); a ">" comparison at that value would give a different F1.
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    scores = np.array([0.1, 0.2, 0.5, 0.5, 0.5, 0.3])
+    t = f1_adaptive_threshold(labels, scores)
+    assert t == 0.5
+    m = compute_metrics(labels, scores)
+    assert m["f1"] == pytest.approx(0.8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(1.0)
+
+
+def test_threshold_from_validation_split():
+    val_labels = np.array([0, 0, 0, 1, 1, 1])
+    val_scores = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])  # any t in (0.3, 0.7] separates; candidates: 0.7
+    test_labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    test_scores = np.array([0.1, 0.5, 0.6, 0.75, 0.4, 0.72, 0.8, 0.95])
+
+    m = compute_metrics(test_labels, test_scores, val_labels, val_scores)
+    assert m["threshold_source"] == "validation split"
+    assert m["threshold"] == pytest.approx(0.7)
+    # Reported on the test arrays at 0.7: predicted {0.75, 0.72, 0.8, 0.95} -> tp 3, fp 1, fn 1.
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == pytest.approx(0.75)
+    assert m["f1"] == pytest.approx(0.75)
+    assert m["auroc"] == pytest.approx(roc_auc_score(test_labels, test_scores))
+    # The test set's own best threshold differs: the validation split really chose it.
+    assert compute_metrics(test_labels, test_scores)["threshold"] != pytest.approx(0.7)
+
+
+def test_one_class_gives_none():
+    m = compute_metrics(np.zeros(5, dtype=int), np.array([0.1, 0.2, 0.2, 0.4, 0.5]))
+    assert m["auroc"] is None and m["f1"] is None and m["threshold"] is None
+    assert (m["n_normal"], m["n_anomalous"]) == (5, 0)
+    m = compute_metrics(np.array([0, 1]), np.array([0.1, 0.9]), np.ones(3, dtype=int), np.array([0.5, 0.6, 0.7]))
+    assert m["auroc"] == 1.0 and m["threshold"] is None and m["f1"] is None
+
+
+def write_scores(directory, table: pa.Table, parts: int = 2):
+    directory.mkdir()
+    step = -(-table.num_rows // parts)
+    for i in range(parts):
+        pq.write_table(table.slice(i * step, step), directory / f"part-{i}.parquet")
+    return str(directory)
+
+
+def scores_table(with_label: bool = True, with_split: bool = False) -> pa.Table:
+    labels, scores = tied_scores(0, n=20)
+    score_list = scores.tolist()
+    errors = [None] * 20
+    score_list[3], errors[3] = None, "FileNotFoundError: missing file /x.png"  # one failed row
+    cols = {"path": [f"/img/{i}.png" for i in range(20)],
+            "anomaly_score": pa.array(score_list, pa.float64()),
+            "error": pa.array(errors, pa.string())}
+    if with_label:
+        cols["label"] = pa.array(labels, pa.int64())
+    if with_split:
+        cols["split"] = pa.array(["val" if i % 2 else "test" for i in range(20)], pa.string())
+    return pa.table(cols)
+
+
+def test_evaluate_writes_metrics_and_png(tmp_path):
+    table = scores_table()
+    src = write_scores(tmp_path / "scores", table)
+    out = tmp_path / "report" / "nested"
+    m = evaluate(src, str(out))
+
+    with open(out / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(m))
+    assert (saved["rows"], saved["scored"], saved["failed"]) == (20, 19, 1)
+    assert saved["n_normal"] + saved["n_anomalous"] == 19
+    assert saved["n_validation"] == 0
+    assert saved["threshold_source"].startswith("scored set")
+    ok = np.array([i != 3 for i in range(20)])
+    labels = np.asarray(table.column("label").to_pylist())[ok]
+    scores = np.asarray(table.column("anomaly_score").to_pylist(), dtype=float)[ok]
+    assert saved["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert saved["f1"] == pytest.approx(max(brute_force_f1(labels, scores, t) for t in np.unique(scores)))
+
+    data = (out / "report.png").read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
+
+
+def test_evaluate_uses_validation_split(tmp_path):
+    table = scores_table(with_split=True)
+    src = write_scores(tmp_path / "scores", table)
+    m = evaluate(src, str(tmp_path / "out"))
+    split = np.asarray(table.column("split").to_pylist())
+    labels = np.asarray(table.column("label").to_pylist())
+    scores = np.asarray(table.column("anomaly_score").to_pylist(), dtype=float)
+    ok = ~np.isnan(scores)
+    val, test = ok & (split == "val"), ok & (split != "val")
+    expected = compute_metrics(labels[test], scores[test], labels[val], scores[val])
+    assert m["threshold_source"].startswith("validation split")
+    assert m["n_validation"] == int(val.sum())
+    assert m["n_normal"] + m["n_anomalous"] == int(test.sum())
+    for key in ("auroc", "threshold", "f1", "precision", "recall"):
+        assert m[key] == pytest.approx(expected[key])
+    assert (m["rows"], m["scored"], m["failed"]) == (20, 19, 1)
+
+
+def test_evaluate_without_label_raises(tmp_path):
+    src = write_scores(tmp_path / "scores", scores_table(with_label=False))
+    with pytest.raises(ValueError, match="'label'"):
+        evaluate(src, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
