@@ -24,7 +24,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="actor device; auto = cuda with one GPU per actor when the cluster has GPUs (default: auto)")
     g.add_argument("--threads-per-actor", type=int, default=None,
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
-    g.add_argument("--overwrite", action="store_true", help="replace this tool's files in existing output dirs")
+    g.add_argument("--rows-per-part", type=int, default=4096,
+                   help="output rows per parquet part, the unit an interrupted job resumes from (default: %(default)s)")
+    g.add_argument("--max-failed-fraction", type=float, default=0.01,
+                   help="exit with code 2, after writing everything, when more rows than this fraction failed "
+                        "(default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace this tool's outputs of another run (re-running the same command resumes instead)")
     g.add_argument("--quiet", action="store_true", help="warnings and the final summary only, no progress bars")
 
 
@@ -71,7 +77,7 @@ def init_ray(args: argparse.Namespace):
         ctx.execution_no_progress_timeout_s = 900  # a local hang becomes an error instead of a silent wait
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    run = RunConfig(batch_size=args.batch_size, num_actors=num_actors, device=device,
+    run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
                     num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads)
     logger.info("ray: %s, %d actor(s) on %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
                 num_actors, device)
@@ -107,19 +113,19 @@ def print_summary(summary: dict) -> None:
 REPORT_FILES = ("metrics.json", "report.png", "heatmaps")
 
 
-def check_report(config, report_dir: str, evaluate: bool, heatmaps: int, overwrite: bool) -> None:
-    """Heat maps need DFM with FRE scores; the report directory must be new, empty or ours (with --overwrite)."""
+def check_report(config, report_dir: str, evaluate: bool, heatmaps: int) -> None:
+    """Heat maps need DFM with FRE scores; the report directory may hold only report files (rewritten each run)."""
     from rayanom.artifact import check_output_dir
     from rayanom.config import UserError
 
     if heatmaps and (heatmaps < 0 or config.model != "dfm" or config.score_type != "fre"):
         raise UserError(f"invalid heatmaps={heatmaps}: heat maps need a DFM model with score_type 'fre' and N > 0")
     if evaluate or heatmaps:
-        check_output_dir(report_dir, REPORT_FILES.__contains__, overwrite)
-        check_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite)
+        check_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
+        check_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite=True)
 
 
-def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int, overwrite: bool) -> None:
+def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int) -> None:
     """metrics.json + report.png (with --evaluate) and heat-map overlays (with --heatmaps N) into ``report_dir``."""
     from rayanom.artifact import prepare_output_dir
     from rayanom.data import resolve_filesystem
@@ -128,7 +134,7 @@ def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int
 
     if not (evaluate or heatmaps):
         return
-    prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite)
+    prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
     if evaluate:
         metrics = evaluate_scores(scores_dir, report_dir)
         f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
@@ -136,7 +142,16 @@ def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int
         print(f"report: {report_dir}/report.png, metrics.json (F1 {f1} at threshold {t})")
     if heatmaps:
         fs, path = resolve_filesystem(report_dir + "/heatmaps")
-        for name in prepare_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite):
-            fs.delete_file(f"{path}/{name}")  # pictures of an overwritten run
+        for name in prepare_output_dir(report_dir + "/heatmaps", lambda n: n.endswith(".png"), overwrite=True):
+            fs.delete_file(f"{path}/{name}")  # pictures of an earlier run
         files = write_heatmaps(scores_dir, report_dir + "/heatmaps", heatmaps)
         print(f"heat maps: {report_dir}/heatmaps ({len(files)} images)")
+
+
+def check_failed_fraction(what: str, failed: int, rows: int, limit: float) -> int:
+    """Exit code 2 (after everything is written) when more than ``limit`` of the rows failed, else 0."""
+    if rows and failed / rows > limit:
+        print(f"error: {failed} of {rows} {what} rows failed ({failed / rows:.1%}), more than "
+              f"--max-failed-fraction {limit}; see the 'error' column", file=sys.stderr)
+        return 2
+    return 0

@@ -84,34 +84,64 @@ def main(args: argparse.Namespace) -> int:
     model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
 
     # Everything a user can get wrong is checked here, before Ray starts.
-    from rayanom.artifact import CONFIG_FILE, HEAD_FILE, check_output_dir
+    from rayanom import pipeline
     from rayanom.data import read_index
     from rayanom.features import resolve_weights
+    from rayanom.parts import check_parts_dir, has_parts
 
     train_table = read_index(index)
+    pipeline.check_training_rows(train_table, config, index)
     score_table = read_index(score_index) if score_index else None
-    check_output_dir(model_dir, {CONFIG_FILE, HEAD_FILE}.__contains__, args.overwrite)
     if score_index:
-        check_output_dir(scores_dir, lambda n: n.endswith(".parquet"), args.overwrite)
-        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps, args.overwrite)
+        check_parts_dir(scores_dir)
+        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps)
     elif evaluate or heatmaps:
         raise UserError("invalid --evaluate/--heatmaps: they report on scores; add --score INDEX")
     state, source = resolve_weights(config, args.weights, pretrained)
-
-    from rayanom import pipeline
+    fingerprint = pipeline.fit_fingerprint(train_table, config, source)
+    artifact = _fitted_before(model_dir, fingerprint, args.overwrite)
+    if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
+        raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
 
     run = _cli.init_ray(args)
-    result = pipeline.fit(train_table, config, state, source, run, index_name=index)
-    result.artifact.save(model_dir, overwrite=args.overwrite)
-    print(f"fitted {args.model} on {result.n_train - result.n_failed} of {result.n_train} training rows "
-          f"({result.n_failed} failed), bank {result.artifact.provenance['n_bank_rows']} x "
-          f"{result.artifact.provenance['feature_dim']}")
+    if artifact is None:
+        result = pipeline.fit(train_table, config, state, source, run, index_name=index)
+        artifact = result.artifact
+        artifact.save(model_dir, overwrite=True)  # occupied directories were refused above
+        print(f"fitted {args.model} on {result.n_train - result.n_failed} of {result.n_train} training rows "
+              f"({result.n_failed} failed), bank {artifact.provenance['n_bank_rows']} x "
+              f"{artifact.provenance['feature_dim']}")
+    else:
+        print("model already fitted with these settings, index and weights: reused")
     print(f"model: {model_dir}")
+    code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],
+                                      artifact.provenance["n_train_rows"], args.max_failed_fraction)
     if score_table is not None:
-        summary = pipeline.score(score_table, result.artifact, state, scores_dir, run, overwrite=args.overwrite)
+        summary = pipeline.score(score_table, artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
-        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, args.overwrite)
-    return 0
+        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps)
+        code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
+                                                  args.max_failed_fraction)
+    return code
+
+
+def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool):
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (fitting is idempotent: reuse it);
+    None when there is none or ``overwrite``; an error when it holds another model."""
+    from rayanom.artifact import CONFIG_FILE, HEAD_FILE, Artifact, check_output_dir
+    from rayanom.config import UserError
+
+    existing = check_output_dir(model_dir, {CONFIG_FILE, HEAD_FILE}.__contains__, overwrite=True)
+    if overwrite or CONFIG_FILE not in existing:
+        return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)
+    try:
+        artifact = Artifact.load(model_dir)
+    except UserError:
+        artifact = None
+    if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
+        return artifact
+    raise UserError(f"output {model_dir!r} holds a model fitted with other settings, index or weights; "
+                    "pass --overwrite to replace it")
 
 
 MODEL_FLAGS = {"dfkde": ("layers", "n_pca_components", "feature_scaling"),

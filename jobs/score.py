@@ -35,17 +35,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.artifact import Artifact, check_output_dir
+    from rayanom.artifact import Artifact
     from rayanom.data import read_index
     from rayanom.features import artifact_weights
+    from rayanom.parts import check_parts_dir
 
     _cli.setup_logging(args.quiet)
     # Everything a user can get wrong is checked here, before Ray starts.
     artifact = Artifact.load(args.model)
     table = read_index(args.index)
-    check_output_dir(args.out, lambda n: n.endswith(".parquet"), args.overwrite)
-    report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet only
-    _cli.check_report(artifact.config, report_dir, args.evaluate, args.heatmaps, args.overwrite)
+    check_parts_dir(args.out)
+    report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet parts only
+    _cli.check_report(artifact.config, report_dir, args.evaluate, args.heatmaps)
     state = artifact_weights(artifact.config, artifact.weights, args.weights)
 
     from rayanom import pipeline
@@ -53,8 +54,8 @@ def main(args: argparse.Namespace) -> int:
     run = _cli.init_ray(args)
     summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
     _cli.print_summary(summary)
-    _cli.write_report(args.out, report_dir, args.evaluate, args.heatmaps, args.overwrite)
-    return 0
+    _cli.write_report(args.out, report_dir, args.evaluate, args.heatmaps)
+    return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 
 if __name__ == "__main__":

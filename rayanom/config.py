@@ -136,6 +136,7 @@ class RunConfig:
     """How a job runs: resources and batching. Recorded in the artifact's provenance, never part of its identity."""
 
     batch_size: int = 32
+    rows_per_part: int = 4096  # output rows per parquet part (rounded up to whole batches); the unit of resumption
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
@@ -145,6 +146,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
+        _check_int("rows_per_part", self.rows_per_part, 1)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)
         for name in ("num_gpus_per_actor", "num_cpus_per_actor", "decode_num_cpus"):

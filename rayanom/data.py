@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -36,7 +37,7 @@ MAP_COL = "anomaly_map"  # DFM: pooled-resolution map, flattened row-major
 MAP_SHAPE_COL = "anomaly_map_shape"
 RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL, WIDTH_COL, MAP_COL, MAP_SHAPE_COL)
 
-MAX_IMAGE_PIXELS = 100_000_000  # larger images are rejected from the header, before any pixel is decoded
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit (0.25 GiB of RGBA); larger images are refused from the header
 
 # ImageNet statistics, as anomalib's default pre-processor (models.md A1/B 1.2).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,7 +123,7 @@ def training_rows(table: pa.Table) -> pa.Table:
 
 
 def read_bytes(path: str) -> bytes:
-    """All bytes of a local file or URI."""
+    """All bytes of a local file or URI; a missing file or a directory is an error that says so."""
     if path is None or not str(path).strip():
         msg = "empty path"
         raise ValueError(msg)
@@ -148,21 +149,57 @@ def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_image_sized(data: bytes, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`decode_image` and the original (height, width)."""
-    with Image.open(io.BytesIO(data)) as im:
+    """:func:`decode_image` and the original (height, width).
+
+    Modes: anything PIL converts to RGB (grey, palette, RGBA, CMYK, ...) as anomalib (``convert("RGB")``; alpha is
+    dropped); 16-bit grey is scaled by 1/65535 (anomalib's conversion clips it to white); float images are refused.
+    The first frame of an animation is used. EXIF orientation is not applied, as anomalib: pixels as stored.
+    Images over ``MAX_IMAGE_PIXELS`` are refused from the header, before any pixel is decoded.
+    """
+    if not data:
+        msg = "empty file (0 bytes)"
+        raise ValueError(msg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            msg = f"image too large: {e}"
+            raise ValueError(msg) from e
+        except Image.UnidentifiedImageError as e:
+            msg = "not an image (no known image format in the file)"
+            raise ValueError(msg) from e
+    with im:
         w, h = im.size
         if w * h > MAX_IMAGE_PIXELS:
             msg = f"image too large: {w}x{h} pixels (limit {MAX_IMAGE_PIXELS})"
             raise ValueError(msg)
-        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+        try:
+            rgb = _rgb_float(im)
+        except OSError as e:
+            if "truncated" in str(e) or "broken" in str(e).lower():
+                msg = f"truncated or corrupt image data ({e})"
+                raise ValueError(msg) from e
+            raise
     out_h, out_w = image_size
     resized = np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((out_w, out_h), Image.BILINEAR))
                         for c in range(3)])
     return resized, (h, w)
 
 
+def _rgb_float(im: Image.Image) -> np.ndarray:
+    """(h, w, 3) float32 in [0, 1]."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.clip(np.asarray(im, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        msg = "unsupported mode F (floating-point pixels): convert to 8- or 16-bit first"
+        raise ValueError(msg)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+
+
 def error_message(e: BaseException) -> str:
-    """A one-line reason for a failed row."""
+    """A one-line reason for a failed row: the exception type and its message, whitespace collapsed."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}"[:500]
 

@@ -20,16 +20,17 @@ import ray.data
 from ray.data import ActorPoolStrategy
 
 from rayanom import __version__
-from rayanom.artifact import Artifact, head_from_state, make_head, prepare_output_dir
+from rayanom.artifact import Artifact, head_from_state, make_head
 from rayanom.bank import BankSelector, key_threshold, row_keys
-from rayanom.config import ModelConfig, RunConfig, UserError
+from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    decode_batch, resolve_filesystem, training_rows, with_row_index,
+    decode_batch, training_rows, with_row_index,
 )
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
 from rayanom.heads import anomaly_probability
+from rayanom.parts import PartWriter, open_parts, table_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,6 @@ class Scorer:
                 .append_column(WIDTH_COL, table.column(WIDTH_COL)))
 
 
-def _dataset(table: pa.Table, block_rows: int) -> ray.data.Dataset:
-    return ray.data.from_arrow([table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)])
-
-
 def _actor_args(run: RunConfig) -> dict:
     # Fixed pool of num_actors; each reserves num_cpus (+1 GPU on a GPU cluster). Decode tasks use a different
     # num_cpus so Ray does not fuse them into the actor: decoding then overlaps the forward passes.
@@ -145,10 +142,14 @@ def _actor_args(run: RunConfig) -> dict:
     return args
 
 
-def _decoded(table: pa.Table, config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
-    return _dataset(table, run.batch_size).map_batches(
+def _decoded(blocks: list[pa.Table], config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
+    return ray.data.from_arrow(blocks).map_batches(
         decode_table, fn_kwargs={"image_size": config.image_size}, batch_size=None, batch_format="pyarrow",
         num_cpus=run.decode_num_cpus)
+
+
+def _blocks(table: pa.Table, start: int, stop: int, size: int) -> list[pa.Table]:
+    return [table.slice(i, min(size, stop - i)) for i in range(start, stop, size)]
 
 
 @dataclass
@@ -159,6 +160,16 @@ class FitResult:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
+def check_training_rows(index: pa.Table, config: ModelConfig, index_name: str = "index") -> pa.Table:
+    """The normal training rows of a validated index; too few for ``config`` is an error (before any Ray work)."""
+    train = training_rows(with_row_index(index))
+    if train.num_rows < config.min_training_rows:
+        msg = (f"{index_name}: {train.num_rows} normal training rows (split 'train' where the column exists, label 0 "
+               f"where it exists); {config.model} with these settings needs at least {config.min_training_rows}")
+        raise UserError(msg)
+    return train
+
+
 def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weights_source: dict,
         run: RunConfig = RunConfig(), index_name: str = "index") -> FitResult:
     """Fit ``config``'s model on the normal training rows of a validated index table (see ``data.read_index``).
@@ -166,16 +177,12 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     ``state``/``weights_source`` come from ``features.resolve_weights``. Returns the artifact, not yet saved.
     """
     t0 = time.time()
-    train = training_rows(with_row_index(index))
+    train = check_training_rows(index, config, index_name)
     n = train.num_rows
-    if n < config.min_training_rows:
-        msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
-               f"exists); {config.model} with these settings needs at least {config.min_training_rows}")
-        raise UserError(msg)
     threshold = key_threshold(n, config.max_training_points)
     logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d, worker keep-rate %.4f",
                 n, config.backbone, weights_source["kind"], config.max_training_points, threshold)
-    ds = _decoded(train.select([ROW_COL, PATH_COL]), config, run).map_batches(
+    ds = _decoded(_blocks(train.select([ROW_COL, PATH_COL]), 0, n, run.batch_size), config, run).map_batches(
         BankFeatures, fn_constructor_kwargs={"config": config, "state": ray.put(state), "threshold": threshold,
                                              "device": run.device, "threads": run.threads_per_actor},
         udf_modifying_row_count=True, **_actor_args(run))
@@ -203,6 +210,7 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
         "n_train_rows": n, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
         "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": vars_of(run),
+        "fit_fingerprint": fit_fingerprint(index, config, weights_source),
     }
     artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
     return FitResult(artifact=artifact, n_train=n, n_failed=len(failures), failures=sorted(failures)[:20])
@@ -210,26 +218,58 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
 
 def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], output: str,
           run: RunConfig = RunConfig(), overwrite: bool = False) -> dict:
-    """Score every row of a validated index table into a parquet dataset at ``output`` (one row per input row).
+    """Score every row of a validated index table into parquet parts at ``output`` (one row per input row).
 
-    ``state`` is the backbone from ``features.artifact_weights``. Returns the summary of ``evaluate.summarize``.
+    ``state`` is the backbone from ``features.artifact_weights``. Parts already complete from an interrupted run of
+    the same model, index and layout are kept and skipped (``parts``). Returns the summary of ``evaluate.summarize``.
     """
     table = with_row_index(index)
-    # Only parquet files may be replaced (with --overwrite); anything else in the directory is refused.
-    fs, path = resolve_filesystem(output)
-    for name in prepare_output_dir(output, lambda name: name.endswith(".parquet"), overwrite):
-        fs.delete_file(f"{path}/{name}")
-    logger.info("score: %d rows with a %s model -> %s", table.num_rows, artifact.config.model, output)
-    ds = _decoded(table, artifact.config, run).map_batches(
-        Scorer, fn_constructor_kwargs={"config": artifact.config, "state": ray.put(state),
-                                       "head_state": ray.put(artifact.head.to_state()), "device": run.device,
-                                       "threads": run.threads_per_actor}, **_actor_args(run))
-    ds.write_parquet(output, min_rows_per_file=10_000)
+    n = table.num_rows
+    per_part = -(-run.rows_per_part // run.batch_size) * run.batch_size  # parts hold whole blocks
+    manifest = {"format": "rayanom-scores", "format_version": 1, "model": artifact_fingerprint(artifact),
+                "index": table_fingerprint(index), "n_rows": n, "rows_per_part": per_part,
+                "batch_size": run.batch_size, "n_parts": -(-n // per_part)}
+    done = open_parts(output, manifest, overwrite)
+    # Blocks are cut at absolute index positions, so a resumed run forms exactly the batches of an uninterrupted one.
+    blocks = [b for k in range(manifest["n_parts"]) if k not in done
+              for b in _blocks(table, k * per_part, min((k + 1) * per_part, n), run.batch_size)]
+    logger.info("score: %d rows with a %s model -> %s (%d parts, %d to write)", n, artifact.config.model, output,
+                manifest["n_parts"], manifest["n_parts"] - len(done))
+    writer = PartWriter(output, per_part, n)
+    if blocks:
+        ds = _decoded(blocks, artifact.config, run).map_batches(
+            Scorer, fn_constructor_kwargs={"config": artifact.config, "state": ray.put(state),
+                                           "head_state": ray.put(artifact.head.to_state()), "device": run.device,
+                                           "threads": run.threads_per_actor}, **_actor_args(run))
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(block)
+    writer.close()
     summary = summarize(output)
-    if summary["rows"] != table.num_rows:
-        msg = f"scores at {output!r} hold {summary['rows']} rows for {table.num_rows} input rows"
+    if summary["rows"] != n:
+        msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"
         raise RuntimeError(msg)
     return summary
+
+
+def fit_fingerprint(index: pa.Table, config: ModelConfig, weights_source: dict) -> str:
+    """sha256 of what determines a fitted model: the training rows, the model config and the backbone weights."""
+    import hashlib
+    import json
+
+    train = training_rows(with_row_index(index))
+    text = json.dumps({"config": config_to_dict(config), "weights": weights_source}, sort_keys=True)
+    return hashlib.sha256((text + table_fingerprint(train)).encode()).hexdigest()
+
+
+def artifact_fingerprint(artifact: Artifact) -> str:
+    """sha256 of an artifact's JSON and head arrays: what a scores directory was made with."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(artifact.to_json(), sort_keys=True).encode())
+    for name, array in sorted(artifact.head.to_state().items()):
+        h.update(name.encode() + np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
 
 
 def _sha(ids: np.ndarray) -> str:

@@ -1,0 +1,48 @@
+"""Run by tests/test_reliability.py in its own process: fit and score on a multi-node Ray (several raylets on one
+machine, Ray's own test-cluster utilities), removing a worker node mid-job. Arguments: demo index, demo test index,
+output directory."""
+
+import logging
+import os
+import sys
+import threading
+import time
+
+os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.cluster_utils import Cluster
+
+demo_index, demo_test, out_dir = sys.argv[1:4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
+from rayanom import pipeline
+from rayanom.config import DfkdeConfig, RunConfig
+from rayanom.data import read_index
+from rayanom.features import resolve_weights
+config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
+state, source = resolve_weights(config, None, False)
+artifact = pipeline.fit(read_index(demo_index), config, state, source, RunConfig(batch_size=8)).artifact
+index = pa.concat_tables([pq.read_table(demo_test)] * 12)
+run = RunConfig(batch_size=2, rows_per_part=4, num_actors=2)
+pipeline.score(index, artifact, state, out_dir + "/ref", run)
+out = out_dir + "/scores"
+removed = []
+def remove_when_started():
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.isdir(out) and sum(n.startswith("part-") for n in os.listdir(out)) >= 2:
+            cluster.remove_node(workers[0])
+            removed.append(time.time())
+            return
+        time.sleep(0.05)
+t = threading.Thread(target=remove_when_started); t.start()
+t0 = time.time()
+summary = pipeline.score(index, artifact, state, out, run)
+t.join()
+print("REMOVED", bool(removed), "ROWS", summary["rows"], "FAILED", summary["failed"], "TIME", round(time.time() - t0, 1))
+ray.shutdown(); cluster.shutdown()

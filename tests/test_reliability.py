@@ -1,0 +1,175 @@
+"""Reliability: hostile files end to end, worker and node loss, interrupted jobs, rejected inputs.
+
+Every scoring run here must come out with exactly one row per input row (duplicates included), each with a finite
+score and no error, or no score and a one-line error.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SMALL
+from test_hostile import make_hostile
+
+from rayanom import pipeline
+from rayanom.config import DfkdeConfig, RunConfig
+from rayanom.data import read_index
+from rayanom.features import resolve_weights
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_FLAGS = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained",
+               "--batch-size", "4", "--quiet"]
+
+
+def check_accounting(out: str, index: pa.Table) -> pa.Table:
+    scores = pq.read_table(out).sort_by("row_index")
+    assert scores.column("row_index").to_pylist() == list(range(index.num_rows))  # every row once, no gaps
+    assert scores.column("path").to_pylist() == index.column("path").to_pylist()
+    score, err = scores.column("anomaly_score"), scores.column("error").to_pylist()
+    for s, e in zip(score.to_pylist(), err):
+        assert (s is not None and np.isfinite(s) and e is None) or (s is None and e and "\n" not in e)
+    return scores
+
+
+@pytest.fixture(scope="module")
+def model(ray_local, demo_set):
+    config = DfkdeConfig(**SMALL)
+    state, source = resolve_weights(config, None, False)
+    result = pipeline.fit(read_index(demo_set["index"]), config, state, source, RunConfig(batch_size=8))
+    return result.artifact, state
+
+
+def test_hostile_files_end_to_end(model, tmp_path):
+    artifact, state = model
+    (tmp_path / "files").mkdir()
+    cases = make_hostile(tmp_path / "files")
+    index = pa.table({"path": pa.array([p for _, p, _ in cases] * 2, pa.string())})  # duplicates included
+    out = str(tmp_path / "scores")
+    summary = pipeline.score(index, artifact, state, out, RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
+    scores = check_accounting(out, index)
+    errors = scores.column("error").to_pylist()
+    for i, (name, _, expected) in enumerate(cases * 2):
+        assert (errors[i] is None) if expected is None else (expected in errors[i]), (name, errors[i])
+    n_bad = 2 * sum(e is not None for _, _, e in cases)
+    assert (summary["rows"], summary["failed"]) == (index.num_rows, n_bad)
+
+
+def _kill_once(pattern: str, after, killed: list):
+    """SIGKILL the first process whose command line contains ``pattern`` once ``after()`` is true."""
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        if after():
+            for pid in os.listdir("/proc"):
+                try:
+                    cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                except (OSError, ValueError):
+                    continue
+                if pid.isdigit() and pattern in cmd:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                    return
+        time.sleep(0.05)
+
+
+def _parts(out):
+    return [n for n in os.listdir(out) if n.startswith("part-")] if os.path.isdir(out) else []
+
+
+def _long_index(demo_set, copies=12):
+    test = pq.read_table(demo_set["test"])
+    return pa.concat_tables([test] * copies)  # 144 rows
+
+
+def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
+    artifact, state = model
+    index = _long_index(demo_set)
+    run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
+    reference = str(tmp_path / "reference")
+    pipeline.score(index, artifact, state, reference, run)
+    out, killed = str(tmp_path / "scores"), []
+    killer = threading.Thread(target=_kill_once, args=("MapBatches(Scorer)", lambda: len(_parts(out)) >= 2, killed))
+    killer.start()
+    pipeline.score(index, artifact, state, out, run)
+    killer.join()
+    assert killed, "the scoring actor was never killed: the test did not test anything"
+    assert len(_parts(out)) == 36
+    assert check_accounting(out, index).equals(pq.read_table(reference).sort_by("row_index"))
+
+
+def test_interrupted_score_job_resumes_to_the_same_output(demo_set, tmp_path):
+    run_dir = str(tmp_path / "run")
+    fit = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"],
+                          "--out", run_dir, *SMALL_FLAGS], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    index_path = str(tmp_path / "long.parquet")
+    index = _long_index(demo_set)
+    pq.write_table(index, index_path)
+    cmd = [sys.executable, "jobs/score.py", "--model", os.path.join(run_dir, "model"), "--index", index_path,
+           "--batch-size", "2", "--rows-per-part", "4", "--quiet", "--out"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full = subprocess.run(cmd + [str(tmp_path / "full")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = str(tmp_path / "interrupted")
+    proc = subprocess.Popen(cmd + [out], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while len(_parts(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray die halfway
+    proc.wait(timeout=60)
+    before = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in _parts(out)}
+    assert 3 <= len(before) < 36, len(before)
+    again = subprocess.run(cmd + [out], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"scored {index.num_rows} of {index.num_rows} rows" in again.stdout
+    assert len(_parts(out)) == 36
+    assert all(os.stat(os.path.join(out, n)).st_mtime_ns == t for n, t in before.items())  # kept, not redone
+    assert check_accounting(out, index).equals(pq.read_table(str(tmp_path / "full")).sort_by("row_index"))
+
+
+def test_max_failed_fraction_exits_2_after_writing_everything(demo_set, tmp_path):
+    test = pq.read_table(demo_set["test"])
+    index = pa.table({"path": test.column("path").to_pylist() + [str(tmp_path / "gone.png")] * 2})
+    pq.write_table(index, str(tmp_path / "index.parquet"))
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"],
+                           "--out", run_dir, "--score", str(tmp_path / "index.parquet"), *SMALL_FLAGS,
+                           "--max-failed-fraction", "0.1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 of 14 scored rows failed (14.3%), more than --max-failed-fraction 0.1" in proc.stderr
+    check_accounting(os.path.join(run_dir, "scores"), index)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda t: t.set_column(t.schema.get_field_index("split"), "split", pa.array(["test"] * t.num_rows)),
+     "0 normal training rows"),
+    (lambda t: t.slice(0, 3), "needs at least 5"),
+])
+def test_training_set_too_small_is_rejected_before_ray(demo_set, tmp_path, make, message):
+    path = str(tmp_path / "index.parquet")
+    pq.write_table(make(pq.read_table(demo_set["index"])), path)
+    proc = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", path, "--out",
+                           str(tmp_path / "r"), *SMALL_FLAGS], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(500)
+def test_node_lost_mid_job_loses_nothing(demo_set, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "node_loss_job.py"), demo_set["index"],
+                           demo_set["test"], str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=450)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REMOVED True ROWS 144 FAILED 0" in proc.stdout, proc.stdout[-2000:]
+    index = _long_index(demo_set)
+    scores = check_accounting(str(tmp_path / "scores"), index)
+    assert scores.equals(pq.read_table(str(tmp_path / "ref")).sort_by("row_index"))
