@@ -23,38 +23,45 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=["dfkde", "dfm"], help="model to fit")
+    p.add_argument("--model", required=True, choices=["dfkde", "dfm", "rkde"], help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX", help="score this index with the fitted model in the same job")
-    p.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --score and labels: write OUT/report/metrics.json and report.png (ROC curve, score "
-                        "histograms); default: yes for the demo")
-    p.add_argument("--heatmaps", type=int, default=None, metavar="N",
-                   help="DFM (fre): heat-map overlays of the N most anomalous scored images in OUT/report/heatmaps "
-                        "(default: 8 for the DFM demo, else 0)")
-    m = p.add_argument_group("model, both (stored in the artifact)")
-    m.add_argument("--backbone", default="resnet50", help="timm CNN name, optionally with a tag (default: %(default)s)")
-    m.add_argument("--image-size", type=int, nargs="+", default=[256, 256], metavar="PX",
-                   help="network input: SIZE or HEIGHT WIDTH (default: 256 256)")
-    m.add_argument("--max-training-points", type=int, default=40_000, help="memory bank cap (default: %(default)s)")
+    _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
+    m = p.add_argument_group("model, all (stored in the artifact)")
+    m.add_argument("--max-training-points", type=int, default=40_000,
+                   help="memory bank cap, images (DFKDE, DFM) or regions (RKDE) (default: %(default)s)")
     m.add_argument("--seed", type=int, default=0, help="bank sampling and random-weight seed (default: %(default)s)")
-    k = p.add_argument_group("model, dfkde only")
-    k.add_argument("--layers", nargs="+", default=None, help="feature layers, concatenated (default: layer4)")
+    b = p.add_argument_group("model, dfkde and dfm")
+    b.add_argument("--backbone", default=None, help="timm CNN name, optionally with a tag (default: resnet50)")
+    b.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="network input: SIZE or HEIGHT WIDTH (default: 256 256; RKDE: fixed 240 360)")
+    b.add_argument("--weights", metavar="PATH",
+                   help="local timm state dict (.safetensors, or .pth read with weights_only=True)")
+    b.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="timm pretrained weights (needs network or the HF cache); default: yes with --index, "
+                        "no for the demo (random weights seeded with --seed)")
+    k = p.add_argument_group("model, dfkde and rkde")
     k.add_argument("--n-pca-components", type=int, default=None, help="default: 16")
     k.add_argument("--feature-scaling", choices=["scale", "norm"], default=None, help="default: scale")
+    k.add_argument("--layers", nargs="+", default=None, help="dfkde: feature layers, concatenated (default: layer4)")
     f = p.add_argument_group("model, dfm only")
     f.add_argument("--layer", default=None, help="feature layer (default: layer3)")
     f.add_argument("--pooling-kernel-size", type=int, default=None, help="average-pooling kernel (default: 4)")
     f.add_argument("--pca-level", type=_pca_level, default=None,
                    help="variance fraction in (0, 1), or an integer number of components > 1 (default: 0.97)")
     f.add_argument("--score-type", choices=["fre", "nll"], default=None, help="default: fre")
-    w = p.add_argument_group("backbone weights")
-    w.add_argument("--weights", metavar="PATH",
-                   help="local timm state dict (.safetensors, or .pth read with weights_only=True)")
-    w.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="timm pretrained weights (needs network or the HF cache); default: yes with --index, "
-                        "no for the demo (random weights seeded with --seed)")
+    r = p.add_argument_group("model, rkde only")
+    r.add_argument("--roi-stage", choices=["rcnn", "rpn"], default=None, help="default: rcnn")
+    r.add_argument("--roi-score-threshold", type=float, default=None, help="default: 0.001")
+    r.add_argument("--min-box-size", type=int, default=None, help="pixels of the 240x360 frame (default: 25)")
+    r.add_argument("--iou-threshold", type=float, default=None, help="class-agnostic NMS (default: 0.3)")
+    r.add_argument("--max-detections-per-image", type=int, default=None, help="default: 100")
+    r.add_argument("--detector-weights", metavar="PATH",
+                   help="torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout (default: seeded random)")
+    r.add_argument("--region-weights", metavar="PATH",
+                   help="region feature extractor state dict, layout of anomalib's rkde_feature_extractor.pth "
+                        "(default: seeded random)")
     _cli.add_run_flags(p)
     return p
 
@@ -65,17 +72,21 @@ def main(args: argparse.Namespace) -> int:
     _cli.setup_logging(args.quiet)
     config = build_config(args)
     index, score_index, out, pretrained = args.index, args.score, args.out, args.pretrained
-    heatmaps, evaluate = args.heatmaps or 0, bool(args.evaluate)
+    heatmaps, boxes, evaluate = args.heatmaps or 0, args.boxes or 0, bool(args.evaluate)
     if index is None:
         from rayanom.demo import make_demo
 
-        index = os.path.join(DEMO_ROOT, "index.parquet")
+        # RKDE runs a Faster R-CNN at 800 x 1200 per image (~3 s on a 2-core CPU): a smaller demo set for it.
+        root = DEMO_ROOT + "-rkde" if config.model == "rkde" else DEMO_ROOT
+        index = os.path.join(root, "index.parquet")
         if not os.path.exists(index):
-            make_demo(DEMO_ROOT, seed=0)
-        score_index = score_index or os.path.join(DEMO_ROOT, "test.parquet")
+            sizes = {"n_train": 30, "n_test_normal": 10, "n_test_anomalous": 10} if config.model == "rkde" else {}
+            make_demo(root, seed=0, **sizes)
+        score_index = score_index or os.path.join(root, "test.parquet")
         out = out or os.path.join("runs", f"{args.model}-demo")
         pretrained = bool(pretrained)
         heatmaps = 8 if args.heatmaps is None and config.model == "dfm" else heatmaps
+        boxes = 8 if args.boxes is None and config.model == "rkde" else boxes
         evaluate = args.evaluate is not False
     elif out is None:
         raise UserError("invalid out=None: --out RUN_DIR is required with --index")
@@ -94,10 +105,15 @@ def main(args: argparse.Namespace) -> int:
     score_table = read_index(score_index) if score_index else None
     if score_index:
         check_parts_dir(scores_dir)
-        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps)
-    elif evaluate or heatmaps:
-        raise UserError("invalid --evaluate/--heatmaps: they report on scores; add --score INDEX")
-    state, source = resolve_weights(config, args.weights, pretrained)
+        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
+    elif evaluate or heatmaps or boxes or args.region_rows:
+        raise UserError("invalid --evaluate/--heatmaps/--boxes/--region-rows: they report on scores; add --score")
+    if config.model == "rkde":
+        from rayanom.regions import rkde_weights
+
+        state, source = rkde_weights(config, args.detector_weights, args.region_weights)
+    else:
+        state, source = resolve_weights(config, args.weights, pretrained)
     fingerprint = pipeline.fit_fingerprint(train_table, config, source)
     artifact = _fitted_before(model_dir, fingerprint, args.overwrite)
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
@@ -119,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
     if score_table is not None:
         summary = pipeline.score(score_table, artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
-        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps)
+        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
                                                   args.max_failed_fraction)
     return code
@@ -144,27 +160,33 @@ def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool):
                     "pass --overwrite to replace it")
 
 
-MODEL_FLAGS = {"dfkde": ("layers", "n_pca_components", "feature_scaling"),
-               "dfm": ("layer", "pooling_kernel_size", "pca_level", "score_type")}
+MODEL_FLAGS = {  # flag -> the models it applies to
+    "backbone": ("dfkde", "dfm"), "image_size": ("dfkde", "dfm"), "weights": ("dfkde", "dfm"),
+    "pretrained": ("dfkde", "dfm"), "layers": ("dfkde",), "n_pca_components": ("dfkde", "rkde"),
+    "feature_scaling": ("dfkde", "rkde"), "layer": ("dfm",), "pooling_kernel_size": ("dfm",), "pca_level": ("dfm",),
+    "score_type": ("dfm",), "roi_stage": ("rkde",), "roi_score_threshold": ("rkde",), "min_box_size": ("rkde",),
+    "iou_threshold": ("rkde",), "max_detections_per_image": ("rkde",), "detector_weights": ("rkde",),
+    "region_weights": ("rkde",)}
+NOT_CONFIG = ("weights", "pretrained", "detector_weights", "region_weights")  # where weights come from, not fields
 
 
 def build_config(args: argparse.Namespace):
-    """The model config from the flags; a flag of the other model is an error, not silently ignored."""
+    """The model config from the flags; a flag of another model is an error, not silently ignored."""
     from rayanom.config import CONFIG_CLASSES, UserError
 
-    size = args.image_size
-    if len(size) not in (1, 2):
-        raise UserError(f"invalid image_size={size}: expected SIZE or HEIGHT WIDTH")
-    kwargs = {"backbone": args.backbone, "image_size": (size[0], size[-1]),
-              "max_training_points": args.max_training_points, "seed": args.seed}
-    for model, names in MODEL_FLAGS.items():
-        for name in names:
-            value = getattr(args, name)
-            if value is None:
-                continue
-            if model != args.model:
-                flag = "--" + name.replace("_", "-")
-                raise UserError(f"invalid {flag}: it applies to --model {model}, not {args.model}")
+    kwargs = {"max_training_points": args.max_training_points, "seed": args.seed}
+    for name, models in MODEL_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if args.model not in models:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"invalid {flag}: it applies to --model {' or '.join(models)}, not {args.model}")
+        if name == "image_size":
+            if len(value) not in (1, 2):
+                raise UserError(f"invalid image_size={value}: expected SIZE or HEIGHT WIDTH")
+            value = (value[0], value[-1])
+        if name not in NOT_CONFIG:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return CONFIG_CLASSES[args.model](**kwargs)
 

@@ -24,12 +24,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="PATH",
                    help="where the backbone weights file is on this machine, if not at the path the model recorded "
                         "(its sha256 must match)")
-    p.add_argument("--evaluate", action="store_true",
-                   help="the index has labels: write OUT-report/metrics.json (AUROC, F1 at the adaptive threshold) "
-                        "and OUT-report/report.png (ROC curve, score histograms)")
-    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="DFM (fre): heat-map overlays of the N most anomalous images in OUT-report/heatmaps "
-                        "(default: %(default)s)")
+    p.add_argument("--detector-weights", metavar="PATH",
+                   help="RKDE: where the detector weights file is on this machine (its sha256 must match)")
+    p.add_argument("--region-weights", metavar="PATH",
+                   help="RKDE: where the region extractor weights file is on this machine (its sha256 must match)")
+    _cli.add_report_flags(p, "OUT-report", "0", "no")
     _cli.add_run_flags(p)
     return p
 
@@ -46,15 +45,22 @@ def main(args: argparse.Namespace) -> int:
     table = read_index(args.index)
     check_parts_dir(args.out)
     report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet parts only
-    _cli.check_report(artifact.config, report_dir, args.evaluate, args.heatmaps)
-    state = artifact_weights(artifact.config, artifact.weights, args.weights)
+    _cli.check_report(artifact.config, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
+                      args.region_rows)
+    if artifact.config.model == "rkde":
+        from rayanom.regions import rkde_artifact_weights
+
+        state = rkde_artifact_weights(artifact.config, artifact.weights, args.detector_weights, args.region_weights)
+    else:
+        state = artifact_weights(artifact.config, artifact.weights, args.weights)
 
     from rayanom import pipeline
 
     run = _cli.init_ray(args)
     summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
     _cli.print_summary(summary)
-    _cli.write_report(args.out, report_dir, args.evaluate, args.heatmaps)
+    _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
+                      args.region_rows)
     return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-MODELS = ("dfkde", "dfm")  # RKDE joins here when it lands.
+MODELS = ("dfkde", "dfm", "rkde")
 FEATURE_SCALINGS = ("scale", "norm")
 SCORE_TYPES = ("fre", "nll")
 
@@ -127,8 +127,50 @@ class DfmConfig:
         return self.pca_level + 1 if isinstance(self.pca_level, int) else 2
 
 
-ModelConfig = DfkdeConfig | DfmConfig
-CONFIG_CLASSES = {"dfkde": DfkdeConfig, "dfm": DfmConfig}
+@dataclass(frozen=True, kw_only=True)
+class RkdeConfig:
+    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region (A2, A5-A7,
+    A10, A12). The image score is the largest region score; boxes are reported in original image pixels."""
+
+    roi_stage: Literal["rcnn", "rpn"] = "rcnn"
+    roi_score_threshold: float = 0.001
+    min_box_size: int = 25
+    iou_threshold: float = 0.3
+    max_detections_per_image: int = 100
+    n_pca_components: int = 16
+    feature_scaling: Literal["scale", "norm"] = "scale"
+    image_size: tuple[int, int] = (240, 360)
+    max_training_points: int = 40_000
+    seed: int = 0
+    model: str = field(default="rkde", init=False)
+
+    def __post_init__(self) -> None:
+        size = tuple(self.image_size) if isinstance(self.image_size, (list, tuple)) else self.image_size
+        if size != (240, 360):
+            _fail("image_size", self.image_size, "(240, 360): RKDE's detector and region extractor work on that frame")
+        object.__setattr__(self, "image_size", size)
+        if self.roi_stage not in ("rcnn", "rpn"):
+            _fail("roi_stage", self.roi_stage, "one of ['rcnn', 'rpn']")
+        for name in ("roi_score_threshold", "iou_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                _fail(name, v, "a number in [0, 1]")
+        _check_int("min_box_size", self.min_box_size, 0)
+        _check_int("max_detections_per_image", self.max_detections_per_image, 1)
+        _check_int("n_pca_components", self.n_pca_components, 1)
+        if self.feature_scaling not in FEATURE_SCALINGS:
+            _fail("feature_scaling", self.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
+        _check_int("max_training_points", self.max_training_points, self.n_pca_components + 1)
+        _check_int("seed", self.seed, 0)
+
+    @property
+    def min_training_rows(self) -> int:
+        """At least one image; the region count is checked when the bank is gathered (more than n_pca_components)."""
+        return 1
+
+
+ModelConfig = DfkdeConfig | DfmConfig | RkdeConfig
+CONFIG_CLASSES = {"dfkde": DfkdeConfig, "dfm": DfmConfig, "rkde": RkdeConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +185,7 @@ class RunConfig:
     decode_num_cpus: float = 0.5
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
+    precision: str = "fp32"  # "bf16": autocast on CPUs with AMX and on GPUs; scores move slightly (README)
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -155,6 +198,8 @@ class RunConfig:
                 _fail(name, v, "a number >= 0")
         if self.device not in ("cpu", "cuda"):
             _fail("device", self.device, "'cpu' or 'cuda'")
+        if self.precision not in ("fp32", "bf16"):
+            _fail("precision", self.precision, "'fp32' or 'bf16'")
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:

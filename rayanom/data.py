@@ -35,7 +35,11 @@ HEIGHT_COL = "image_height"  # original image size, pixels
 WIDTH_COL = "image_width"
 MAP_COL = "anomaly_map"  # DFM: pooled-resolution map, flattened row-major
 MAP_SHAPE_COL = "anomaly_map_shape"
-RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL, WIDTH_COL, MAP_COL, MAP_SHAPE_COL)
+NUM_REGIONS_COL = "num_regions"  # RKDE: regions per image, their boxes (original pixels) and probabilities
+BOXES_COL = "boxes"
+BOX_SCORES_COL = "box_scores"
+RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL, WIDTH_COL, MAP_COL, MAP_SHAPE_COL,
+                 NUM_REGIONS_COL, BOXES_COL, BOX_SCORES_COL)
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit (0.25 GiB of RGBA); larger images are refused from the header
 

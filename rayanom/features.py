@@ -123,14 +123,14 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
     raise UserError(msg)
 
 
-def load_state_file(path: str) -> tuple[dict[str, np.ndarray], str]:
+def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.ndarray], str]:
     """Read a state dict without unpickling anything; returns (arrays, sha256 of the file)."""
     from rayanom.data import read_bytes
 
     try:
         data = read_bytes(path)
     except (OSError, ValueError) as e:
-        msg = f"invalid weights={path!r}: {e}"
+        msg = f"invalid {field}={path!r}: {e}"
         raise UserError(msg) from e
     sha = hashlib.sha256(data).hexdigest()
     try:
@@ -149,7 +149,7 @@ def load_state_file(path: str) -> tuple[dict[str, np.ndarray], str]:
                 raise ValueError(msg)
             state = {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad user file
-        msg = f"invalid weights={path!r}: cannot read a state dict from it ({type(e).__name__}: {e})"
+        msg = f"invalid {field}={path!r}: cannot read a state dict from it ({type(e).__name__}: {e})"
         raise UserError(msg) from e
     return state, sha
 
@@ -184,14 +184,18 @@ class FeatureExtractor:
     """
 
     def __init__(self, config: ModelConfig, state: dict[str, np.ndarray], device: str = "cpu",
-                 threads: int = 0) -> None:
+                 threads: int = 0, precision: str = "fp32") -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        # bf16 autocast + channels_last: ~3x on CPUs with AMX and on GPUs. fp32 stays contiguous NCHW: there each
+        # row's features are bit-identical whatever the batch (channels_last picks batch-dependent kernels).
+        self.bf16 = precision == "bf16"
+        self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
         self.pool = config.pooling_kernel_size if config.model == "dfm" else 0
         model, self.order = build_backbone(config)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         probe = self._forward(np.zeros((1, 3, *config.image_size), dtype=np.float32))
@@ -200,8 +204,9 @@ class FeatureExtractor:
 
     def _forward(self, images: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
-        with torch.inference_mode():
-            maps = self.model((x - self.mean) / self.std)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            maps = [m.float() for m in self.model(x)]
             if not self.pool:
                 return torch.cat([maps[i].mean(dim=(2, 3)) for i in self.order], dim=1)
             f = maps[self.order[0]]

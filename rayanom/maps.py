@@ -1,5 +1,5 @@
-"""DFM anomaly maps: from the pooled map stored with each scored row to network-input or original resolution, and
-heat-map overlays (PNG) for the most anomalous images.
+"""Pictures and tables derived from the scores: DFM anomaly maps (from the pooled map stored with each scored row to
+network-input or original resolution) and heat-map overlays; RKDE box overlays and one-row-per-region tables.
 
     import pyarrow.parquet as pq
     from rayanom.maps import anomaly_map
@@ -14,6 +14,7 @@ per-location squared reconstruction residual summed over channels; its pooled su
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 
@@ -52,8 +53,6 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 def overlay(image_bytes: bytes, pooled: np.ndarray, vmax: float, alpha: float = 0.45):
     """The original image with its upsampled map blended on top (a PIL image)."""
-    import io
-
     from PIL import Image
 
     with Image.open(io.BytesIO(image_bytes)) as im:
@@ -68,14 +67,7 @@ def write_heatmaps(scores: str, out_dir: str, top_n: int) -> list[str]:
 
     One colour scale for all (the largest map value among them), so the pictures compare with each other.
     """
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, path = resolve_filesystem(scores)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(
-        columns=["row_index", PATH_COL, SCORE_COL, MAP_COL, MAP_SHAPE_COL])
-    table = table.filter(pc.is_valid(table.column(MAP_COL)))
-    top = table.sort_by([(SCORE_COL, "descending"), ("row_index", "ascending")]).slice(0, top_n).to_pylist()
+    top = _top_rows(scores, ["row_index", PATH_COL, SCORE_COL, MAP_COL, MAP_SHAPE_COL], top_n, MAP_COL)
     if not top:
         return []
     vmax = max(float(np.max(r[MAP_COL])) for r in top)
@@ -88,9 +80,81 @@ def write_heatmaps(scores: str, out_dir: str, top_n: int) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a file that vanished since scoring must not stop the others
             logger.warning("heat map for row %d skipped: %s", row["row_index"], e)
             continue
-        name = f"{rank:04d}_row{row['row_index']}_{os.path.splitext(os.path.basename(row[PATH_COL]))[0]}.png"
-        with out_fs.open_output_stream(f"{out_path}/{name}") as f:
-            picture.save(f, format="PNG")
-        written.append(f"{out_dir.rstrip('/')}/{name}")
+        written.append(_save_png(picture, out_dir, rank, row))
     logger.info("%d heat maps written to %s", len(written), out_dir)
     return written
+
+
+def _save_png(picture, out_dir: str, rank: int, row: dict) -> str:
+    """Write ``picture`` as ``<rank>_row<row_index>_<image name>.png`` into ``out_dir``; return its path."""
+    fs, path = resolve_filesystem(out_dir)
+    name = f"{rank:04d}_row{row['row_index']}_{os.path.splitext(os.path.basename(row[PATH_COL]))[0]}.png"
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        picture.save(f, format="PNG")
+    return f"{out_dir.rstrip('/')}/{name}"
+
+
+def _top_rows(scores: str, columns: list[str], top_n: int, valid_col: str) -> list[dict]:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = resolve_filesystem(scores)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    table = table.filter(pc.is_valid(table.column(valid_col)))
+    return table.sort_by([(SCORE_COL, "descending"), ("row_index", "ascending")]).slice(0, top_n).to_pylist()
+
+
+def write_box_overlays(scores: str, out_dir: str, top_n: int) -> list[str]:
+    """RKDE: the ``top_n`` highest-scoring images with their boxes drawn, coloured by box probability (blue = low,
+    red = high, one scale for all pictures) and labelled with it; returns the files written."""
+    from PIL import Image, ImageDraw
+
+    top = _top_rows(scores, ["row_index", PATH_COL, SCORE_COL, "boxes", "box_scores"], top_n, "boxes")
+    out_fs, out_path = resolve_filesystem(out_dir)
+    out_fs.create_dir(out_path, recursive=True)
+    written = []
+    for rank, row in enumerate(top, 1):
+        try:
+            with Image.open(io.BytesIO(read_bytes(row[PATH_COL]))) as im:
+                picture = im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - a file that vanished since scoring must not stop the others
+            logger.warning("box overlay for row %d skipped: %s", row["row_index"], e)
+            continue
+        draw = ImageDraw.Draw(picture)
+        width = max(2, round(max(picture.size) / 250))
+        for box, p in zip(row["boxes"], row["box_scores"]):
+            colour = tuple(int(c) for c in _jet(np.array([p]))[0])
+            draw.rectangle([float(v) for v in box], outline=colour, width=width)
+            draw.text((float(box[0]) + width, float(box[1]) + width), f"{p:.3f}", fill=colour)
+        written.append(_save_png(picture, out_dir, rank, row))
+    logger.info("%d box overlays written to %s", len(written), out_dir)
+    return written
+
+
+def write_region_rows(scores: str, out_dir: str) -> int:
+    """RKDE: one row per region (row_index, path, region, box in original pixels, box_score), written part by part
+    from the scores dataset (bounded memory) into ``out_dir``; returns the number of regions."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    fs, path = resolve_filesystem(scores)
+    out_fs, out_path = resolve_filesystem(out_dir)
+    out_fs.create_dir(out_path, recursive=True)
+    total = 0
+    for fragment in pads.dataset(path, filesystem=fs, format="parquet").get_fragments():
+        part = fragment.to_table(columns=["row_index", PATH_COL, "boxes", "box_scores"])
+        counts = pa.compute.fill_null(pa.compute.list_value_length(part.column("boxes")), 0).to_numpy()
+        rows = np.repeat(np.arange(part.num_rows), counts)
+        regions = pa.table({
+            "row_index": part.column("row_index").take(pa.array(rows)),
+            PATH_COL: part.column(PATH_COL).take(pa.array(rows)),
+            "region": pa.array(np.concatenate([np.arange(c) for c in counts]) if len(counts) else [], pa.int32()),
+            "box": pa.compute.list_flatten(part.column("boxes")),
+            "box_score": pa.compute.list_flatten(part.column("box_scores")),
+        })
+        with out_fs.open_output_stream(f"{out_path}/{os.path.basename(fragment.path)}") as f:
+            pq.write_table(regions, f)
+        total += regions.num_rows
+    logger.info("%d region rows written to %s", total, out_dir)
+    return total

@@ -24,7 +24,8 @@ from rayanom.artifact import Artifact, head_from_state, make_head
 from rayanom.bank import BankSelector, key_threshold, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
-    ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
+    PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
     decode_batch, training_rows, with_row_index,
 )
 from rayanom.features import FeatureExtractor
@@ -35,6 +36,7 @@ from rayanom.parts import PartWriter, open_parts, table_fingerprint
 logger = logging.getLogger(__name__)
 
 KEY_COL = "bank_key"
+BANK_ID_COL = "bank_id"
 FEATURES_COL = "features"
 
 
@@ -59,29 +61,72 @@ def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
             .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
 
 
-class BankFeatures:
-    """Fit-stage actor: features of the rows whose bank key falls under the threshold; failed rows pass through."""
+def _extractor(config: ModelConfig, state, device: str, threads: int, precision: str):
+    """The model's feature stage: a timm backbone (DFKDE, DFM) or detector + region extractor (RKDE)."""
+    if config.model != "rkde":
+        return FeatureExtractor(config, _resolve(state), device, threads, precision)
+    import torch
 
-    def __init__(self, config: ModelConfig, state, threshold: float, device: str, threads: int) -> None:
-        self.extractor = FeatureExtractor(config, _resolve(state), device, threads)
+    from rayanom.regions import RegionModel
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    state = _resolve(state)
+    return RegionModel(state["detector"], state["region"], roi_stage=config.roi_stage,
+                       roi_score_threshold=config.roi_score_threshold, min_box_size=config.min_box_size,
+                       iou_threshold=config.iou_threshold, max_detections_per_image=config.max_detections_per_image,
+                       device=device)
+
+
+REGION_ID_STRIDE = 1 << 16  # bank id of region j of row r: r * stride + j (at most 65536 regions an image)
+
+
+class BankFeatures:
+    """Fit-stage actor: the feature rows whose bank key falls under the threshold; failed rows pass through.
+
+    DFKDE/DFM bank one row per image (bank id = row index); RKDE one row per region (bank id = row index * 65536 +
+    region number), so the bank is a uniform subset of all regions of all training images.
+    """
+
+    def __init__(self, config: ModelConfig, state, threshold: float, device: str, threads: int,
+                 precision: str = "fp32") -> None:
+        self.extractor = _extractor(config, state, device, threads, precision)
+        self.regions = config.model == "rkde"
         self.seed = config.seed
         self.threshold = threshold
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        ids = table.column(ROW_COL).to_numpy()
-        errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
-        keys = row_keys(ids, self.seed)
-        failed = np.array([e is not None for e in errors], dtype=bool)
-        keep = (~failed & (keys < self.threshold)) | failed
-        feats = np.zeros((len(ids), self.extractor.dim), dtype=np.float32)
-        todo = ~failed & keep
-        if todo.any():
-            feats[todo] = self.extractor(_images(table)[todo])
         from ray.data.extensions import ArrowTensorArray
 
-        return pa.table({ROW_COL: pa.array(ids[keep]), KEY_COL: pa.array(keys[keep]),
-                         FEATURES_COL: ArrowTensorArray.from_numpy(feats[keep]),
-                         ERROR_COL: pa.array(errors[keep].tolist(), pa.string())})
+        rows = table.column(ROW_COL).to_numpy()
+        errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        ids, feats = self._features(table, rows, ok)
+        keys = row_keys(ids, self.seed)
+        keep = keys < self.threshold
+        n_failed = int((~ok).sum())
+        dim = feats.shape[1]
+        return pa.table({
+            ROW_COL: pa.array(np.concatenate([rows[~ok], ids[keep] // (REGION_ID_STRIDE if self.regions else 1)])),
+            BANK_ID_COL: pa.array(np.concatenate([rows[~ok], ids[keep]])),
+            KEY_COL: pa.array(np.concatenate([np.zeros(n_failed), keys[keep]])),
+            FEATURES_COL: ArrowTensorArray.from_numpy(np.concatenate([np.zeros((n_failed, dim), np.float32),
+                                                                      feats[keep]])),
+            ERROR_COL: pa.array(errors[~ok].tolist() + [None] * int(keep.sum()), pa.string())})
+
+    def _features(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bank ids, features) of the decoded rows; images are only run when a key can pass (DFKDE/DFM)."""
+        if not self.regions:
+            todo = ok & (row_keys(rows, self.seed) < self.threshold)
+            feats = self.extractor(_images(table)[todo]) if todo.any() else np.zeros((0, self.extractor.dim),
+                                                                                   np.float32)
+            return rows[todo], feats
+        results = self.extractor(_images(table)[ok]) if ok.any() else []
+        ids = [r * REGION_ID_STRIDE + np.arange(len(b), dtype=np.int64) for r, (b, _) in zip(rows[ok], results)]
+        feats = [f for _, f in results]
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, 4096), np.float32)
+        return np.concatenate(ids), np.concatenate(feats)
 
 
 class Scorer:
@@ -92,14 +137,17 @@ class Scorer:
     ``image_height``/``image_width`` for upsampling (``rayanom.maps``).
     """
 
-    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int) -> None:
-        self.extractor = FeatureExtractor(config, _resolve(state), device, threads)
+    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int,
+                 precision: str = "fp32") -> None:
+        self.extractor = _extractor(config, state, device, threads, precision)
         self.head = head_from_state(config, _resolve(head_state))
         self.config = config
 
     def __call__(self, table: pa.Table) -> pa.Table:
         errors = table.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
+        if self.config.model == "rkde":
+            return self._regions(table, errors, ok)
         n, m = table.num_rows, int(ok.sum())
         feats = self.extractor(_images(table)[ok]) if m else np.zeros((0, self.extractor.dim), np.float32)
         score = np.full(n, np.nan)
@@ -118,6 +166,39 @@ class Scorer:
         elif self.config.score_type == "fre":
             out = self._with_maps(out, table, feats, ok, valid)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
+
+    def _regions(self, table: pa.Table, errors: list, ok: np.ndarray) -> pa.Table:
+        """RKDE: per image the largest region score (-log density), the largest region probability, the boxes in
+        original pixels with their probabilities. No region: the lowest float64 score, probability 0, no boxes."""
+        from rayanom.regions import boxes_to_original
+
+        n = table.num_rows
+        results = self.extractor(_images(table)[ok]) if ok.any() else []
+        counts = [len(b) for b, _ in results]
+        feats = np.concatenate([f for _, f in results]) if sum(counts) else np.zeros((0, 4096), np.float32)
+        log_density = self.head.score_samples(feats) if len(feats) else np.zeros(0)
+        per_image = np.split(log_density, np.cumsum(counts)[:-1]) if counts else []
+        score, prob = np.full(n, np.nan), np.full(n, np.nan)
+        num, boxes, box_scores = [None] * n, [None] * n, [None] * n
+        heights, widths = table.column(HEIGHT_COL).to_numpy(), table.column(WIDTH_COL).to_numpy()
+        for i, (ld, (b, _)) in zip(np.flatnonzero(ok), zip(per_image, results)):
+            if not np.isfinite(ld).all():
+                errors[i] = "ValueError: non-finite region score (non-finite features?)"
+                continue
+            region_prob = anomaly_probability(ld)
+            score[i] = (-ld).max() if len(ld) else np.finfo(np.float64).min
+            prob[i] = region_prob.max() if len(ld) else 0.0
+            num[i] = len(ld)
+            boxes[i] = boxes_to_original(b, self.config.image_size, original_size=(heights[i], widths[i])).tolist()
+            box_scores[i] = region_prob.tolist()
+        valid = np.array([e is None for e in errors], dtype=bool)
+        out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
+        return (out.append_column(SCORE_COL, pa.array(score, pa.float64(), mask=~valid))
+                .append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
+                .append_column(NUM_REGIONS_COL, pa.array(num, pa.int32()))
+                .append_column(BOXES_COL, pa.array(boxes, pa.list_(pa.list_(pa.float64(), 4))))
+                .append_column(BOX_SCORES_COL, pa.array(box_scores, pa.list_(pa.float64())))
+                .append_column(ERROR_COL, pa.array(errors, pa.string())))
 
     def _with_maps(self, out: pa.Table, table: pa.Table, feats: np.ndarray, ok: np.ndarray,
                    valid: np.ndarray) -> pa.Table:
@@ -181,17 +262,19 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     n = train.num_rows
     threshold = key_threshold(n, config.max_training_points)
     logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d, worker keep-rate %.4f",
-                n, config.backbone, weights_source["kind"], config.max_training_points, threshold)
+                n, getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], config.max_training_points,
+                threshold)
     ds = _decoded(_blocks(train.select([ROW_COL, PATH_COL]), 0, n, run.batch_size), config, run).map_batches(
         BankFeatures, fn_constructor_kwargs={"config": config, "state": ray.put(state), "threshold": threshold,
-                                             "device": run.device, "threads": run.threads_per_actor},
+                                             "device": run.device, "threads": run.threads_per_actor,
+                                             "precision": run.precision},
         udf_modifying_row_count=True, **_actor_args(run))
     selector = BankSelector(config.max_training_points)
     failures: list[tuple[int, str]] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         failed = np.array([isinstance(e, str) for e in batch[ERROR_COL]], dtype=bool)
         failures += list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist()))
-        selector.add(batch[KEY_COL][~failed], batch[ROW_COL][~failed], batch[FEATURES_COL][~failed])
+        selector.add(batch[KEY_COL][~failed], batch[BANK_ID_COL][~failed], batch[FEATURES_COL][~failed])
     ids, feats = selector.result()
     n_ok = n - len(failures)
     if failures:
@@ -228,7 +311,7 @@ def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], out
     per_part = -(-run.rows_per_part // run.batch_size) * run.batch_size  # parts hold whole blocks
     manifest = {"format": "rayanom-scores", "format_version": 1, "model": artifact_fingerprint(artifact),
                 "index": table_fingerprint(index), "n_rows": n, "rows_per_part": per_part,
-                "batch_size": run.batch_size, "n_parts": -(-n // per_part)}
+                "batch_size": run.batch_size, "precision": run.precision, "n_parts": -(-n // per_part)}
     done = open_parts(output, manifest, overwrite)
     # Blocks are cut at absolute index positions, so a resumed run forms exactly the batches of an uninterrupted one.
     blocks = [b for k in range(manifest["n_parts"]) if k not in done
@@ -240,7 +323,8 @@ def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], out
         ds = _decoded(blocks, artifact.config, run).map_batches(
             Scorer, fn_constructor_kwargs={"config": artifact.config, "state": ray.put(state),
                                            "head_state": ray.put(artifact.head.to_state()), "device": run.device,
-                                           "threads": run.threads_per_actor}, **_actor_args(run))
+                                           "threads": run.threads_per_actor, "precision": run.precision},
+            **_actor_args(run))
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(block)
     writer.close()

@@ -43,7 +43,7 @@ def _edit_config(path, fn):
 @pytest.mark.parametrize("fn,match", [
     (lambda m: m.update(format_version=99), "format_version=99, this rayanom reads format_version 1"),
     (lambda m: m.update(format="other"), "not a rayanom-artifact file"),
-    (lambda m: m["config"].update(model="patchcore"), r"invalid model='patchcore': expected one of \['dfkde', 'dfm'\]"),
+    (lambda m: m["config"].update(model="patchcore"), r"invalid model='patchcore': expected one of \['dfkde', 'dfm', 'rkde'\]"),
     (lambda m: m["config"].update(colour="red"), r"invalid config keys=\['colour'\]"),
     (lambda m: m["config"].update(n_pca_components=0), "invalid n_pca_components=0"),
 ])

@@ -169,9 +169,55 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
     (["--model", "dfm", "--layers", "layer3"], "invalid --layers: it applies to --model dfkde, not dfm"),
     (["--model", "dfm", "--pca-level", "1"], "invalid pca_level=1"),
     (["--model", "dfkde", "--heatmaps", "3", "--score", "TEST"], "heat maps need a DFM model with score_type 'fre'"),
+    (["--model", "rkde", "--backbone", "resnet18"], "invalid --backbone: it applies to --model dfkde or dfm, not rkde"),
+    (["--model", "dfm", "--boxes", "2", "--score", "TEST"], "invalid boxes=2, region_rows=False: they need an RKDE"),
+    (["--model", "rkde", "--roi-stage", "fast"], "argument --roi-stage: invalid choice"),
+    (["--model", "rkde", "--iou-threshold", "1.5"], "invalid iou_threshold=1.5: expected a number in [0, 1]"),
+    (["--model", "rkde", "--detector-weights", "/nonexistent.pth"], "invalid detector_weights='/nonexistent.pth'"),
 ])
 def test_model_specific_flags(demo_set, tmp_path, args, message):
     args = [demo_set["test"] if a == "TEST" else a for a in args]
     proc = _job("jobs/fit.py", "--index", demo_set["index"], "--out", str(tmp_path / "r"), "--quiet", *args,
                 timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def rkde_set(tmp_path_factory):
+    from rayanom.demo import make_demo
+
+    root = tmp_path_factory.mktemp("rkde")
+    index = make_demo(str(root), n_train=5, n_test_normal=2, n_test_anomalous=2, size=96, seed=2)
+    return {"index": index, "test": os.path.join(str(root), "test.parquet")}
+
+
+@pytest.mark.timeout(600)
+def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
+    from rayanom.config import RkdeConfig
+    from rayanom.regions import RegionModel, boxes_to_original, rkde_weights
+
+    config = RkdeConfig(n_pca_components=4, max_training_points=60)
+    state, source = rkde_weights(config, None, None)
+    index = read_index(rkde_set["index"])
+    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=2, num_actors=1))
+    model = RegionModel(state["detector"], state["region"])
+    train = training_rows(with_row_index(index))
+    images = np.stack([decode_image(open(p, "rb").read(), (240, 360)) for p in train.column("path").to_pylist()])
+    regions = model(images)
+    n_regions = sum(len(b) for b, _ in regions)
+    assert result.artifact.provenance["n_bank_rows"] == min(60, n_regions)  # regions, capped, uniform by key
+    # Scoring: one row per image; boxes in original pixels; the image score is the largest region score.
+    test = read_index(rkde_set["test"])
+    out = str(tmp_path / "scores")
+    summary = pipeline.score(test, result.artifact, state, out, RunConfig(batch_size=2, num_actors=1))
+    assert (summary["rows"], summary["failed"]) == (4, 0)
+    rows = pq.read_table(out).sort_by("row_index").to_pylist()
+    test_images = np.stack([decode_image(open(r["path"], "rb").read(), (240, 360)) for r in rows])
+    reference = model(test_images[:2]) + model(test_images[2:])  # the actor's batches: the detector is batch-sensitive
+    for row, (boxes, feats) in zip(rows, reference):
+        assert row["num_regions"] == len(boxes) == len(row["boxes"]) == len(row["box_scores"])
+        np.testing.assert_allclose(row["boxes"], boxes_to_original(boxes, original_size=(96, 96)), atol=1e-3)
+        ld = result.artifact.head.score_samples(feats)
+        assert row["anomaly_score"] == pytest.approx((-ld).max(), rel=1e-4)  # thread counts differ: ~1e-5
+        assert row["anomaly_probability"] == pytest.approx(max(row["box_scores"]), rel=1e-12)
+        assert all(0 <= x <= 96 for box in row["boxes"] for x in box)
