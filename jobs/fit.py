@@ -26,7 +26,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, choices=["dfkde", "dfm", "rkde"], help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
-    p.add_argument("--score", metavar="INDEX", help="score this index with the fitted model in the same job")
+    p.add_argument("--score", metavar="INDEX",
+                   help="score this index with the fitted model in the same job (default: none; the demo's test set)")
     _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
     m = p.add_argument_group("model, all (stored in the artifact)")
     m.add_argument("--max-training-points", type=int, default=40_000,
@@ -37,7 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
                    help="network input: SIZE or HEIGHT WIDTH (default: 256 256; RKDE: fixed 240 360)")
     b.add_argument("--weights", metavar="PATH",
-                   help="local timm state dict (.safetensors, or .pth read with weights_only=True)")
+                   help="local timm state dict (.safetensors, or .pth read with weights_only=True) (default: none)")
     b.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="timm pretrained weights (needs network or the HF cache); default: yes with --index, "
                         "no for the demo (random weights seeded with --seed)")

@@ -23,11 +23,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
     p.add_argument("--weights", metavar="PATH",
                    help="where the backbone weights file is on this machine, if not at the path the model recorded "
-                        "(its sha256 must match)")
+                        "(its sha256 must match) (default: the recorded path)")
     p.add_argument("--detector-weights", metavar="PATH",
-                   help="RKDE: where the detector weights file is on this machine (its sha256 must match)")
+                   help="RKDE: where the detector weights file is on this machine (its sha256 must match) "
+                        "(default: the recorded path)")
     p.add_argument("--region-weights", metavar="PATH",
-                   help="RKDE: where the region extractor weights file is on this machine (its sha256 must match)")
+                   help="RKDE: where the region extractor weights file is on this machine (its sha256 must match) "
+                        "(default: the recorded path)")
     _cli.add_report_flags(p, "OUT-report", "0", "no")
     _cli.add_run_flags(p)
     return p

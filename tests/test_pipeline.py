@@ -221,3 +221,22 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
         assert row["anomaly_score"] == pytest.approx((-ld).max(), rel=1e-4)  # thread counts differ: ~1e-5
         assert row["anomaly_probability"] == pytest.approx(max(row["box_scores"]), rel=1e-12)
         assert all(0 <= x <= 96 for box in row["boxes"] for x in box)
+    # Tiny, very elongated and region-less images score without errors and are counted correctly.
+    import dataclasses
+
+    from PIL import Image
+
+    for name, size in (("one_pixel.png", (1, 1)), ("strip.png", (4000, 3))):
+        Image.new("RGB", size, "gray").save(tmp_path / name)
+    odd = pa.table({"path": [str(tmp_path / "one_pixel.png"), str(tmp_path / "strip.png"), rows[0]["path"]]})
+    no_regions = dataclasses.replace(result.artifact, config=dataclasses.replace(config, roi_score_threshold=1.0))
+    for artifact, out_name in ((result.artifact, "odd"), (no_regions, "none")):
+        pipeline.score(odd, artifact, state, str(tmp_path / out_name), RunConfig(batch_size=3))
+        scored = pq.read_table(str(tmp_path / out_name)).sort_by("row_index").to_pylist()
+        assert [r["error"] for r in scored] == [None] * 3
+        for r, (h, w) in zip(scored, [(1, 1), (3, 4000), (96, 96)]):
+            assert r["num_regions"] == len(r["boxes"]) == len(r["box_scores"])
+            assert all(0 <= b[0] <= b[2] <= w and 0 <= b[1] <= b[3] <= h for b in r["boxes"])
+            if artifact is no_regions:
+                assert r["num_regions"] == 0 and r["anomaly_score"] == np.finfo(np.float64).min
+                assert r["anomaly_probability"] == 0.0
