@@ -9,6 +9,7 @@ every stage maps whole blocks, so each forward pass sees the same rows whatever 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -292,7 +293,7 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     provenance = {
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
         "n_train_rows": n, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
-        "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": vars_of(run),
+        "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": dataclasses.asdict(run),
         "fit_fingerprint": fit_fingerprint(index, config, weights_source),
     }
     artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
@@ -360,12 +361,6 @@ def _sha(ids: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-def vars_of(run: RunConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(run)
 
 
 def _versions() -> dict[str, str]:
