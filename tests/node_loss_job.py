@@ -17,7 +17,9 @@ from ray.cluster_utils import Cluster
 
 demo_index, demo_test, out_dir = sys.argv[1:4]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+# 3 CPUs a worker: after the loss both scoring actors (1 CPU each) may restart on the surviving node, and a decode
+# task (0.5 CPU) must still fit beside them there, or Ray Data deadlocks (ray.md section 2).
+workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
 ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
 ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
 from rayanom import pipeline
