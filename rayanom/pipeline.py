@@ -143,6 +143,7 @@ class Scorer:
         self.extractor = _extractor(config, state, device, threads, precision)
         self.head = head_from_state(config, _resolve(head_state))
         self.config = config
+        self.device = device
 
     def __call__(self, table: pa.Table) -> pa.Table:
         errors = table.column(ERROR_COL).to_pylist()
@@ -154,7 +155,7 @@ class Scorer:
         score = np.full(n, np.nan)
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
         if self.config.model == "dfkde":
-            score[ok] = -self.head.score_samples(feats)
+            score[ok] = -self.head.score_samples(feats, device=self.device)
         else:
             score[ok] = self.head.anomaly_scores(feats)
         valid = np.isfinite(score)
@@ -177,7 +178,7 @@ class Scorer:
         results = self.extractor(_images(table)[ok]) if ok.any() else []
         counts = [len(b) for b, _ in results]
         feats = np.concatenate([f for _, f in results]) if sum(counts) else np.zeros((0, 4096), np.float32)
-        log_density = self.head.score_samples(feats) if len(feats) else np.zeros(0)
+        log_density = self.head.score_samples(feats, device=self.device) if len(feats) else np.zeros(0)
         per_image = np.split(log_density, np.cumsum(counts)[:-1]) if counts else []
         score, prob = np.full(n, np.nan), np.full(n, np.nan)
         num, boxes, box_scores = [None] * n, [None] * n, [None] * n

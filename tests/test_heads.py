@@ -36,22 +36,42 @@ def _reference_log_density(train, query, k, scaling):
 def test_kde_head_matches_scipy(scaling, n, d):
     train, query = _features(n, d), _features(50, d, seed=1) * 1.3
     head = KdeHead(16, scaling).fit(train)
-    ours = head.score_samples(query)
     ref = _reference_log_density(train, query, 16, scaling)
-    np.testing.assert_allclose(ours, ref, rtol=1e-6)
-    np.testing.assert_allclose(head.score_samples(train[:10]), _reference_log_density(train, train[:10], 16, scaling),
-                               rtol=1e-6)
+    np.testing.assert_allclose(head.score_samples(query, exact=True), ref, rtol=1e-9)
+    np.testing.assert_allclose(head.score_samples(query), ref, rtol=1e-6, atol=1e-4)  # float32 kernel sums
+    on_train = _reference_log_density(train, train[:10], 16, scaling)
+    np.testing.assert_allclose(head.score_samples(train[:10], exact=True), on_train, rtol=1e-9)
+    np.testing.assert_allclose(head.score_samples(train[:10]), on_train, rtol=1e-6, atol=1e-4)
 
 
 def test_gaussian_kde_far_queries_do_not_underflow():
     z = np.random.default_rng(0).normal(size=(200, 4))
     kde = GaussianKDE().fit(z)
     far = np.array([[20.0] * 4, [30.0] * 4, [40.0] * 4])
-    ours = kde.score_samples(far)
-    # anomalib's float32 density is exactly 0 here (log = -inf, ties, P7); log-sum-exp keeps the ranking.
-    assert np.isfinite(ours).all() and ours[0] > ours[1] > ours[2]
     ref = gaussian_kde(z.T).logpdf(far.T)  # scipy also uses logsumexp in logpdf
-    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+    for exact, rtol in ((True, 1e-9), (False, 1e-6)):
+        ours = kde.score_samples(far, exact=exact)
+        # anomalib's float32 density is exactly 0 here (log = -inf, ties, P7); the shifted sum keeps the ranking.
+        assert np.isfinite(ours).all() and ours[0] > ours[1] > ours[2]
+        np.testing.assert_allclose(ours, ref, rtol=rtol)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_gaussian_kde_tiles_and_shift_fallback(monkeypatch, exact):
+    """Many query and support tiles, and queries whose nearest support points lie outside the first tile (the shift
+    from the first tile would overflow: those rows are redone with the exact maximum); scipy is the reference."""
+    import rayanom.heads as heads
+
+    monkeypatch.setattr(heads, "_SUPPORT_TILE", 64)
+    monkeypatch.setattr(heads, "_QUERY_TILE", 16)
+    rng = np.random.default_rng(0)
+    # A few far outliers in the bank, none in the first tile: queries beside them are ~20 bandwidths from every
+    # first-tile point, so exp(first-tile shift - true maximum) would overflow float32 and float64 alike.
+    z = np.concatenate([rng.normal(size=(264, 3)), 30.0 + rng.normal(size=(3, 3)) * 0.1])
+    q = np.concatenate([rng.normal(size=(20, 3)), 30.0 + rng.normal(size=(5, 3)) * 0.1, np.full((3, 3), 200.0)])
+    ours = GaussianKDE().fit(z).score_samples(q, exact=exact)
+    ref = gaussian_kde(z.T).logpdf(q.T)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9) if exact else np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
 def test_inputs_are_not_mutated():
