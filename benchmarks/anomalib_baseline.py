@@ -29,7 +29,7 @@ def main() -> None:
                 normal_test_dir="test/good", train_batch_size=args.batch_size, eval_batch_size=args.batch_size,
                 num_workers=args.workers)
     model = Dfkde(backbone=args.backbone, pre_trained=False)
-    engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    engine = Engine(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
                     default_root_dir="/tmp/anomalib-bench")
     t_fit = time.time()
     engine.fit(model=model, datamodule=dm)

@@ -6,6 +6,7 @@ Only ``jobs/`` configures logging and calls ``ray.init()``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -22,9 +23,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="feature/scoring actors (default: one per GPU on a GPU cluster, else 1)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="actor device; auto = cuda with one GPU per actor when the cluster has GPUs (default: auto)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="backbone precision: bf16 autocast is ~3x faster on CPUs with AMX and on GPUs and moves "
-                        "scores slightly; fp32 is the parity path (default: %(default)s)")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="backbone precision. bf16 autocast is 1.6-3.5x faster on CPUs with AMX and on Ampere or "
+                        "newer GPUs and moves scores slightly (demo AUROC within 0.005); fp32 is the parity path. "
+                        "auto: for fit, bf16 where the actors' hardware makes it fast (DFKDE, DFM), else fp32; for "
+                        "scoring, the precision the model was fitted with (default: %(default)s)")
     g.add_argument("--threads-per-actor", type=int, default=None,
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
     g.add_argument("--rows-per-part", type=int, default=4096,
@@ -44,10 +47,11 @@ def setup_logging(quiet: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def init_ray(args: argparse.Namespace):
+def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None = None):
     """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded local Ray.
 
-    Returns the RunConfig sized for what Ray offers. Locally the actors reserve at most all but two logical CPUs,
+    Returns the RunConfig sized for what Ray offers, with ``--precision auto`` resolved: ``fitted_precision`` when
+    scoring a fitted model, else bf16 when the actors' hardware runs it fast (probed where the actors will run). Locally the actors reserve at most all but two logical CPUs,
     so the decode tasks can always be placed (a pool holding every CPU deadlocks Ray Data, ray.md section 2).
     """
     from rayanom.config import RunConfig, UserError
@@ -55,6 +59,8 @@ def init_ray(args: argparse.Namespace):
     import ray
     import ray.data
 
+    if model == "rkde" and args.precision == "bf16":
+        raise UserError("invalid precision='bf16' for rkde: the region model runs in fp32 only (use fp32 or auto)")
     cluster = bool(os.environ.get("RAY_ADDRESS"))
     num_actors = args.num_actors
     if cluster:
@@ -63,6 +69,10 @@ def init_ray(args: argparse.Namespace):
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
         gpus = 0
+        if args.device != "cpu":
+            import torch
+
+            gpus = torch.cuda.device_count()  # a workstation's GPUs serve the embedded Ray too
     device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         ray.shutdown()
@@ -70,7 +80,9 @@ def init_ray(args: argparse.Namespace):
     if num_actors is None:
         num_actors = max(1, gpus) if device == "cuda" else 1
     if not cluster:
-        ray.init(num_cpus=num_actors + 2, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING)
+        # At least two CPUs beyond the actors' so decode tasks always find room; every core where there are more.
+        ray.init(num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
     threads = args.threads_per_actor
     if threads is None:
         threads = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
@@ -81,11 +93,26 @@ def init_ray(args: argparse.Namespace):
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
-                    precision=args.precision,
                     num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads)
-    logger.info("ray: %s, %d actor(s) on %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
-                num_actors, device)
+    precision = args.precision
+    if precision == "auto":
+        precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))
+    run = dataclasses.replace(run, precision=precision)
+    logger.info("ray: %s, %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
+                num_actors, device, precision)
     return run
+
+
+def _fast_precision(run, cluster: bool) -> str:
+    """bf16 when it is fast where the actors run: on a cluster a probe task with an actor's resources answers."""
+    import ray
+
+    from rayanom.features import bf16_is_fast
+
+    if not cluster:
+        return "bf16" if bf16_is_fast(run.device) else "fp32"
+    probe = ray.remote(bf16_is_fast).options(num_cpus=run.num_cpus_per_actor, num_gpus=run.num_gpus_per_actor)
+    return "bf16" if ray.get(probe.remote(run.device)) else "fp32"
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
 
-    run = _cli.init_ray(args)
+    run = _cli.init_ray(args, config.model, artifact.provenance["run"].get("precision") if artifact else None)
     if artifact is None:
         result = pipeline.fit(train_table, config, state, source, run, index_name=index)
         artifact = result.artifact

@@ -174,6 +174,21 @@ def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, backbone: 
     return {k: np.asarray(state[k]) for k in expected}
 
 
+def bf16_is_fast(device: str, cpuinfo: str | None = None) -> bool:
+    """Whether bf16 autocast pays on ``device`` here: a CUDA GPU of compute capability 8.0 or newer (Ampere: A10,
+    A100, L4, H100, ...) or a CPU with AMX (``amx_bf16`` in /proc/cpuinfo). Elsewhere bf16 is emulated and slower
+    than fp32. ``cpuinfo``: the text of /proc/cpuinfo (read when None; absent off Linux: False)."""
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in cpuinfo.splitlines())
+
+
 class FeatureExtractor:
     """Backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
 

@@ -287,7 +287,8 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     if config.model == "dfm" and n_ok > config.max_training_points:
         logger.warning("fit: DFM fitted on a uniform subset of %d of %d training rows (anomalib uses all of them); "
                        "raise --max-training-points to use more", len(ids), n_ok)
-    logger.info("fit: bank of %d x %d features gathered in %.1f s", *feats.shape[:2], time.time() - t0)
+    logger.info("fit: bank of %d x %d features gathered in %.1f s (%.1f training rows/s, actor start-up included)",
+                *feats.shape[:2], time.time() - t0, n / max(time.time() - t0, 1e-9))
     t1 = time.time()
     head = make_head(config).fit(feats)
     logger.info("fit: head fitted in %.2f s", time.time() - t1)
@@ -327,8 +328,12 @@ def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], out
                                            "head_state": ray.put(artifact.head.to_state()), "device": run.device,
                                            "threads": run.threads_per_actor, "precision": run.precision},
             **_actor_args(run))
+        t0 = time.time()
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(block)
+        n_done = sum(b.num_rows for b in blocks)
+        logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
+                    n_done / max(time.time() - t0, 1e-9))
     writer.close()
     summary = summarize(output)
     if summary["rows"] != n:

@@ -94,6 +94,10 @@ def test_ray_job_submit_fit_with_score(ray_head, demo_set, tmp_path):
     assert "scored 12 of 12 rows, 0 failed" in proc.stdout
     artifact = Artifact.load(os.path.join(out, "model"))
     assert artifact.provenance["n_train_rows"] == 24
+    # --precision auto, resolved by a probe task on a worker: bf16 only where it is fast (this CPU has AMX or not).
+    from rayanom.features import bf16_is_fast
+
+    assert artifact.provenance["run"]["precision"] == ("bf16" if bf16_is_fast("cpu") else "fp32")
     scores = pq.read_table(os.path.join(out, "scores"))
     assert sorted(scores.column("row_index").to_pylist()) == list(range(12))
 

@@ -176,3 +176,12 @@ def test_pretrained_without_network_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "USERERROR cannot load timm's pretrained weights for backbone='resnet18'" in proc.stdout, proc.stderr
     assert "--weights PATH or --no-pretrained" in proc.stdout
+
+
+def test_bf16_is_fast_reads_amx_from_cpuinfo():
+    from rayanom.features import bf16_is_fast
+
+    amx = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    assert bf16_is_fast("cpu", amx)
+    assert not bf16_is_fast("cpu", "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")  # no AMX: emulated
+    assert not bf16_is_fast("cpu", "")

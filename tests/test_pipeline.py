@@ -101,7 +101,7 @@ def _job(*args, timeout=280):
 
 def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
     small = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained",
-             "--batch-size", "8", "--quiet"]
+             "--batch-size", "8", "--precision", "fp32", "--quiet"]  # score.py's auto precision follows the model
     run_dir = str(tmp_path / "run")
     fit = _job("jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", run_dir,
                "--score", demo_set["test"], *small)
@@ -114,6 +114,7 @@ def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.load(open(tmp_path / "scores2-report" / "metrics.json"))
     assert (metrics["rows"], metrics["scored"], metrics["n_normal"], metrics["n_anomalous"]) == (12, 12, 6, 6)
+    assert json.load(open(tmp_path / "scores2" / "_rayanom_scores.json"))["precision"] == "fp32"  # as fitted
     assert open(tmp_path / "scores2-report" / "report.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     first = pq.read_table(os.path.join(run_dir, "scores")).sort_by("row_index")
     second = pq.read_table(str(tmp_path / "scores2")).sort_by("row_index")
@@ -133,6 +134,14 @@ def test_user_errors_exit_2_without_traceback(demo_set, tmp_path, args, message)
     proc = _job(*base, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rkde_refuses_bf16_before_ray_starts(demo_set, tmp_path):
+    proc = _job("jobs/fit.py", "--model", "rkde", "--index", demo_set["index"], "--out", str(tmp_path / "r"),
+                "--precision", "bf16", "--quiet", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "invalid precision='bf16' for rkde" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "r" / "model")
 
 
 def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
