@@ -150,6 +150,7 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
     out = np.empty(len(y))
     with torch.inference_mode():
         yt = torch.from_numpy(y).to(device=device, dtype=dtype)
+        buf = torch.empty(min(_QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
         for s in range(0, len(y), _QUERY_TILE):
             yb = yt[s:s + _QUERY_TILE]
             aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device),
@@ -158,8 +159,9 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
             shift = (aug @ tiles[0]).max(dim=1).values
             aug[:, -1] -= shift
             acc = torch.zeros(len(yb), dtype=torch.float64, device=device)
-            for tile in tiles:
-                acc += (aug @ tile).clamp_(low, high).exp_().sum(dim=1).double()
+            for tile in tiles:  # into one reused buffer: a fresh 16 MiB tensor per tile costs page faults
+                e = torch.mm(aug, tile, out=buf[:len(yb), :tile.shape[1]])
+                acc += e.clamp_(low, high).exp_().sum(dim=1).double()
             bad = ~torch.isfinite(acc) | (acc >= math.exp(high))
             if bad.any():  # nearest support point far outside the first tile: shift by the exact maximum
                 rows = aug[bad]
@@ -244,9 +246,17 @@ class KdeHead:
         if not hasattr(self, "kde_"):
             raise _not_fitted(self)
         x = np.asarray(x)
-        return np.concatenate([
-            self.kde_.score_samples(self._scale(self.pca_.transform(x[s:s + _ROW_CHUNK])), exact, device)
-            for s in range(0, len(x), _ROW_CHUNK)]) if len(x) else np.zeros(0)
+        return np.concatenate([self.kde_.score_samples(self._scale(self._project(x[s:s + _ROW_CHUNK], exact)), exact,
+                                                       device)
+                               for s in range(0, len(x), _ROW_CHUNK)]) if len(x) else np.zeros(0)
+
+    def _project(self, x: np.ndarray, exact: bool) -> np.ndarray:
+        """PCA projection: float64 when ``exact``, else float32 (10x faster, error ~1e-7 of the projection's norm,
+        far below the float32 kernel sums')."""
+        if exact:
+            return self.pca_.transform(x)
+        mean, comps = self.pca_.mean_.astype(np.float32), self.pca_.components_.T.astype(np.float32)
+        return ((np.asarray(x, dtype=np.float32) - mean) @ comps).astype(np.float64)
 
     def to_state(self) -> dict[str, np.ndarray]:
         """Arrays that define the fitted head (for safetensors)."""
