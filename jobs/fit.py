@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         state, source = resolve_weights(config, args.weights, pretrained)
     fingerprint = pipeline.fit_fingerprint(train_table, config, source)
-    artifact = _fitted_before(model_dir, fingerprint, args.overwrite)
+    artifact = _fitted_before(model_dir, fingerprint, args.overwrite, args.precision)
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
 
@@ -142,9 +142,10 @@ def main(args: argparse.Namespace) -> int:
     return code
 
 
-def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool):
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (fitting is idempotent: reuse it);
-    None when there is none or ``overwrite``; an error when it holds another model."""
+def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision: str):
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (fitting is idempotent: reuse it) and,
+    unless ``precision`` is auto, in that precision; None when there is none or ``overwrite``; an error when it holds
+    another model."""
     from rayanom.artifact import CONFIG_FILE, HEAD_FILE, Artifact, check_output_dir
     from rayanom.config import UserError
 
@@ -156,7 +157,11 @@ def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool):
     except UserError:
         artifact = None
     if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
-        return artifact
+        fitted = artifact.provenance.get("run", {}).get("precision", "fp32")
+        if precision in ("auto", fitted):
+            return artifact
+        raise UserError(f"output {model_dir!r} holds this model fitted in {fitted}; pass --overwrite to refit it in "
+                        f"{precision} (or --precision auto to reuse it)")
     raise UserError(f"output {model_dir!r} holds a model fitted with other settings, index or weights; "
                     "pass --overwrite to replace it")
 

@@ -249,3 +249,18 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
             if artifact is no_regions:
                 assert r["num_regions"] == 0 and r["anomaly_score"] == np.finfo(np.float64).min
                 assert r["anomaly_probability"] == 0.0
+
+
+def test_refit_is_skipped_for_the_same_inputs_and_precision(demo_set, tmp_path):
+    flags = ["jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", str(tmp_path / "r"),
+             "--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained", "--quiet"]
+    first = _job(*flags, "--precision", "fp32")
+    assert first.returncode == 0 and "fitted dfkde" in first.stdout, first.stderr[-2000:]
+    for precision in ("fp32", "auto"):  # auto reuses whatever precision the model was fitted in
+        again = _job(*flags, "--precision", precision)
+        assert again.returncode == 0 and "model already fitted" in again.stdout, again.stderr[-2000:]
+    other = _job(*flags, "--precision", "bf16")
+    assert other.returncode == 2 and "holds this model fitted in fp32; pass --overwrite" in other.stderr
+    refit = _job(*flags, "--precision", "bf16", "--overwrite")
+    assert refit.returncode == 0 and "fitted dfkde" in refit.stdout, refit.stderr[-2000:]
+    assert Artifact.load(str(tmp_path / "r" / "model")).provenance["run"]["precision"] == "bf16"
