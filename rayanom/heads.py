@@ -119,7 +119,7 @@ class GaussianKDE:
         if not hasattr(self, "support_"):
             raise _not_fitted(self)
         centre = self.support_.mean(axis=0)
-        y = np.asarray(q, dtype=np.float64) @ self.inv_chol_.T - centre
+        y = _tiled_matmul(np.asarray(q, dtype=np.float64), self.inv_chol_.T) - centre
         return _log_kernel_sums(y, self._support_tiles(centre, exact, device), exact) + self.log_norm_
 
     def _support_tiles(self, centre: np.ndarray, exact: bool, device: str) -> list:
@@ -137,7 +137,19 @@ class GaussianKDE:
 
 
 _SUPPORT_TILE = 4096  # support points per tile
-_QUERY_TILE = 1024  # queries per tile: 1024 x 4096 float32 = 16 MiB
+# Queries per tile: 256 x 4096 float32 = 4 MiB. Every product has exactly this many rows (the last tile is padded),
+# so a row's float32 result never depends on how many rows came with it (matrix kernels pick their summation order
+# by shape): a row scores bit-identically in any batch.
+_QUERY_TILE = 256
+
+
+def _tiled_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w`` computed in products of exactly ``_QUERY_TILE`` rows (the last one zero-padded), so each row's result
+    is the same whatever rows came with it."""
+    m = len(x)
+    padded = np.concatenate([x, np.zeros((-m % _QUERY_TILE, x.shape[1]), dtype=x.dtype)])
+    return np.concatenate([padded[s:s + _QUERY_TILE] @ w for s in range(0, len(padded), _QUERY_TILE)]
+                          or [np.zeros((0, w.shape[1]), dtype=np.result_type(x, w))])[:m]
 
 
 def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
@@ -146,11 +158,13 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
 
     dtype, device = tiles[0].dtype, tiles[0].device
     low, high = (-700.0, 700.0) if exact else (-87.0, 88.0)
+    m = len(y)
+    y = np.concatenate([y, np.zeros((-m % _QUERY_TILE, y.shape[1]))])  # whole tiles only (see _QUERY_TILE)
     half_sq = -0.5 * np.einsum("ij,ij->i", y, y)
     out = np.empty(len(y))
     with torch.inference_mode():
         yt = torch.from_numpy(y).to(device=device, dtype=dtype)
-        buf = torch.empty(min(_QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
+        buf = torch.empty(_QUERY_TILE, tiles[0].shape[1], dtype=dtype, device=device)
         for s in range(0, len(y), _QUERY_TILE):
             yb = yt[s:s + _QUERY_TILE]
             aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device),
@@ -174,7 +188,7 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
             # The exponents were y.b - |b|^2/2 + aug[:, -1], and -|y - b|^2/2 = that - aug[:, -1] - |y|^2/2.
             shift_used = aug[:, -1].double().cpu().numpy()
             out[s:s + len(yb)] = np.log(acc.cpu().numpy()) - shift_used + half_sq[s:s + len(yb)]
-    return out
+    return out[:m]
 
 
 def _cholesky_with_jitter(cov: np.ndarray) -> np.ndarray:
@@ -253,10 +267,9 @@ class KdeHead:
     def _project(self, x: np.ndarray, exact: bool) -> np.ndarray:
         """PCA projection: float64 when ``exact``, else float32 (10x faster, error ~1e-7 of the projection's norm,
         far below the float32 kernel sums')."""
-        if exact:
-            return self.pca_.transform(x)
-        mean, comps = self.pca_.mean_.astype(np.float32), self.pca_.components_.T.astype(np.float32)
-        return ((np.asarray(x, dtype=np.float32) - mean) @ comps).astype(np.float64)
+        dtype = np.float64 if exact else np.float32
+        mean, comps = self.pca_.mean_.astype(dtype), self.pca_.components_.T.astype(dtype)
+        return _tiled_matmul(np.asarray(x, dtype=dtype) - mean, comps).astype(np.float64)
 
     def to_state(self) -> dict[str, np.ndarray]:
         """Arrays that define the fitted head (for safetensors)."""

@@ -127,3 +127,15 @@ def test_pca_scatter_accumulated_over_chunks_matches_svd():
     ref = SkPCA(5, svd_solver="full").fit(x.astype(np.float64))
     np.testing.assert_allclose(ours.mean_, ref.mean_, rtol=1e-10)
     np.testing.assert_allclose(np.abs(ours.components_ @ ref.components_.T), np.eye(5), atol=1e-8)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_kde_head_row_scores_do_not_depend_on_the_batch(exact):
+    """A row scores bit-identically alone, in a small batch or in a large one (matrix kernels pick their summation
+    order by shape, so the head always multiplies whole, padded tiles)."""
+    train, query = _features(300, 64), _features(300, 64, seed=5)
+    head = KdeHead(16).fit(train)
+    whole = head.score_samples(query, exact=exact)
+    alone = np.concatenate([head.score_samples(query[i:i + 1], exact=exact) for i in range(0, 300, 37)])
+    small = np.concatenate([head.score_samples(query[i:i + 5], exact=exact) for i in range(0, 300, 5)])
+    assert np.array_equal(alone, whole[::37]) and np.array_equal(small, whole)
