@@ -154,8 +154,12 @@ class Scorer:
         feats = self.extractor(_images(table)[ok]) if m else np.zeros((0, self.extractor.dim), np.float32)
         score = np.full(n, np.nan)
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
+        residuals = None
         if self.config.model == "dfkde":
             score[ok] = -self.head.score_samples(feats, device=self.device)
+        elif self.config.score_type == "fre" and len(feats):
+            residuals = self.head.residuals(feats)  # once: the FRE is their sum, the anomaly map their channel sum
+            score[ok] = residuals.sum(axis=1)
         else:
             score[ok] = self.head.anomaly_scores(feats)
         valid = np.isfinite(score)
@@ -166,7 +170,7 @@ class Scorer:
             prob = anomaly_probability(-score)
             out = out.append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
         elif self.config.score_type == "fre":
-            out = self._with_maps(out, table, feats, ok, valid)
+            out = self._with_maps(out, table, residuals, ok, valid)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
 
     def _regions(self, table: pa.Table, errors: list, ok: np.ndarray) -> pa.Table:
@@ -202,12 +206,12 @@ class Scorer:
                 .append_column(BOX_SCORES_COL, pa.array(box_scores, pa.list_(pa.float64())))
                 .append_column(ERROR_COL, pa.array(errors, pa.string())))
 
-    def _with_maps(self, out: pa.Table, table: pa.Table, feats: np.ndarray, ok: np.ndarray,
+    def _with_maps(self, out: pa.Table, table: pa.Table, residuals: np.ndarray | None, ok: np.ndarray,
                    valid: np.ndarray) -> pa.Table:
         c, h, w = self.extractor.map_shape
         maps = np.zeros((table.num_rows, h * w), dtype=np.float32)
-        if len(feats):
-            maps[ok] = self.head.residuals(feats).reshape(-1, c, h, w).sum(axis=1).reshape(-1, h * w)
+        if residuals is not None:
+            maps[ok] = residuals.reshape(-1, c, h, w).sum(axis=1).reshape(-1, h * w)
         shapes = [[h, w] if v else None for v in valid]
         return (out.append_column(MAP_COL, pa.array(list(maps), pa.list_(pa.float32()), mask=~valid))
                 .append_column(MAP_SHAPE_COL, pa.array(shapes, pa.list_(pa.int32())))
