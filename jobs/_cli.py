@@ -51,8 +51,9 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded local Ray.
 
     Returns the RunConfig sized for what Ray offers, with ``--precision auto`` resolved: ``fitted_precision`` when
-    scoring a fitted model, else bf16 when the actors' hardware runs it fast (probed where the actors will run). Locally the actors reserve at most all but two logical CPUs,
-    so the decode tasks can always be placed (a pool holding every CPU deadlocks Ray Data, ray.md section 2).
+    scoring a fitted model, else bf16 when the actors' hardware runs it fast (probed where the actors will run).
+    Locally the actors reserve at most all but two logical CPUs, so the decode tasks can always be placed (a pool
+    holding every CPU deadlocks Ray Data, ray.md section 2).
     """
     from rayanom.config import RunConfig, UserError
 
@@ -101,6 +102,11 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     logger.info("ray: %s, %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
                 num_actors, device, precision)
     return run
+
+
+def fitted_precision(artifact) -> str:
+    """The backbone precision a model was fitted with (its provenance; fp32 for models that do not record one)."""
+    return artifact.provenance.get("run", {}).get("precision", "fp32")
 
 
 def _fast_precision(run, cluster: bool) -> str:

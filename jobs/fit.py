@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
 
-    run = _cli.init_ray(args, config.model, artifact.provenance["run"].get("precision") if artifact else None)
+    run = _cli.init_ray(args, config.model, _cli.fitted_precision(artifact) if artifact else None)
     if artifact is None:
         result = pipeline.fit(train_table, config, state, source, run, index_name=index)
         artifact = result.artifact
@@ -157,7 +157,7 @@ def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision:
     except UserError:
         artifact = None
     if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
-        fitted = artifact.provenance.get("run", {}).get("precision", "fp32")
+        fitted = _cli.fitted_precision(artifact)
         if precision in ("auto", fitted):
             return artifact
         raise UserError(f"output {model_dir!r} holds this model fitted in {fitted}; pass --overwrite to refit it in "

@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
     from rayanom import pipeline
 
-    run = _cli.init_ray(args, artifact.config.model, artifact.provenance.get("run", {}).get("precision", "fp32"))
+    run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
     summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
