@@ -54,12 +54,7 @@ class DfkdeConfig:
         if len(set(layers)) != len(layers):
             _fail("layers", self.layers, "distinct layer names")
         object.__setattr__(self, "layers", layers)
-        _check_int("n_pca_components", self.n_pca_components, 1)
-        if self.feature_scaling not in FEATURE_SCALINGS:
-            _fail("feature_scaling", self.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
-        if self.max_training_points <= self.n_pca_components:
-            _fail("max_training_points", self.max_training_points,
-                  f"more than n_pca_components={self.n_pca_components} (the KDE needs a full-rank covariance)")
+        _check_kde(self)
 
     @property
     def min_training_rows(self) -> int:
@@ -78,6 +73,17 @@ def _check_common(config) -> tuple[int, int]:
     _check_int("max_training_points", config.max_training_points, 2)
     _check_int("seed", config.seed, 0)
     return size
+
+
+def _check_kde(config) -> None:
+    """The KDE head's settings (DFKDE, RKDE): PCA components, scaling, and a bank cap above the component count."""
+    _check_int("n_pca_components", config.n_pca_components, 1)
+    if config.feature_scaling not in FEATURE_SCALINGS:
+        _fail("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
+    _check_int("max_training_points", config.max_training_points, 2)
+    if config.max_training_points <= config.n_pca_components:
+        _fail("max_training_points", config.max_training_points,
+              f"more than n_pca_components={config.n_pca_components} (the KDE needs a full-rank covariance)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,10 +163,7 @@ class RkdeConfig:
                 _fail(name, v, "a number in [0, 1]")
         _check_int("min_box_size", self.min_box_size, 0)
         _check_int("max_detections_per_image", self.max_detections_per_image, 1)
-        _check_int("n_pca_components", self.n_pca_components, 1)
-        if self.feature_scaling not in FEATURE_SCALINGS:
-            _fail("feature_scaling", self.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
-        _check_int("max_training_points", self.max_training_points, self.n_pca_components + 1)
+        _check_kde(self)
         _check_int("seed", self.seed, 0)
 
     @property
