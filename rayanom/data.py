@@ -179,33 +179,48 @@ def decode_image_sized(data: bytes, image_size: tuple[int, int]) -> tuple[np.nda
             msg = f"image too large: {w}x{h} pixels (limit {MAX_IMAGE_PIXELS})"
             raise ValueError(msg)
         try:
-            rgb = _rgb_float(im)
+            planes = _planes_float(im)
         except OSError as e:
             if "truncated" in str(e) or "broken" in str(e).lower():
                 msg = f"truncated or corrupt image data ({e})"
                 raise ValueError(msg) from e
             raise
     out_h, out_w = image_size
-    resized = np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((out_w, out_h), Image.BILINEAR))
-                        for c in range(3)])
-    return resized, (h, w)
+    resized = [np.asarray(Image.fromarray(p, mode="F").resize((out_w, out_h), Image.BILINEAR)) for p in planes]
+    return np.stack(resized * 3 if len(resized) == 1 else resized), (h, w)
 
 
-def _rgb_float(im: Image.Image) -> np.ndarray:
-    """(h, w, 3) float32 in [0, 1]."""
+def _planes_float(im: Image.Image) -> np.ndarray:
+    """Contiguous float32 planes in [0, 1]: (3, h, w) RGB, or (1, h, w) for 16-bit grey (its three channels are
+    equal, so it is resized once)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        grey = np.clip(np.asarray(im, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
-        return np.repeat(grey[..., None], 3, axis=2)
+        return np.clip(np.asarray(im, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)[None]
     if im.mode == "F":
         msg = "unsupported mode F (floating-point pixels): convert to 8- or 16-bit first"
         raise ValueError(msg)
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    planes = np.ascontiguousarray(np.asarray(im.convert("RGB")).transpose(2, 0, 1), dtype=np.float32)
+    planes /= np.float32(255.0)
+    return planes
 
 
 def error_message(e: BaseException) -> str:
     """A one-line reason for a failed row: the exception type and its message, whitespace collapsed."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}"[:500]
+
+
+def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
+    """The decode stage on an arrow block (a Ray Data CPU task; this module does not import torch, so decode
+    workers start fast): every input column unchanged, plus ``image`` (tensor), the original
+    ``image_height``/``image_width`` and ``error`` (string)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    paths = table.column(PATH_COL).to_pylist()
+    out = decode_batch({PATH_COL: paths}, image_size)
+    return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(out[IMAGE_COL]))
+            .append_column(HEIGHT_COL, pa.array(out[HEIGHT_COL]))
+            .append_column(WIDTH_COL, pa.array(out[WIDTH_COL]))
+            .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:

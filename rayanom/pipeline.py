@@ -27,7 +27,7 @@ from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
     PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    decode_batch, training_rows, with_row_index,
+    decode_table, training_rows, with_row_index,
 )
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
@@ -47,19 +47,6 @@ def _resolve(ref):
 
 def _images(table: pa.Table) -> np.ndarray:
     return table.column(IMAGE_COL).combine_chunks().to_numpy()
-
-
-def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
-    """CPU stage on an arrow block: every input column unchanged, plus ``image`` (tensor), the original
-    ``image_height``/``image_width`` and ``error`` (string)."""
-    from ray.data.extensions import ArrowTensorArray
-
-    paths = table.column(PATH_COL).to_pylist()
-    out = decode_batch({PATH_COL: paths}, image_size)
-    return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(out[IMAGE_COL]))
-            .append_column(HEIGHT_COL, pa.array(out[HEIGHT_COL]))
-            .append_column(WIDTH_COL, pa.array(out[WIDTH_COL]))
-            .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
 
 
 def _extractor(config: ModelConfig, state, device: str, threads: int, precision: str):
