@@ -162,6 +162,10 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
     y = np.concatenate([y, np.zeros((-m % _QUERY_TILE, y.shape[1]))])  # whole tiles only (see _QUERY_TILE)
     half_sq = -0.5 * np.einsum("ij,ij->i", y, y)
     out = np.empty(len(y))
+
+    def sum_exp(e):  # in place: clamped (no overflow, no slow denormal exps), exponentiated, summed per row
+        return e.clamp_(low, high).exp_().sum(dim=1).double()
+
     with torch.inference_mode():
         yt = torch.from_numpy(y).to(device=device, dtype=dtype)
         buf = torch.empty(_QUERY_TILE, tiles[0].shape[1], dtype=dtype, device=device)
@@ -169,21 +173,20 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
             yb = yt[s:s + _QUERY_TILE]
             aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device),
                              torch.from_numpy(half_sq[s:s + _QUERY_TILE, None]).to(device=device, dtype=dtype)], 1)
-            # Shift: the largest exponent among the first tile's support points.
-            shift = (aug @ tiles[0]).max(dim=1).values
+            # Shift: the largest exponent among the first tile's support points; that tile's product is reused.
+            e = torch.mm(aug, tiles[0], out=buf[:, :tiles[0].shape[1]])
+            shift = e.max(dim=1).values
             aug[:, -1] -= shift
-            acc = torch.zeros(len(yb), dtype=torch.float64, device=device)
-            for tile in tiles:  # into one reused buffer: a fresh 16 MiB tensor per tile costs page faults
-                e = torch.mm(aug, tile, out=buf[:len(yb), :tile.shape[1]])
-                acc += e.clamp_(low, high).exp_().sum(dim=1).double()
+            acc = sum_exp(e.sub_(shift[:, None]))
+            for tile in tiles[1:]:  # into one reused buffer: a fresh 16 MiB tensor per tile costs page faults
+                acc += sum_exp(torch.mm(aug, tile, out=buf[:, :tile.shape[1]]))
             bad = ~torch.isfinite(acc) | (acc >= math.exp(high))
             if bad.any():  # nearest support point far outside the first tile: shift by the exact maximum
                 rows = aug[bad]
                 rows[:, -1] += shift[bad]
                 top = torch.stack([(rows @ tile).max(dim=1).values for tile in tiles]).max(dim=0).values
                 rows[:, -1] -= top
-                acc[bad] = sum((rows @ tile).clamp_(low, high).exp_().sum(dim=1).double()
-                               for tile in tiles)
+                acc[bad] = sum(sum_exp(rows @ tile) for tile in tiles)
                 aug[bad] = rows
             # The exponents were y.b - |b|^2/2 + aug[:, -1], and -|y - b|^2/2 = that - aug[:, -1] - |y|^2/2.
             shift_used = aug[:, -1].double().cpu().numpy()
