@@ -11,14 +11,12 @@ import json
 import logging
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from rayanom.data import ERROR_COL, LABEL_COL, SCORE_COL, SPLIT_COL, resolve_filesystem
+from rayanom.data import resolve_filesystem
+from rayanom.evaluate import VAL_SPLIT, read_score_columns
 
 logger = logging.getLogger(__name__)
 
-VAL_SPLIT = "val"  # rows with this ``split`` value choose the threshold; metrics are reported on the other rows
 METRICS_FILE = "metrics.json"
 FIGURE_FILE = "report.png"
 
@@ -106,44 +104,6 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
     return metrics
 
 
-def _read_columns(scores_uri: str) -> dict[str, np.ndarray]:
-    """Score, label, is-scored and is-validation arrays; only these (not the error text) are materialised."""
-    fs, path = resolve_filesystem(scores_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    names = dataset.schema.names
-    for col, why in ((SCORE_COL, "the anomaly scores"), (LABEL_COL, "ground truth 0 (normal) / 1 (anomalous)")):
-        if col not in names:
-            msg = f"evaluation needs a {col!r} column ({why}); {scores_uri!r} has columns {names}"
-            raise ValueError(msg)
-    # Projections computed by the scanner: the error text and the split strings are never held whole.
-    columns = {SCORE_COL: pc.field(SCORE_COL), LABEL_COL: pc.field(LABEL_COL)}
-    if ERROR_COL in names:
-        columns["_ok"] = pc.field(ERROR_COL).is_null()
-    if SPLIT_COL in names:
-        columns["_val"] = pc.field(SPLIT_COL) == VAL_SPLIT
-    table = dataset.to_table(columns=columns)
-    n = table.num_rows
-    score_col = table.column(SCORE_COL)
-    ok = score_col.is_valid().to_numpy(zero_copy_only=False)
-    if "_ok" in columns:
-        ok &= table.column("_ok").to_numpy(zero_copy_only=False)
-    val = (pc.fill_null(table.column("_val"), False).to_numpy(zero_copy_only=False) if "_val" in columns
-           else np.zeros(n, dtype=bool))
-    scores = pc.fill_null(score_col.cast("float64"), np.nan).to_numpy(zero_copy_only=False)
-    label_col = table.column(LABEL_COL)
-    if label_col.null_count:
-        bad = ok & ~label_col.is_valid().to_numpy(zero_copy_only=False)
-        if bad.any():
-            msg = f"{scores_uri!r}: {int(bad.sum())} scored row(s) have a null 'label'; expected 0 or 1"
-            raise ValueError(msg)
-    labels = pc.fill_null(label_col.cast("int64"), -1).to_numpy(zero_copy_only=False)
-    bad_values = np.unique(labels[ok & (labels != 0) & (labels != 1)])
-    if bad_values.size:
-        msg = f"{scores_uri!r}: column 'label' holds {bad_values[:5].tolist()}; allowed values are 0 and 1"
-        raise ValueError(msg)
-    return {"scores": scores, "labels": labels, "ok": ok, "val": val}
-
-
 def _figure_png(labels: np.ndarray, scores: np.ndarray, metrics: dict) -> bytes:
     """Two panels: the ROC curve, and the score histograms of normal and anomalous images with the threshold."""
     import matplotlib
@@ -216,7 +176,7 @@ def evaluate(scores_uri: str, out_dir: str) -> dict:
     Raises:
         ValueError: no ``label`` or ``anomaly_score`` column, or labels outside {0, 1} on scored rows.
     """
-    cols = _read_columns(scores_uri)
+    cols = read_score_columns(scores_uri)
     scores, labels, ok, val = cols["scores"], cols["labels"], cols["ok"], cols["val"]
     rows = int(ok.size)
     finite = np.isfinite(scores)

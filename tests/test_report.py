@@ -163,3 +163,30 @@ def test_evaluate_without_label_raises(tmp_path):
     with pytest.raises(ValueError, match="'label'"):
         evaluate(src, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_job_summary_counts_rows_and_auroc_without_requiring_labels(tmp_path):
+    from rayanom.evaluate import summarize
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 40)
+    scores = rng.normal(size=40) + labels
+    errors = [None] * 40
+    for i in (2, 7, 30):  # failed rows: a null score and an error; the summary's AUROC leaves them out
+        errors[i] = "ValueError: not an image"
+    score_col = pa.array(scores, mask=np.array([e is not None for e in errors]))
+    table = pa.table({"anomaly_score": score_col, "error": pa.array(errors, pa.string()), "label": labels})
+    pq.write_table(table, tmp_path / "a.parquet")
+    s = summarize(str(tmp_path))
+    ok = np.array([e is None for e in errors])
+    assert (s["rows"], s["scored"], s["failed"]) == (40, 37, 3)
+    assert s["auroc"] == pytest.approx(roc_auc_score(labels[ok], scores[ok]), abs=1e-12)
+    assert (s["n_normal"], s["n_anomalous"]) == (int((labels[ok] == 0).sum()), int((labels[ok] == 1).sum()))
+
+    pq.write_table(table.drop_columns(["label"]), tmp_path / "a.parquet")  # unlabelled: counts, no AUROC
+    assert summarize(str(tmp_path)) == {"output": str(tmp_path), "rows": 40, "scored": 37, "failed": 3, "auroc": None}
+    nulls = table.set_column(2, "label", pa.array([None] + labels[1:].tolist(), pa.int64()))
+    pq.write_table(nulls, tmp_path / "a.parquet")  # a null label on a scored row: the report refuses, the summary
+    assert summarize(str(tmp_path))["auroc"] is None  # only drops the AUROC
+    with pytest.raises(ValueError, match="null 'label'"):
+        evaluate(str(tmp_path), str(tmp_path / "report"))
