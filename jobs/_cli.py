@@ -93,8 +93,12 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
         ctx.execution_no_progress_timeout_s = 900  # a local hang becomes an error instead of a silent wait
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Locally, one decode task per core the actors leave (at least one): on 2 cores, Ray otherwise ran 4 at once
+    # (0.5 CPU each) in 8 worker processes whose start-up cost more than the decoding (README, Performance).
+    decode_tasks = 0 if cluster else max(1, (os.cpu_count() or 1) - num_actors)
     run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
-                    num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads)
+                    num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads,
+                    decode_tasks=decode_tasks)
     precision = args.precision
     if precision == "auto":
         precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))

@@ -186,6 +186,7 @@ class RunConfig:
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     decode_num_cpus: float = 0.5
+    decode_tasks: int = 0  # most decode tasks at once; 0: as many as the CPUs allow (each new one starts a worker)
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast on CPUs with AMX and on GPUs; scores move slightly (README)
@@ -195,6 +196,7 @@ class RunConfig:
         _check_int("rows_per_part", self.rows_per_part, 1)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)
+        _check_int("decode_tasks", self.decode_tasks, 0)
         for name in ("num_gpus_per_actor", "num_cpus_per_actor", "decode_num_cpus"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

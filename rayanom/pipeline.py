@@ -219,7 +219,7 @@ def _actor_args(run: RunConfig) -> dict:
 def _decoded(blocks: list[pa.Table], config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks).map_batches(
         decode_table, fn_kwargs={"image_size": config.image_size}, batch_size=None, batch_format="pyarrow",
-        num_cpus=run.decode_num_cpus)
+        num_cpus=run.decode_num_cpus, compute=ray.data.TaskPoolStrategy(size=run.decode_tasks or None))
 
 
 def _blocks(table: pa.Table, start: int, stop: int, size: int) -> list[pa.Table]:
