@@ -29,9 +29,10 @@ def summarize(output: str) -> dict:
                "auroc": None}
     if labels is not None:
         use = ok & np.isfinite(cols["scores"])
-        if np.any(labels[use] == 0) and np.any(labels[use] == 1):
-            summary["auroc"] = float(roc_auc_score(labels[use], cols["scores"][use]))
-            summary["n_normal"], summary["n_anomalous"] = int((labels[use] == 0).sum()), int((labels[use] == 1).sum())
+        labels, scores = labels[use], cols["scores"][use]
+        if np.any(labels == 0) and np.any(labels == 1):
+            summary["auroc"] = float(roc_auc_score(labels, scores))
+            summary["n_normal"], summary["n_anomalous"] = int((labels == 0).sum()), int((labels == 1).sum())
     return summary
 
 
