@@ -112,27 +112,30 @@ class GaussianKDE:
         self.support_ = z @ self.inv_chol_.T
         log_det = 2.0 * np.log(np.diag(chol)).sum()
         self.log_norm_ = -0.5 * (d * math.log(2 * math.pi) + log_det) - math.log(n)
+        self.__dict__.pop("_tiles", None)  # scoring tiles of an earlier fit
         return self
 
     def score_samples(self, q: np.ndarray, exact: bool = False, device: str = "cpu") -> np.ndarray:
         """Log-density at queries ``q`` (m, d) -> (m,); ``exact``: float64 kernel sums; ``device``: a torch device."""
         if not hasattr(self, "support_"):
             raise _not_fitted(self)
-        centre = self.support_.mean(axis=0)
+        centre, tiles = self._support_tiles(exact, device)
         y = _tiled_matmul(np.asarray(q, dtype=np.float64), self.inv_chol_.T) - centre
-        return _log_kernel_sums(y, self._support_tiles(centre, exact, device), exact) + self.log_norm_
+        return _log_kernel_sums(y, tiles, exact) + self.log_norm_
 
-    def _support_tiles(self, centre: np.ndarray, exact: bool, device: str) -> list:
-        """The centred support as augmented (d + 2, tile) matrices [b; -|b|^2/2; 1], cached per dtype and device."""
+    def _support_tiles(self, exact: bool, device: str) -> tuple[np.ndarray, list]:
+        """The support mean, and the support centred on it as augmented (d + 2, tile) matrices [b; -|b|^2/2; 1];
+        cached per dtype and device (scoring calls this once per Ray block)."""
         import torch
 
         key = (exact, str(device))
         cache = self.__dict__.setdefault("_tiles", {})
         if key not in cache:
+            centre = self.support_.mean(axis=0)
             b = self.support_ - centre
             aug = np.concatenate([b, -0.5 * np.einsum("ij,ij->i", b, b)[:, None], np.ones((len(b), 1))], axis=1)
             t = torch.from_numpy(aug.T.copy()).to(device=device, dtype=torch.float64 if exact else torch.float32)
-            cache[key] = [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]
+            cache[key] = centre, [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]
         return cache[key]
 
 

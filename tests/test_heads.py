@@ -139,3 +139,13 @@ def test_kde_head_row_scores_do_not_depend_on_the_batch(exact):
     alone = np.concatenate([head.score_samples(query[i:i + 1], exact=exact) for i in range(0, 300, 37)])
     small = np.concatenate([head.score_samples(query[i:i + 5], exact=exact) for i in range(0, 300, 5)])
     assert np.array_equal(alone, whole[::37]) and np.array_equal(small, whole)
+
+
+def test_gaussian_kde_refit_scores_against_the_new_support():
+    rng = np.random.default_rng(5)
+    first, second = rng.normal(size=(300, 3)), rng.normal(2.0, 0.5, size=(200, 3))
+    q = rng.normal(1.0, 1.0, size=(20, 3))
+    kde = GaussianKDE().fit(first)
+    kde.score_samples(q, exact=True)  # caches its support tiles
+    kde.fit(second)
+    np.testing.assert_allclose(kde.score_samples(q, exact=True), gaussian_kde(second.T).logpdf(q.T), rtol=1e-10)
