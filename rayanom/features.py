@@ -203,8 +203,9 @@ class FeatureExtractor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        # bf16 autocast + channels_last: ~3x on CPUs with AMX and on GPUs. fp32 stays contiguous NCHW: there each
-        # row's features are bit-identical whatever the batch (channels_last picks batch-dependent kernels).
+        # bf16 autocast + channels_last: ~3x on CPUs with AMX and on GPUs. fp32 stays contiguous NCHW. Either way the
+        # same batch gives bit-identical features; a row in another batch may differ in its last bits (the
+        # convolutions pick kernels by shape; heads.BATCH_RTOL).
         self.bf16 = precision == "bf16"
         self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
         self.pool = config.pooling_kernel_size if config.model == "dfm" else 0

@@ -19,6 +19,12 @@ logger = logging.getLogger(__name__)
 # anomalib's KDEClassifier.compute_probabilities constants (models.md A6): s = 1 / (1 + exp(0.05 (log p - 12))).
 ANOMALIB_STEEPNESS = 0.05
 ANOMALIB_OFFSET = 12.0
+# The batch contract (README "Determinism"): the same rows in the same batches, on the same hardware, library versions
+# and precision, score bit-identically. A row scored in another batch may differ in its last bits (matrix kernels pick
+# their summation order by shape and by a row's position in the product: OpenBLAS's Haswell and Zen kernels, used on
+# AMD CPUs, do; the backbone's convolutions do for a batch of one); in fp32 it agrees within
+# BATCH_RTOL * (1 + |score|) (measured: at most 1e-6).
+BATCH_RTOL = 1e-5
 _ROW_CHUNK = 65536  # feature rows projected at a time when scoring (bounds float64 copies of the input)
 
 
@@ -120,7 +126,7 @@ class GaussianKDE:
         if not hasattr(self, "support_"):
             raise _not_fitted(self)
         centre, tiles = self._support_tiles(exact, device)
-        y = _tiled_matmul(np.asarray(q, dtype=np.float64), self.inv_chol_.T) - centre
+        y = np.asarray(q, dtype=np.float64) @ self.inv_chol_.T - centre
         return _log_kernel_sums(y, tiles, exact) + self.log_norm_
 
     def _support_tiles(self, exact: bool, device: str) -> tuple[np.ndarray, list]:
@@ -140,19 +146,7 @@ class GaussianKDE:
 
 
 _SUPPORT_TILE = 4096  # support points per tile
-# Queries per tile: 256 x 4096 float32 = 4 MiB. Every product has exactly this many rows (the last tile is padded),
-# so a row's float32 result never depends on how many rows came with it (matrix kernels pick their summation order
-# by shape): a row scores bit-identically in any batch.
-_QUERY_TILE = 256
-
-
-def _tiled_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w`` computed in products of exactly ``_QUERY_TILE`` rows (the last one zero-padded), so each row's result
-    is the same whatever rows came with it."""
-    m = len(x)
-    padded = np.concatenate([x, np.zeros((-m % _QUERY_TILE, x.shape[1]), dtype=x.dtype)])
-    return np.concatenate([padded[s:s + _QUERY_TILE] @ w for s in range(0, len(padded), _QUERY_TILE)]
-                          or [np.zeros((0, w.shape[1]), dtype=np.result_type(x, w))])[:m]
+_QUERY_TILE = 256  # queries per tile: 256 x 4096 float32 = 4 MiB
 
 
 def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
@@ -161,8 +155,6 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
 
     dtype, device = tiles[0].dtype, tiles[0].device
     low, high = (-700.0, 700.0) if exact else (-87.0, 88.0)
-    m = len(y)
-    y = np.concatenate([y, np.zeros((-m % _QUERY_TILE, y.shape[1]))])  # whole tiles only (see _QUERY_TILE)
     half_sq = -0.5 * np.einsum("ij,ij->i", y, y)
     out = np.empty(len(y))
 
@@ -171,18 +163,18 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
 
     with torch.inference_mode():
         yt = torch.from_numpy(y).to(device=device, dtype=dtype)
-        buf = torch.empty(_QUERY_TILE, tiles[0].shape[1], dtype=dtype, device=device)
+        buf = torch.empty(min(_QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
         for s in range(0, len(y), _QUERY_TILE):
             yb = yt[s:s + _QUERY_TILE]
             aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device),
                              torch.from_numpy(half_sq[s:s + _QUERY_TILE, None]).to(device=device, dtype=dtype)], 1)
             # Shift: the largest exponent among the first tile's support points; that tile's product is reused.
-            e = torch.mm(aug, tiles[0], out=buf[:, :tiles[0].shape[1]])
+            e = torch.mm(aug, tiles[0], out=buf[:len(yb), :tiles[0].shape[1]])
             shift = e.max(dim=1).values
             aug[:, -1] -= shift
             acc = sum_exp(e.sub_(shift[:, None]))
             for tile in tiles[1:]:  # into one reused buffer: a fresh 16 MiB tensor per tile costs page faults
-                acc += sum_exp(torch.mm(aug, tile, out=buf[:, :tile.shape[1]]))
+                acc += sum_exp(torch.mm(aug, tile, out=buf[:len(yb), :tile.shape[1]]))
             bad = ~torch.isfinite(acc) | (acc >= math.exp(high))
             if bad.any():  # nearest support point far outside the first tile: shift by the exact maximum
                 rows = aug[bad]
@@ -194,7 +186,7 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
             # The exponents were y.b - |b|^2/2 + aug[:, -1], and -|y - b|^2/2 = that - aug[:, -1] - |y|^2/2.
             shift_used = aug[:, -1].double().cpu().numpy()
             out[s:s + len(yb)] = np.log(acc.cpu().numpy()) - shift_used + half_sq[s:s + len(yb)]
-    return out[:m]
+    return out
 
 
 def _cholesky_with_jitter(cov: np.ndarray) -> np.ndarray:
@@ -275,7 +267,7 @@ class KdeHead:
         far below the float32 kernel sums')."""
         dtype = np.float64 if exact else np.float32
         mean, comps = self.pca_.mean_.astype(dtype), self.pca_.components_.T.astype(dtype)
-        return _tiled_matmul(np.asarray(x, dtype=dtype) - mean, comps).astype(np.float64)
+        return ((np.asarray(x, dtype=dtype) - mean) @ comps).astype(np.float64)
 
     def to_state(self) -> dict[str, np.ndarray]:
         """Arrays that define the fitted head (for safetensors)."""
