@@ -125,14 +125,15 @@ def main(args: argparse.Namespace) -> int:
         result = pipeline.fit(train_table, config, state, source, run, index_name=index)
         artifact = result.artifact
         artifact.save(model_dir, overwrite=True)  # occupied directories were refused above
-        print(f"fitted {args.model} on {result.n_train - result.n_failed} of {result.n_train} training rows "
-              f"({result.n_failed} failed), bank {artifact.provenance['n_bank_rows']} x "
+        print(f"fitted {args.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
+              f"({result.n_failed} failed; {result.n_train} in the index), bank {artifact.provenance['n_bank_rows']} x "
               f"{artifact.provenance['feature_dim']}")
     else:
         print("model already fitted with these settings, index and weights: reused")
     print(f"model: {model_dir}")
-    code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],
-                                      artifact.provenance["n_train_rows"], args.max_failed_fraction)
+    code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],  # of the rows read
+                                      artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
+                                      args.max_failed_fraction)
     if score_table is not None:
         summary = pipeline.score(score_table, artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rayanom.bank import REGION_ID_STRIDE
+
 MODELS = ("dfkde", "dfm", "rkde")
 FEATURE_SCALINGS = ("scale", "norm")
 SCORE_TYPES = ("fre", "nll")
@@ -163,6 +165,8 @@ class RkdeConfig:
                 _fail(name, v, "a number in [0, 1]")
         _check_int("min_box_size", self.min_box_size, 0)
         _check_int("max_detections_per_image", self.max_detections_per_image, 1)
+        if self.max_detections_per_image > REGION_ID_STRIDE:
+            _fail("max_detections_per_image", self.max_detections_per_image, f"at most {REGION_ID_STRIDE} (bank ids)")
         _check_kde(self)
         _check_int("seed", self.seed, 0)
 

@@ -1,6 +1,7 @@
 """Orchestration: the one place that builds Ray Data pipelines.
 
-fit:   index -> training rows -> decode (CPU tasks) -> features + bank keys (actor pool) -> bank (driver) -> head
+fit:   index -> training rows whose keys can enter the bank (bank.collect_bank: a pass, rarely more) -> decode
+       (CPU tasks) -> bank items (actor pool) -> bank (driver) -> head
 score: index -> decode (CPU tasks) -> features + head (actor pool; head broadcast once via the object store) -> parquet
 
 Ray must already be initialised (``jobs/`` does it). Blocks are index slices of exactly ``batch_size`` rows and
@@ -22,7 +23,7 @@ from ray.data import ActorPoolStrategy
 
 from rayanom import __version__
 from rayanom.artifact import Artifact, head_from_state, make_head
-from rayanom.bank import BankSelector, key_threshold, row_keys
+from rayanom.bank import REGION_ID_STRIDE, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
@@ -66,22 +67,19 @@ def _extractor(config: ModelConfig, state, device: str, threads: int, precision:
                        device=device)
 
 
-REGION_ID_STRIDE = 1 << 16  # bank id of region j of row r: r * stride + j (at most 65536 regions an image)
-
-
 class BankFeatures:
-    """Fit-stage actor: the feature rows whose bank key falls under the threshold; failed rows pass through.
+    """Fit-stage actor: the bank items of its rows whose key lies in [lo, hi) (``bank``); failed rows pass through.
 
-    DFKDE/DFM bank one row per image (bank id = row index); RKDE one row per region (bank id = row index * 65536 +
+    DFKDE/DFM bank one item per image (bank id = row index); RKDE one per region (bank id = row index * 65536 +
     region number), so the bank is a uniform subset of all regions of all training images.
     """
 
-    def __init__(self, config: ModelConfig, state, threshold: float, device: str, threads: int,
+    def __init__(self, config: ModelConfig, state, slots: int, lo: float, hi: float, device: str, threads: int,
                  precision: str = "fp32") -> None:
         self.extractor = _extractor(config, state, device, threads, precision)
-        self.regions = config.model == "rkde"
+        self.slots = slots  # bank items a row can have (bank.lower_keys)
         self.seed = config.seed
-        self.threshold = threshold
+        self.lo, self.hi = lo, hi
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
@@ -89,32 +87,30 @@ class BankFeatures:
         rows = table.column(ROW_COL).to_numpy()
         errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
-        ids, feats = self._features(table, rows, ok)
-        keys = row_keys(ids, self.seed)
-        keep = keys < self.threshold
+        ids, keys, feats = self._items(table, rows, ok)
+        keep = (keys >= self.lo) & (keys < self.hi)
         n_failed = int((~ok).sum())
-        dim = feats.shape[1]
         return pa.table({
-            ROW_COL: pa.array(np.concatenate([rows[~ok], ids[keep] // (REGION_ID_STRIDE if self.regions else 1)])),
+            ROW_COL: pa.array(np.concatenate([rows[~ok], ids[keep] // (REGION_ID_STRIDE if self.slots > 1 else 1)])),
             BANK_ID_COL: pa.array(np.concatenate([rows[~ok], ids[keep]])),
             KEY_COL: pa.array(np.concatenate([np.zeros(n_failed), keys[keep]])),
-            FEATURES_COL: ArrowTensorArray.from_numpy(np.concatenate([np.zeros((n_failed, dim), np.float32),
-                                                                      feats[keep]])),
+            FEATURES_COL: ArrowTensorArray.from_numpy(np.concatenate([np.zeros((n_failed, feats.shape[1]),
+                                                                               np.float32), feats[keep]])),
             ERROR_COL: pa.array(errors[~ok].tolist() + [None] * int(keep.sum()), pa.string())})
 
-    def _features(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(bank ids, features) of the decoded rows; images are only run when a key can pass (DFKDE/DFM)."""
-        if not self.regions:
-            todo = ok & (row_keys(rows, self.seed) < self.threshold)
-            feats = self.extractor(_images(table)[todo]) if todo.any() else np.zeros((0, self.extractor.dim),
-                                                                                   np.float32)
-            return rows[todo], feats
+    def _items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bank ids, keys, features) of the decoded rows' items."""
+        if self.slots == 1:
+            feats = self.extractor(_images(table)[ok]) if ok.any() else np.zeros((0, self.extractor.dim), np.float32)
+            return rows[ok], row_keys(rows[ok], self.seed), feats
         results = self.extractor(_images(table)[ok]) if ok.any() else []
-        ids = [r * REGION_ID_STRIDE + np.arange(len(b), dtype=np.int64) for r, (b, _) in zip(rows[ok], results)]
-        feats = [f for _, f in results]
-        if not ids:
-            return np.zeros(0, np.int64), np.zeros((0, 4096), np.float32)
-        return np.concatenate(ids), np.concatenate(feats)
+        counts = np.array([len(b) for b, _ in results], dtype=np.int64)
+        if not counts.sum():
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4096), np.float32)
+        owner = np.repeat(rows[ok], counts)
+        region = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        keys = region_keys(owner, region, self.seed, self.slots)
+        return owner * REGION_ID_STRIDE + region, keys, np.concatenate([f for _, f in results])
 
 
 class Scorer:
@@ -229,8 +225,9 @@ def _blocks(table: pa.Table, start: int, stop: int, size: int) -> list[pa.Table]
 @dataclass
 class FitResult:
     artifact: Artifact
-    n_train: int
-    n_failed: int
+    n_train: int  # normal training rows in the index
+    n_read: int  # of them, rows read (those whose keys could enter the bank)
+    n_failed: int  # of the rows read, rows that failed
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -253,44 +250,50 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     t0 = time.time()
     train = check_training_rows(index, config, index_name)
     n = train.num_rows
-    threshold = key_threshold(n, config.max_training_points)
-    logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d, worker keep-rate %.4f",
-                n, getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], config.max_training_points,
-                threshold)
-    ds = _decoded(_blocks(train.select([ROW_COL, PATH_COL]), 0, n, run.batch_size), config, run).map_batches(
-        BankFeatures, fn_constructor_kwargs={"config": config, "state": ray.put(state), "threshold": threshold,
-                                             "device": run.device, "threads": run.threads_per_actor,
-                                             "precision": run.precision},
-        udf_modifying_row_count=True, **_actor_args(run))
-    selector = BankSelector(config.max_training_points)
-    failures: list[tuple[int, str]] = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        failed = np.array([isinstance(e, str) for e in batch[ERROR_COL]], dtype=bool)
-        failures += list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist()))
-        selector.add(batch[KEY_COL][~failed], batch[BANK_ID_COL][~failed], batch[FEATURES_COL][~failed])
-    ids, feats = selector.result()
-    n_ok = n - len(failures)
+    k = config.max_training_points
+    slots = config.max_detections_per_image if config.model == "rkde" else 1
+    logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d", n,
+                getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], k)
+    table = train.select([ROW_COL, PATH_COL])
+    train_rows = table.column(ROW_COL).to_numpy()
+    state_ref = ray.put(state)
+
+    def run_pass(todo: np.ndarray, lo: float, hi: float):
+        """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
+        part = table.take(pa.array(np.searchsorted(train_rows, todo)))
+        ds = _decoded(_blocks(part, 0, part.num_rows, run.batch_size), config, run).map_batches(
+            BankFeatures, fn_constructor_kwargs={"config": config, "state": state_ref, "slots": slots, "lo": lo,
+                                                 "hi": hi, "device": run.device, "threads": run.threads_per_actor,
+                                                 "precision": run.precision},
+            udf_modifying_row_count=True, **_actor_args(run))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            failed = np.array([isinstance(e, str) for e in batch[ERROR_COL]], dtype=bool)
+            yield (batch[KEY_COL][~failed], batch[BANK_ID_COL][~failed], batch[FEATURES_COL][~failed],
+                   list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist())))
+
+    bank = collect_bank(train_rows, config.seed, k, slots, run_pass)
+    ids, feats = bank.ids, bank.features
+    failures = sorted(bank.failures.items())
+    n_ok = bank.n_read - len(failures)
     if failures:
-        logger.warning("fit: %d of %d training rows failed, e.g. row %d: %s", len(failures), n, *min(failures))
-    if len(ids) < min(n_ok, config.max_training_points):
-        logger.warning("fit: bank holds %d rows, fewer than min(good rows, cap) = %d (improbable key shortfall)",
-                       len(ids), min(n_ok, config.max_training_points))
-    if config.model == "dfm" and n_ok > config.max_training_points:
+        logger.warning("fit: %d of %d training rows read failed, e.g. row %d: %s", len(failures), bank.n_read,
+                       *failures[0])
+    if config.model == "dfm" and n - len(failures) > k:
         logger.warning("fit: DFM fitted on a uniform subset of %d of %d training rows (anomalib uses all of them); "
-                       "raise --max-training-points to use more", len(ids), n_ok)
-    logger.info("fit: bank of %d x %d features gathered in %.1f s (%.1f training rows/s, actor start-up included)",
-                *feats.shape[:2], time.time() - t0, n / max(time.time() - t0, 1e-9))
+                       "raise --max-training-points to use more", len(ids), n)
+    logger.info("fit: bank of %d x %d features from %d of %d training rows read (%d decoded, %d passes) in %.1f s",
+                *feats.shape[:2], bank.n_read, n, n_ok, bank.passes, time.time() - t0)
     t1 = time.time()
     head = make_head(config).fit(feats)
     logger.info("fit: head fitted in %.2f s", time.time() - t1)
     provenance = {
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
-        "n_train_rows": n, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
+        "n_train_rows": n, "n_read_rows": bank.n_read, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
         "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": dataclasses.asdict(run),
         "fit_fingerprint": fit_fingerprint(index, config, weights_source),
     }
     artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
-    return FitResult(artifact=artifact, n_train=n, n_failed=len(failures), failures=sorted(failures)[:20])
+    return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
 def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], output: str,

@@ -17,7 +17,7 @@ from rayanom.bank import row_keys
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.data import decode_image, read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor, resolve_weights
-from rayanom.heads import KdeHead, anomaly_probability
+from rayanom.heads import BATCH_RTOL, KdeHead, anomaly_probability
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +40,45 @@ def fitted(ray_local, demo_set):
 def test_fit_equals_in_process_reference(fitted):
     config, state, index, result = fitted
     train = training_rows(with_row_index(index))
-    assert result.n_train == 24 and result.n_failed == 0
+    assert result.n_train == 24 and result.n_failed == 0 and result.n_read == 12  # only the bank's rows are read
     ids = train.column("row_index").to_numpy()
     bank_ids = np.sort(ids[np.argsort(row_keys(ids, config.seed))[:12]])  # the 12 smallest keys: uniform subset
-    assert result.artifact.provenance["n_bank_rows"] == 12
+    assert result.artifact.provenance["n_bank_rows"] == 12 and result.artifact.provenance["n_read_rows"] == 12
     paths = index.column("path").to_numpy(zero_copy_only=False)[bank_ids]
-    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(_features(config, state, paths))
+    # The pipeline's batches: the rows read, in row order, 5 at a time; so the same features, bit for bit.
+    feats = np.concatenate([_features(config, state, paths[i:i + 5]) for i in range(0, 12, 5)])
+    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(feats).to_state()
+    ours = result.artifact.head.to_state()
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_path):
+    """Rows outside the bank's keys point to files that do not exist: reading one would fail it. Then two of the bank's
+    rows are missing too: a second pass tops the bank up to the 12 smallest keys of the rows that decode."""
+    config = DfkdeConfig(**{**SMALL, "max_training_points": 12})
+    state, source = resolve_weights(config, None, False)
+    index = read_index(demo_set["index"])
+    col = index.column_names.index("path")
+    train = training_rows(with_row_index(index))
+    ids = train.column("row_index").to_numpy()
+    by_key = ids[np.argsort(row_keys(ids, config.seed))]
+    paths = index.column("path").to_pylist()
+    unread = [str(tmp_path / f"never-read-{r}.png") if r in by_key[12:] else p for r, p in enumerate(paths)]
+    run = RunConfig(batch_size=5, num_actors=1)
+    result = pipeline.fit(index.set_column(col, "path", pa.array(unread)), config, state, source, run)
+    assert (result.n_read, result.n_failed, result.artifact.provenance["n_bank_rows"]) == (12, 0, 12)
+
+    broken = by_key[[2, 7]]  # two of the 12 smallest keys
+    missing = [str(tmp_path / f"missing-{r}.png") if r in broken else p for r, p in enumerate(paths)]
+    result = pipeline.fit(index.set_column(col, "path", pa.array(missing)), config, state, source, run)
+    assert result.n_failed == 2 and sorted(r for r, _ in result.failures) == sorted(broken.tolist())
+    assert 12 < result.n_read <= 24
+    expected = np.sort(by_key[~np.isin(by_key, broken)][:12])  # brute force: the 12 smallest keys that decode
+    assert result.artifact.provenance["bank_row_index_sha256"] == pipeline._sha(expected)
+    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(
+        _features(config, state, np.array(paths)[expected]))
     query = np.random.default_rng(0).normal(size=(7, 512)).astype(np.float32)
-    np.testing.assert_allclose(result.artifact.head.score_samples(query), ref.score_samples(query), rtol=1e-9)
+    np.testing.assert_allclose(result.artifact.head.score_samples(query), ref.score_samples(query), rtol=BATCH_RTOL)
 
 
 def test_same_artifact_with_one_or_two_actors(fitted):
@@ -87,9 +118,14 @@ def test_score_accounts_for_every_row(fitted, demo_set, tmp_path):
     assert "missing" in err[n - 4] and err[n - 3] and err[n - 1] == "ValueError: empty path"
     ok = np.array([e is None for e in err])
     assert np.isfinite(score[ok]).all() and np.isnan(score[~ok]).all()
-    ref = -result.artifact.head.score_samples(_features(config, state, [p for p in paths if p][:n - 4]))
-    np.testing.assert_allclose(score[: n - 4], ref, rtol=1e-7)
-    assert score[n - 2] == pytest.approx(score[1], rel=1e-12)  # the duplicate path (another batch) scores like its twin
+    # The batch contract (heads.BATCH_RTOL): in the pipeline's batches (blocks of 4 from row 0) bit-identical, in
+    # any other batch within tolerance.
+    head = result.artifact.head
+    ref = np.concatenate([-head.score_samples(_features(config, state, good[i:i + 4])) for i in range(0, n - 4, 4)])
+    np.testing.assert_array_equal(score[: n - 4], ref)
+    np.testing.assert_allclose(score[: n - 4], -head.score_samples(_features(config, state, good)), rtol=BATCH_RTOL,
+                               atol=BATCH_RTOL)
+    assert abs(score[n - 2] - score[1]) <= BATCH_RTOL * (1 + abs(score[1]))  # the duplicate path, in another batch
     prob = scores.column("anomaly_probability").to_numpy(zero_copy_only=False)
     np.testing.assert_allclose(prob[ok], anomaly_probability(-score[ok]), rtol=1e-12)
 
