@@ -108,6 +108,16 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     return run
 
 
+def check_index_values(index) -> None:
+    """The index's label values, checked on the workers before any output is written (exit 2 naming the problem)."""
+    from rayanom.config import UserError
+    from rayanom.index import index_value_errors
+
+    error = index_value_errors(index)
+    if error:
+        raise UserError(error)
+
+
 def fitted_precision(artifact) -> str:
     """The backbone precision a model was fitted with (its provenance; fp32 for models that do not record one)."""
     return artifact.provenance.get("run", {}).get("precision", "fp32")

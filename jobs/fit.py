@@ -98,12 +98,13 @@ def main(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked here, before Ray starts.
     from rayanom import pipeline
     from rayanom.data import read_index
+    from rayanom.index import describe_index
     from rayanom.features import resolve_weights
     from rayanom.parts import check_parts_dir, has_parts
 
     train_table = read_index(index)
     pipeline.check_training_rows(train_table, config, index)
-    score_table = read_index(score_index) if score_index else None
+    score_info = describe_index(score_index) if score_index else None
     if score_index:
         check_parts_dir(scores_dir)
         _cli.check_report(config, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
@@ -134,8 +135,9 @@ def main(args: argparse.Namespace) -> int:
     code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],  # of the rows read
                                       artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
                                       args.max_failed_fraction)
-    if score_table is not None:
-        summary = pipeline.score(score_table, artifact, state, scores_dir, run, overwrite=args.overwrite)
+    if score_info is not None:
+        _cli.check_index_values(score_info)
+        summary = pipeline.score(score_info, artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
         _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],

@@ -37,14 +37,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from rayanom.artifact import Artifact
-    from rayanom.data import read_index
     from rayanom.features import artifact_weights
+    from rayanom.index import describe_index
     from rayanom.parts import check_parts_dir
 
     _cli.setup_logging(args.quiet)
-    # Everything a user can get wrong is checked here, before Ray starts.
+    # Everything a user can get wrong is checked here, before Ray starts (the index's schema from its footers) or,
+    # for the label values, by a first pass on the workers before any output is written.
     artifact = Artifact.load(args.model)
-    table = read_index(args.index)
+    index = describe_index(args.index)
     check_parts_dir(args.out)
     report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet parts only
     _cli.check_report(artifact.config, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
@@ -59,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     from rayanom import pipeline
 
     run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
-    summary = pipeline.score(table, artifact, state, args.out, run, overwrite=args.overwrite)
+    _cli.check_index_values(index)
+    summary = pipeline.score(index, artifact, state, args.out, run, overwrite=args.overwrite)
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
                       args.region_rows)

@@ -185,7 +185,7 @@ class RunConfig:
     """How a job runs: resources and batching. Recorded in the artifact's provenance, never part of its identity."""
 
     batch_size: int = 32
-    rows_per_part: int = 4096  # output rows per parquet part (rounded up to whole batches); the unit of resumption
+    rows_per_part: int = 4096  # output rows per parquet part: the unit of work of a scoring actor and of resumption
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0

@@ -81,34 +81,45 @@ def read_index(uri: str) -> pa.Table:
 
 def validate_index(table: pa.Table, name: str = "index") -> pa.Table:
     """Check the schema and values of an index table and return it unchanged."""
-    cols = table.column_names
+    validate_schema(table.schema, name)
+    check_index_values(table, name)
+    return table
+
+
+def validate_schema(schema: pa.Schema, name: str = "index") -> None:
+    """The index's columns: ``path`` strings, no reserved names, integer ``label``, string ``split``."""
+    cols = schema.names
     if PATH_COL not in cols:
         msg = f"{name}: required column 'path' is missing (columns: {cols}); it must hold image paths or URIs"
         raise UserError(msg)
-    if not (pa.types.is_string(table.schema.field(PATH_COL).type)
-            or pa.types.is_large_string(table.schema.field(PATH_COL).type)):
-        msg = f"{name}: column 'path' has type {table.schema.field(PATH_COL).type}; expected string"
+    if not (pa.types.is_string(schema.field(PATH_COL).type) or pa.types.is_large_string(schema.field(PATH_COL).type)):
+        msg = f"{name}: column 'path' has type {schema.field(PATH_COL).type}; expected string"
         raise UserError(msg)
     reserved = [c for c in cols if c in RESERVED_COLS]
     if reserved:
         msg = f"{name}: column(s) {reserved} are reserved for outputs; rename them (reserved: {list(RESERVED_COLS)})"
         raise UserError(msg)
     if LABEL_COL in cols:
-        t = table.schema.field(LABEL_COL).type
+        t = schema.field(LABEL_COL).type
         if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
             msg = f"{name}: column 'label' has type {t}; expected integers 0 (normal) or 1 (anomalous)"
             raise UserError(msg)
-        labels = table.column(LABEL_COL).cast(pa.int64())
-        bad = pc.invert(pc.is_in(labels, pa.array([0, 1], pa.int64())))
-        if pc.any(pc.fill_null(bad, True)).as_py():
-            values = sorted({v for v in pc.filter(labels, pc.fill_null(bad, True)).to_pylist()}, key=str)[:5]
-            msg = f"{name}: column 'label' holds {values}; allowed values are 0 (normal) and 1 (anomalous), no nulls"
-            raise UserError(msg)
-    if SPLIT_COL in cols and not (pa.types.is_string(table.schema.field(SPLIT_COL).type)
-                                  or pa.types.is_large_string(table.schema.field(SPLIT_COL).type)):
-        msg = f"{name}: column 'split' has type {table.schema.field(SPLIT_COL).type}; expected string"
+    if SPLIT_COL in cols and not (pa.types.is_string(schema.field(SPLIT_COL).type)
+                                  or pa.types.is_large_string(schema.field(SPLIT_COL).type)):
+        msg = f"{name}: column 'split' has type {schema.field(SPLIT_COL).type}; expected string"
         raise UserError(msg)
-    return table
+
+
+def check_index_values(table: pa.Table, name: str = "index") -> None:
+    """The values of ``label`` where the table has it: 0 or 1, no nulls."""
+    if LABEL_COL not in table.column_names:
+        return
+    labels = table.column(LABEL_COL).cast(pa.int64())
+    bad = pc.invert(pc.is_in(labels, pa.array([0, 1], pa.int64())))
+    if pc.any(pc.fill_null(bad, True)).as_py():
+        values = sorted({v for v in pc.filter(labels, pc.fill_null(bad, True)).to_pylist()}, key=str)[:5]
+        msg = f"{name}: column 'label' holds {values}; allowed values are 0 (normal) and 1 (anomalous), no nulls"
+        raise UserError(msg)
 
 
 def with_row_index(table: pa.Table) -> pa.Table:

@@ -1,9 +1,9 @@
 """Output stage: scores written in deterministic parts, so an interrupted job resumes where it stopped.
 
 Part k holds index rows ``[k * rows_per_part, (k + 1) * rows_per_part)``, sorted by ``row_index``, in
-``part-{k:08d}.parquet``. A part is written to a hidden temporary name and then moved into place, so a part file
-exists only when complete. ``_rayanom_scores.json`` records what the parts belong to (model, index, part size, batch
-size): running the same command again skips the complete parts and writes the rest, and the result equals an
+``part-{k:08d}.parquet``, written by the worker that scored it to a hidden temporary name and then moved into place,
+so a part file exists only when complete. ``_rayanom_scores.json`` records what the parts belong to (model, index
+fingerprint and its files', part size, precision): running the same command again skips the complete parts and writes the rest, and the result equals an
 uninterrupted run; a different model or index is refused unless ``--overwrite``. Names starting with ``_`` or ``.``
 are ignored by pyarrow and Ray Data readers, so the directory reads as one parquet dataset.
 """
@@ -17,12 +17,11 @@ import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, resolve_filesystem
+from rayanom.data import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +83,10 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     if names and previous != manifest:
         if not overwrite:
             what = "scores of another model, index or part layout" if previous else "incomplete scores"
+            done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
+            if previous and _without_index(previous) == _without_index(manifest):
+                what = (f"scores of another version of this index: {changed_parts(previous, manifest, done)} of "
+                        f"its {len(done)} complete parts read rows that changed")
             msg = (f"output {output!r} holds {what}; pass --overwrite to replace them (re-running the same command "
                    "resumes instead)")
             raise UserError(msg)
@@ -103,6 +106,13 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     return done
 
 
+_INDEX_KEYS = ("index", "index_files", "n_rows", "n_parts")  # what a new version of the same index changes
+
+
+def _without_index(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in _INDEX_KEYS}
+
+
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
     try:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:
@@ -111,44 +121,27 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
         return None
 
 
-class PartWriter:
-    """Collects scored blocks (any order) and writes each part as soon as all its rows have arrived."""
+def write_part(output: str, k: int, table: pa.Table, job: str) -> None:
+    """Write part ``k`` on a worker: to a hidden name unique to ``job`` and this part, then moved into place, so a
+    part file exists only when complete (a retried task rewrites its own temporary file)."""
+    fs, path = resolve_filesystem(output)
+    tmp, final = f"{path}/.{part_name(k)}.{job}.tmp", f"{path}/{part_name(k)}"
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f)
+    fs.move(tmp, final)
 
-    def __init__(self, output: str, rows_per_part: int, n_rows: int) -> None:
-        self.fs, self.path = resolve_filesystem(output)
-        self.rows_per_part = rows_per_part
-        self.n_rows = n_rows
-        self._pending: dict[int, list[pa.Table]] = {}
-        self._counts: dict[int, int] = {}
-        self.written = 0
 
-    def _size(self, k: int) -> int:
-        return min(self.rows_per_part, self.n_rows - k * self.rows_per_part)
-
-    def add(self, block: pa.Table) -> None:
-        """A scored block, in any order; its rows may belong to one part or several."""
-        if block.num_rows == 0:
-            return
-        parts = pc.divide(block.column(ROW_COL), self.rows_per_part).to_numpy()
-        for k in np.unique(parts):
-            rows = block.filter(pa.array(parts == k)) if parts[0] != parts[-1] else block
-            k = int(k)
-            self._pending.setdefault(k, []).append(rows)
-            self._counts[k] = self._counts.get(k, 0) + rows.num_rows
-            if self._counts[k] == self._size(k):
-                self._write(k, pa.concat_tables(self._pending.pop(k)).sort_by(ROW_COL))
-                del self._counts[k]
-
-    def _write(self, k: int, table: pa.Table) -> None:
-        tmp, final = f"{self.path}/.{part_name(k)}.tmp", f"{self.path}/{part_name(k)}"
-        with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f)
-        self.fs.move(tmp, final)
-        self.written += 1
-
-    def close(self) -> None:
-        """Every expected row must have arrived: a gap is an internal error, never silent."""
-        if self._pending:
-            missing = {k: self._size(k) - self._counts[k] for k in self._pending}
-            msg = f"parts {sorted(missing)[:5]} are incomplete ({sum(missing.values())} rows missing)"
-            raise RuntimeError(msg)
+def changed_parts(previous: dict, manifest: dict, done: set[int]) -> int:
+    """How many of the ``done`` parts of ``previous`` read rows of index files that ``manifest``'s index changed
+    (per-file fingerprints; a file whose row count changed, or that is gone, shifts every row after it)."""
+    old, new = previous.get("index_files", []), manifest.get("index_files", [])
+    rows = [json.loads(f)[3] for f in old]
+    starts = np.cumsum([0, *rows])
+    shift = next((i for i in range(len(old)) if i >= len(new) or json.loads(new[i])[3] != rows[i]), len(old))
+    per = previous["rows_per_part"]
+    hit: set[int] = set()
+    for i in range(len(old)):
+        if i < shift and old[i] == new[i]:
+            continue
+        hit |= {k for k in done if k * per < starts[i + 1] and (k + 1) * per > starts[i]}
+    return len(hit)

@@ -2,10 +2,12 @@
 
 fit:   index -> training rows whose keys can enter the bank (bank.collect_bank: a pass, rarely more) -> decode
        (CPU tasks) -> bank items (actor pool) -> bank (driver) -> head
-score: index -> decode (CPU tasks) -> features + head (actor pool; head broadcast once via the object store) -> parquet
+score: part descriptors (driver, from the index's footers) -> read rows, decode, features + head, write the part (one
+       actor call a part; head broadcast once via the object store) -> one summary a part (driver)
 
-Ray must already be initialised (``jobs/`` does it). Blocks are index slices of exactly ``batch_size`` rows and
-every stage maps whole blocks, so each forward pass sees the same rows whatever the number of actors.
+Ray must already be initialised (``jobs/`` does it). Fit blocks are slices of exactly ``batch_size`` rows and every
+stage maps whole blocks; scoring cuts its batches at fixed offsets inside each part: each forward pass sees the same
+rows whatever the number of actors.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +36,7 @@ from rayanom.data import (
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
 from rayanom.heads import anomaly_probability
-from rayanom.parts import PartWriter, open_parts, table_fingerprint
+from rayanom.parts import open_parts, table_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -296,39 +299,88 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
     return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
-def score(index: pa.Table, artifact: Artifact, state: dict[str, np.ndarray], output: str,
-          run: RunConfig = RunConfig(), overwrite: bool = False) -> dict:
-    """Score every row of a validated index table into parquet parts at ``output`` (one row per input row).
+class PartScorer:
+    """Score-stage actor whose unit of work is one output part: it reads the part's index rows (``index.read_rows``),
+    decodes them in a thread pool (the next batch while the current one runs), scores them in forward batches cut at
+    fixed offsets from the part's start (``Scorer``), and writes the part (``parts.write_part``). Only a one-row
+    summary goes back, so no row passes through the driver and every run forms the same batches."""
 
-    ``state`` is the backbone from ``features.artifact_weights``. Parts already complete from an interrupted run of
-    the same model, index and layout are kept and skipped (``parts``). Returns the summary of ``evaluate.summarize``.
+    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int, precision: str,
+                 index, output: str, job: str, batch_size: int) -> None:
+        import torch
+
+        self.scorer = Scorer(config, state, head_state, device, threads, precision)
+        self.index, self.output, self.job, self.batch_size = _resolve(index), output, job, batch_size
+        self.image_size = config.image_size
+        # PIL releases the GIL while decoding and resampling: decode threads run beside the forward pass.
+        self.threads = max(2, torch.get_num_threads())
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def _decode(self, rows: pa.Table):
+        """Futures decoding ``rows`` in up to ``threads`` slices."""
+        step = -(-rows.num_rows // self.threads)
+        return [self.pool.submit(decode_table, rows.slice(s, step), self.image_size)
+                for s in range(0, rows.num_rows, step)]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from rayanom.index import read_rows
+        from rayanom.parts import write_part
+
+        k, start, stop = (int(batch[c][0]) for c in ("part", "start", "stop"))
+        rows = read_rows(self.index, start, stop)
+        cuts = [rows.slice(s, self.batch_size) for s in range(0, rows.num_rows, self.batch_size)]
+        scored, pending = [], self._decode(cuts[0]) if cuts else []
+        for i in range(len(cuts)):
+            decoded = pa.concat_tables([f.result() for f in pending])
+            pending = self._decode(cuts[i + 1]) if i + 1 < len(cuts) else []
+            scored.append(self.scorer(decoded))
+        table = pa.concat_tables(scored) if scored else rows
+        # What the part was computed from, kept in its metadata: the sha256 of its index rows.
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               b"rayanom_input_sha256": table_fingerprint(rows).encode()})
+        write_part(self.output, k, table, self.job)
+        failed = table.num_rows - table.column(ERROR_COL).null_count if scored else 0
+        return {"part": np.array([k]), "rows": np.array([table.num_rows]), "failed": np.array([failed])}
+
+
+def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, run: RunConfig = RunConfig(),
+          overwrite: bool = False) -> dict:
+    """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
+    ``output``: one row per input row, written by the workers.
+
+    ``state`` is the backbone from ``features.artifact_weights``. Part k holds rows [k P, (k + 1) P) for
+    P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
+    are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
+    Returns the summary of ``evaluate.summarize``.
     """
-    table = with_row_index(index)
-    n = table.num_rows
-    per_part = -(-run.rows_per_part // run.batch_size) * run.batch_size  # parts hold whole blocks
-    manifest = {"format": "rayanom-scores", "format_version": 1, "model": artifact_fingerprint(artifact),
-                "index": table_fingerprint(index), "n_rows": n, "rows_per_part": per_part,
-                "batch_size": run.batch_size, "precision": run.precision, "n_parts": -(-n // per_part)}
+    import uuid
+
+    n, per_part = index.n_rows, run.rows_per_part
+    manifest = {"format": "rayanom-scores", "format_version": 2, "model": artifact_fingerprint(artifact),
+                "index": index.fingerprint, "index_files": list(index.file_fingerprints), "n_rows": n,
+                "rows_per_part": per_part, "precision": run.precision, "n_parts": -(-n // per_part)}
     done = open_parts(output, manifest, overwrite)
-    # Blocks are cut at absolute index positions, so a resumed run forms exactly the batches of an uninterrupted one.
-    blocks = [b for k in range(manifest["n_parts"]) if k not in done
-              for b in _blocks(table, k * per_part, min((k + 1) * per_part, n), run.batch_size)]
+    todo = [{"part": k, "start": k * per_part, "stop": min((k + 1) * per_part, n)}
+            for k in range(manifest["n_parts"]) if k not in done]
     logger.info("score: %d rows with a %s model -> %s (%d parts, %d to write)", n, artifact.config.model, output,
-                manifest["n_parts"], manifest["n_parts"] - len(done))
-    writer = PartWriter(output, per_part, n)
-    if blocks:
-        ds = _decoded(blocks, artifact.config, run).map_batches(
-            Scorer, fn_constructor_kwargs={"config": artifact.config, "state": ray.put(state),
-                                           "head_state": ray.put(artifact.head.to_state()), "device": run.device,
-                                           "threads": run.threads_per_actor, "precision": run.precision},
-            **_actor_args(run))
+                manifest["n_parts"], len(todo))
+    if todo:
         t0 = time.time()
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(block)
-        n_done = sum(b.num_rows for b in blocks)
+        args = _actor_args(dataclasses.replace(run, num_actors=min(run.num_actors, len(todo))))
+        args["batch_size"], args["batch_format"] = 1, "numpy"  # one part descriptor a call
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            PartScorer, fn_constructor_kwargs={
+                "config": artifact.config, "state": ray.put(state), "head_state": ray.put(artifact.head.to_state()),
+                "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
+                "index": ray.put(index), "output": output, "job": uuid.uuid4().hex[:12],
+                "batch_size": run.batch_size}, **args)
+        written = ds.take_all()
+        n_done = sum(int(r["rows"]) for r in written)
+        if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):
+            msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
+            raise RuntimeError(msg)
         logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
                     n_done / max(time.time() - t0, 1e-9))
-    writer.close()
     summary = summarize(output)
     if summary["rows"] != n:
         msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"

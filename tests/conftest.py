@@ -34,3 +34,13 @@ def ray_local():
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     yield ray
     ray.shutdown()
+
+
+def index_at(path, table):
+    """Write ``table`` as a parquet index at ``path`` and describe it (``rayanom.index.describe_index``)."""
+    import pyarrow.parquet as pq
+
+    from rayanom.index import describe_index
+
+    pq.write_table(table, str(path))
+    return describe_index(str(path))

@@ -29,7 +29,9 @@ from rayanom.features import resolve_weights
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
 state, source = resolve_weights(config, None, False)
 artifact = pipeline.fit(read_index(demo_index), config, state, source, RunConfig(batch_size=8)).artifact
-index = pa.concat_tables([pq.read_table(demo_test)] * 12)
+pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 12), out_dir + "/long.parquet")
+from rayanom.index import describe_index
+index = describe_index(out_dir + "/long.parquet")
 run = RunConfig(batch_size=2, rows_per_part=4, num_actors=2)
 pipeline.score(index, artifact, state, out_dir + "/ref", run)
 out = out_dir + "/scores"

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL
+from conftest import SMALL, index_at
 
 from rayanom import pipeline
 from rayanom.artifact import Artifact
@@ -18,6 +18,7 @@ from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.data import decode_image, read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor, resolve_weights
 from rayanom.heads import BATCH_RTOL, KdeHead, anomaly_probability
+from rayanom.index import describe_index
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,8 @@ def test_score_accounts_for_every_row(fitted, demo_set, tmp_path):
         "weight": pa.array([None if i % 3 == 0 else i * 0.5 for i in range(n)], pa.float32()),
     })
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index, result.artifact, state, out, RunConfig(batch_size=4, num_actors=2))
+    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), result.artifact, state, out,
+                             RunConfig(batch_size=4, num_actors=2))
     assert (summary["rows"], summary["scored"], summary["failed"]) == (n, n - 3, 3)
     scores = pq.read_table(out).sort_by("row_index")
     assert scores.column_names == ["path", "label", "item_id", "weight", "row_index", "anomaly_score",
@@ -195,7 +197,7 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
     ref = DfmHead(0.97, "fre").fit(_features(config, state, train.column("path").to_pylist()))
     assert np.array_equal(np.abs(result.artifact.head.pca_.components_).shape, ref.pca_.components_.shape)
     out = str(tmp_path / "scores")
-    summary = pipeline.score(read_index(demo_set["test"]), result.artifact, state, out, RunConfig(batch_size=4))
+    summary = pipeline.score(describe_index(demo_set["test"]), result.artifact, state, out, RunConfig(batch_size=4))
     assert (summary["rows"], summary["failed"]) == (12, 0)
     rows = pq.read_table(out).sort_by("row_index").to_pylist()
     test_paths = [r["path"] for r in rows]
@@ -253,9 +255,8 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
     n_regions = sum(len(b) for b, _ in regions)
     assert result.artifact.provenance["n_bank_rows"] == min(60, n_regions)  # regions, capped, uniform by key
     # Scoring: one row per image; boxes in original pixels; the image score is the largest region score.
-    test = read_index(rkde_set["test"])
     out = str(tmp_path / "scores")
-    summary = pipeline.score(test, result.artifact, state, out, RunConfig(batch_size=2, num_actors=1))
+    summary = pipeline.score(describe_index(rkde_set["test"]), result.artifact, state, out, RunConfig(batch_size=2, num_actors=1))
     assert (summary["rows"], summary["failed"]) == (4, 0)
     rows = pq.read_table(out).sort_by("row_index").to_pylist()
     test_images = np.stack([decode_image(open(r["path"], "rb").read(), (240, 360)) for r in rows])
@@ -274,7 +275,8 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
 
     for name, size in (("one_pixel.png", (1, 1)), ("strip.png", (4000, 3))):
         Image.new("RGB", size, "gray").save(tmp_path / name)
-    odd = pa.table({"path": [str(tmp_path / "one_pixel.png"), str(tmp_path / "strip.png"), rows[0]["path"]]})
+    odd = index_at(tmp_path / "odd.parquet",
+                   pa.table({"path": [str(tmp_path / "one_pixel.png"), str(tmp_path / "strip.png"), rows[0]["path"]]}))
     no_regions = dataclasses.replace(result.artifact, config=dataclasses.replace(config, roi_score_threshold=1.0))
     for artifact, out_name in ((result.artifact, "odd"), (no_regions, "none")):
         pipeline.score(odd, artifact, state, str(tmp_path / out_name), RunConfig(batch_size=3))

@@ -15,13 +15,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL
+from conftest import SMALL, index_at
 from test_hostile import make_hostile
 
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.data import read_index
 from rayanom.features import resolve_weights
+from rayanom.index import read_rows
+from rayanom.parts import table_fingerprint
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +55,8 @@ def test_hostile_files_end_to_end(model, tmp_path):
     cases = make_hostile(tmp_path / "files")
     index = pa.table({"path": pa.array([p for _, p, _ in cases] * 2, pa.string())})  # duplicates included
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index, artifact, state, out, RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
+    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), artifact, state, out,
+                             RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
     for i, (name, _, expected) in enumerate(cases * 2):
@@ -91,17 +94,34 @@ def _long_index(demo_set, copies=12):
 def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
     artifact, state = model
     index = _long_index(demo_set)
+    info = index_at(tmp_path / "long.parquet", index)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     reference = str(tmp_path / "reference")
-    pipeline.score(index, artifact, state, reference, run)
+    pipeline.score(info, artifact, state, reference, run)
     out, killed = str(tmp_path / "scores"), []
-    killer = threading.Thread(target=_kill_once, args=("MapBatches(Scorer)", lambda: len(_parts(out)) >= 2, killed))
+    killer = threading.Thread(target=_kill_once, args=("MapBatches(PartScorer)", lambda: len(_parts(out)) >= 2,
+                                                       killed))
     killer.start()
-    pipeline.score(index, artifact, state, out, run)
+    pipeline.score(info, artifact, state, out, run)
     killer.join()
     assert killed, "the scoring actor was never killed: the test did not test anything"
     assert len(_parts(out)) == 36
     assert check_accounting(out, index).equals(pq.read_table(reference).sort_by("row_index"))
+
+
+def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
+    artifact, state = model
+    info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
+    outs = []
+    for actors in (1, 2):
+        outs.append(str(tmp_path / f"scores-{actors}"))
+        pipeline.score(info, artifact, state, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
+    assert sorted(_parts(outs[0])) == sorted(_parts(outs[1])) and len(_parts(outs[0])) == 6
+    for name in _parts(outs[0]):  # part by part, rows and values bit for bit
+        assert pq.read_table(os.path.join(outs[0], name)).equals(pq.read_table(os.path.join(outs[1], name))), name
+    k = 2  # each part's metadata holds the sha256 of the index rows it was computed from
+    meta = pq.read_schema(os.path.join(outs[0], f"part-{k:08d}.parquet")).metadata[b"rayanom_input_sha256"]
+    assert meta.decode() == table_fingerprint(read_rows(info, 4 * k, 4 * k + 4))
 
 
 def test_interrupted_score_job_resumes_to_the_same_output(demo_set, tmp_path):

@@ -1,0 +1,192 @@
+"""The scoring data plane at scale: pipeline cost per row, driver memory, and real images against an in-process loop.
+
+    python benchmarks/pipeline.py                 # everything (about 10 minutes on 2 cores)
+    python benchmarks/pipeline.py --only cost     # pipeline cost and driver memory only
+
+* **cost**: ``jobs/score.py`` (a whole process, as a user runs it) on indexes of files that do not exist (no decode,
+  no model work: the pipeline's own cost) at 50,000 and 200,000 rows; rate = extra rows / extra seconds, so start-up
+  cancels. Side by side, the plain Ray Data pipeline with the same per-row work: ``read_parquet`` -> ``map_batches``
+  that tries to open each file -> ``map_batches`` with a 1-actor pool -> ``write_parquet``, batches of 256.
+* **memory**: the peak RSS of the ``jobs/score.py`` driver process (polled) at 200,000 and 1,000,000 rows.
+* **images**: 20,000 rows of 64 x 64 PNGs (200 distinct, repeated), resnet18 at 64^2, against an in-process loop
+  (decode -> forward -> KDE head, the same threads and batch size, no parquet, no Ray).
+
+Prints a table and writes benchmarks/pipeline-results.json (or --out). Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _write_missing(path: str, n: int) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not os.path.exists(path):
+        pq.write_table(pa.table({"path": [f"/nonexistent/dir/image-{i:09d}.png" for i in range(n)],
+                                 "label": pa.array(np.arange(n) % 2)}), path, row_group_size=65536)
+    return path
+
+
+def _rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (Linux /proc), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and the peak RSS (bytes) of the process ``cmd`` itself (polled every 0.1 s)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def poll():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _rss(proc.pid))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    out, err = proc.communicate()
+    poller.join()
+    if proc.returncode not in (0, 2):  # 2: missing files exceed --max-failed-fraction, as intended
+        raise RuntimeError(err[-3000:])
+    return time.perf_counter() - t, peak[0]
+
+
+PLAIN = r'''
+import os, sys, logging
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1"); os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import numpy as np, ray, ray.data
+from ray.data import ActorPoolStrategy
+index, out = sys.argv[1:3]
+ray.init(num_cpus=max(3, os.cpu_count()), include_dashboard=False, logging_level=logging.WARNING)
+def try_open(batch):
+    errors = []
+    for p in batch["path"]:
+        try:
+            open(p, "rb").close(); errors.append(None)
+        except OSError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    batch["error"] = np.array(errors, dtype=object)
+    return batch
+class Model:
+    def __call__(self, batch):
+        batch["anomaly_score"] = np.full(len(batch["path"]), np.nan)
+        return batch
+(ray.data.read_parquet(index).map_batches(try_open, batch_size=256)
+ .map_batches(Model, compute=ActorPoolStrategy(size=1), batch_size=256).write_parquet(out))
+'''
+
+
+def bench_cost(root: str, model: str, sizes: tuple[int, ...], memory_sizes: tuple[int, ...]) -> dict:
+    plain = os.path.join(root, "plain.py")
+    with open(plain, "w") as f:
+        f.write(PLAIN)
+    out: dict = {"score_py": {}, "plain": {}}
+    for n in sorted(set(sizes) | set(memory_sizes)):
+        index = _write_missing(os.path.join(root, f"missing-{n}.parquet"), n)
+        wall, rss = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
+                          os.path.join(root, f"scores-{n}-{time.time_ns()}"), "--quiet"])
+        out["score_py"][n] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss / 2**20, 1)}
+        print(f"score.py on {n} missing rows: {wall:.1f} s, driver peak RSS {rss / 2**20:.0f} MB", flush=True)
+        if n in sizes:
+            wall, _ = _run([sys.executable, plain, index, os.path.join(root, f"plain-{n}-{time.time_ns()}")])
+            out["plain"][n] = {"wall_s": round(wall, 1)}
+            print(f"plain Ray Data pipeline on {n} rows: {wall:.1f} s", flush=True)
+    a, b = min(sizes), max(sizes)
+    for name in ("score_py", "plain"):
+        extra = out[name][b]["wall_s"] - out[name][a]["wall_s"]
+        out[name]["rows_per_s"] = round((b - a) / max(extra, 1e-9))
+    out["ratio_to_plain"] = round(out["score_py"]["rows_per_s"] / out["plain"]["rows_per_s"], 2)
+    lo, hi = min(memory_sizes), max(memory_sizes)
+    out["rss_growth_mb"] = round(out["score_py"][hi]["peak_rss_mb"] - out["score_py"][lo]["peak_rss_mb"], 1)
+    print(f"pipeline cost: score.py {out['score_py']['rows_per_s']} rows/s, plain {out['plain']['rows_per_s']} "
+          f"rows/s ({out['ratio_to_plain']}x); driver RSS growth {lo} -> {hi} rows: {out['rss_growth_mb']} MB",
+          flush=True)
+    return out
+
+
+def bench_images(root: str, model: str, n: int, distinct: int, batch: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayanom.demo import make_demo
+
+    index = os.path.join(root, f"images-{n}.parquet")
+    if not os.path.exists(index):
+        flat = pq.read_table(make_demo(os.path.join(root, "images"), n_train=distinct, n_test_normal=0,
+                                       n_test_anomalous=0, size=64, seed=0))
+        paths = np.asarray(flat.column("path").to_pylist(), dtype=object)[np.arange(n) % distinct]
+        pq.write_table(pa.table({"path": paths.tolist()}), index)
+    wall, _ = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
+                    os.path.join(root, f"scores-images-{time.time_ns()}"), "--batch-size", str(batch), "--quiet"])
+    # In-process loop: the same decode, extractor and head, one process, the machine's threads.
+    from rayanom.artifact import Artifact
+    from rayanom.data import decode_batch
+    from rayanom.features import FeatureExtractor, artifact_weights
+
+    artifact = Artifact.load(model)
+    state = artifact_weights(artifact.config, artifact.weights, None)
+    t = time.perf_counter()
+    extractor = FeatureExtractor(artifact.config, state, precision=artifact.provenance["run"]["precision"])
+    paths = pq.read_table(index).column("path").to_pylist()
+    for s in range(0, n, batch):
+        images = decode_batch({"path": paths[s:s + batch]}, artifact.config.image_size)["image"]
+        artifact.head.score_samples(extractor(images))
+    loop = time.perf_counter() - t
+    out = {"score_py_wall_s": round(wall, 1), "loop_s": round(loop, 1), "score_py_images_per_s": round(n / wall, 1),
+           "loop_images_per_s": round(n / loop, 1), "ratio": round(loop / wall, 2)}
+    print(f"images: score.py {n} rows in {wall:.1f} s ({n / wall:.0f}/s, whole process), in-process loop "
+          f"{loop:.1f} s ({n / loop:.0f}/s): {out['ratio']}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["cost", "images"])
+    parser.add_argument("--out", default=os.path.join(HERE, "pipeline-results.json"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    sys.path.insert(0, REPO)
+    root = os.path.join(HERE, "data-pipeline")
+    os.makedirs(root, exist_ok=True)
+    model_dir = os.path.join(root, "run")
+    if not os.path.exists(os.path.join(model_dir, "model")):
+        demo = os.path.join(root, "demo")
+        from rayanom.demo import make_demo
+
+        train = make_demo(demo, n_train=40, n_test_normal=0, n_test_anomalous=0, size=64, seed=0)
+        subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", train, "--out", model_dir,
+                        "--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--precision", "fp32",
+                        "--quiet"], cwd=REPO, env=ENV, check=True, capture_output=True)
+    model = os.path.join(model_dir, "model")
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+               "date": time.strftime("%Y-%m-%d")}
+    if args.only != "images":
+        results["cost"] = bench_cost(root, model, (50_000, 200_000), (200_000, 1_000_000))
+    if args.only != "cost":
+        results["images"] = bench_images(root, model, 20_000, 200, args.batch_size)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The index at scale: described from parquet footers on the driver, read in row ranges on the workers.
+
+``describe_index`` lists the index's files in the order ``pyarrow.parquet.read_table`` reads them (pyarrow's dataset
+discovery: a file, or a directory's files sorted, names starting with ``_`` or ``.`` ignored) and reads each footer:
+the schema, the rows per file and per row group. From those alone come ``row_index`` (a row's position in that
+order), the fingerprint (paths, sizes, modification times, row counts, schema: O(files)) and the checks of the
+schema. The rows themselves are read only by workers, as ranges (``read_rows``), and the values of ``label`` by
+``index_value_errors`` (one task per group of files, returning at most a message each). Nothing here grows with the
+number of rows on the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from rayanom.config import UserError
+from rayanom.data import LABEL_COL, ROW_COL, check_index_values, resolve_filesystem, validate_schema
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """Metadata of a parquet index: enough to read any row range on a worker. O(files + row groups) in size."""
+
+    uri: str
+    files: tuple[str, ...]  # filesystem paths (resolved against ``uri``'s filesystem), in read order
+    group_rows: tuple[tuple[int, ...], ...]  # rows per row group, per file
+    file_fingerprints: tuple[str, ...]  # per file: path, size, modification time, rows
+    schema_text: str
+    columns: tuple[str, ...]
+
+    @property
+    def file_rows(self) -> np.ndarray:
+        return np.array([sum(g) for g in self.group_rows], dtype=np.int64)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.file_rows.sum())
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the files' identities and the schema: changes when any file is replaced, grown or edited."""
+        text = json.dumps({"files": self.file_fingerprints, "schema": self.schema_text})
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def file_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) global row range of each file."""
+        ends = np.cumsum(self.file_rows)
+        return [(int(e - r), int(e)) for e, r in zip(ends, self.file_rows)]
+
+
+def describe_index(uri: str) -> IndexInfo:
+    """Read the footers of the parquet index at ``uri`` and check its schema (``data.validate_schema``).
+
+    Raises:
+        UserError: unreadable index, missing ``path`` column, wrong column types, reserved column names.
+    """
+    fs, path = resolve_filesystem(uri)
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        fragments = list(dataset.get_fragments())
+        groups = tuple(tuple(f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups))
+                       for f in fragments)
+    except (OSError, pa.ArrowInvalid) as e:
+        msg = f"cannot read index {uri!r} as parquet: {e}"
+        raise UserError(msg) from e
+    validate_schema(dataset.schema, uri)
+    infos = fs.get_file_info([f.path for f in fragments])
+    prints = tuple(json.dumps([f.path, i.size, i.mtime_ns, sum(g)]) for f, i, g in zip(fragments, infos, groups))
+    return IndexInfo(uri=uri, files=tuple(f.path for f in fragments), group_rows=groups, file_fingerprints=prints,
+                     schema_text=dataset.schema.remove_metadata().to_string(), columns=tuple(dataset.schema.names))
+
+
+def read_rows(info: IndexInfo, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the index, with ``row_index``; only the row groups that hold them are read."""
+    fs = resolve_filesystem(info.uri)[0]
+    pieces = []
+    for path, groups, (f_start, f_stop) in zip(info.files, info.group_rows, info.file_ranges()):
+        if f_stop <= start or f_start >= stop:
+            continue
+        ends = f_start + np.cumsum(groups)
+        wanted = [g for g, (e, n) in enumerate(zip(ends, groups)) if e > start and e - n < stop]
+        first_row = int(ends[wanted[0]] - groups[wanted[0]])
+        with fs.open_input_file(path) as f:
+            table = pq.ParquetFile(f).read_row_groups(wanted)
+        lo = max(start, first_row) - first_row
+        pieces.append(table.slice(lo, min(stop, f_stop) - max(start, first_row)))
+    table = pa.concat_tables(pieces, promote_options="default") if pieces else _empty(info)
+    return table.append_column(ROW_COL, pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
+
+
+def _empty(info: IndexInfo) -> pa.Table:
+    fs = resolve_filesystem(info.uri)[0]
+    return pads.dataset(list(info.files), filesystem=fs, format="parquet").schema.empty_table()
+
+
+def _file_value_errors(info: IndexInfo, files: list[int]) -> str | None:
+    """A worker's share of the value checks: the first problem among ``files``, or None."""
+    fs = resolve_filesystem(info.uri)[0]
+    for i in files:
+        with fs.open_input_file(info.files[i]) as f:
+            labels = pq.ParquetFile(f).read(columns=[LABEL_COL])
+        try:
+            check_index_values(labels, f"{info.uri} ({info.files[i]})")
+        except UserError as e:
+            return str(e)
+    return None
+
+
+def index_value_errors(info: IndexInfo, files_per_task: int = 16) -> str | None:
+    """Check the values of ``label`` (0 or 1, no nulls) on the workers, reading that column only; the first problem
+    found, or None. Runs where Ray runs (local or cluster); each task returns at most one line."""
+    if LABEL_COL not in info.columns or not info.files:
+        return None
+    import ray
+
+    task = ray.remote(num_cpus=0.5)(_file_value_errors)
+    ref = ray.put(info)
+    chunks = [list(range(s, min(s + files_per_task, len(info.files)))) for s in range(0, len(info.files),
+                                                                                      files_per_task)]
+    errors = [e for e in ray.get([task.remote(ref, c) for c in chunks]) if e]
+    return errors[0] if errors else None

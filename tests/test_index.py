@@ -1,0 +1,124 @@
+"""The index from its footers: row offsets equal pyarrow's read order, schema checks, label checks on workers, and a
+resume refused when a middle file changed (naming how many parts it touches)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayanom.config import UserError
+from rayanom.data import ROW_COL
+from rayanom.index import describe_index, index_value_errors, read_rows
+from rayanom.parts import open_parts, part_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table(start, n):
+    return pa.table({"path": [f"img-{i}.png" for i in range(start, start + n)],
+                     "label": pa.array(np.zeros(n, dtype=np.int64))})
+
+
+def _index_dir(tmp_path):
+    """Four files (pyarrow reads them sorted by name): several row groups, an empty file, a parquet file without the
+    .parquet suffix; plus names pyarrow ignores."""
+    root = tmp_path / "idx"
+    root.mkdir()
+    pq.write_table(_table(0, 10), root / "a.parquet", row_group_size=3)  # row groups of 3, 3, 3, 1
+    pq.write_table(_table(10, 0), root / "b.parquet")
+    pq.write_table(_table(10, 7), root / "c-no-suffix", row_group_size=4)
+    pq.write_table(_table(17, 5), root / "d.parquet")
+    (root / "_SUCCESS").write_text("")
+    (root / ".hidden.parquet").write_text("not parquet")
+    return str(root)
+
+
+def test_row_offsets_from_footers_follow_read_table_order(tmp_path):
+    root = _index_dir(tmp_path)
+    info = describe_index(root)
+    whole = pq.read_table(root)
+    assert info.n_rows == whole.num_rows == 22
+    assert [os.path.basename(f) for f in info.files] == ["a.parquet", "b.parquet", "c-no-suffix", "d.parquet"]
+    for start, stop in [(0, 22), (0, 1), (2, 4), (3, 12), (9, 11), (10, 17), (16, 18), (21, 22), (5, 5)]:
+        got = read_rows(info, start, stop)
+        assert got.column(ROW_COL).to_pylist() == list(range(start, stop))
+        assert got.drop_columns([ROW_COL]).equals(whole.slice(start, stop - start)), (start, stop)
+    single = describe_index(os.path.join(root, "a.parquet"))
+    assert read_rows(single, 0, 10).column("path").to_pylist() == [f"img-{i}.png" for i in range(10)]
+
+
+@pytest.mark.parametrize("table,message", [
+    (pa.table({"file": ["a"]}), "required column 'path' is missing"),
+    (pa.table({"path": ["a"], "anomaly_score": [1.0]}), "column(s) ['anomaly_score'] are reserved"),
+    (pa.table({"path": ["a"], "label": ["x"]}), "column 'label' has type string"),
+])
+def test_schema_is_checked_from_the_footers(tmp_path, table, message):
+    pq.write_table(table, tmp_path / "i.parquet")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        describe_index(str(tmp_path / "i.parquet"))
+
+
+def test_unreadable_index_is_a_clear_error(tmp_path):
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(UserError, match="cannot read index"):
+        describe_index(str(tmp_path / "x.parquet"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_label_values_are_checked_on_the_workers(ray_local, tmp_path):
+    root = _index_dir(tmp_path)
+    assert index_value_errors(describe_index(root)) is None
+    bad = _table(30, 4).set_column(1, "label", pa.array([0, 2, None, 1], pa.int64()))
+    pq.write_table(bad, os.path.join(root, "c-no-suffix"))
+    error = index_value_errors(describe_index(root), files_per_task=1)
+    assert "c-no-suffix" in error and "column 'label' holds [2, None]" in error
+
+
+def test_score_job_rejects_bad_labels_before_writing(tmp_path):
+    index = tmp_path / "index.parquet"
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": pa.array([0, 3], pa.int64())}), index)
+    out = tmp_path / "scores"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    model = tmp_path / "model"
+    from rayanom.artifact import Artifact
+    from rayanom.config import DfkdeConfig
+    from rayanom.heads import KdeHead
+
+    config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=2)
+    head = KdeHead(2).fit(np.random.default_rng(0).normal(size=(20, 512)))
+    Artifact(config=config, head=head, weights={"kind": "random", "seed": 0}, provenance={}).save(str(model))
+    proc = subprocess.run([sys.executable, "jobs/score.py", "--model", str(model), "--index", str(index), "--out",
+                           str(out), "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "column 'label' holds [3]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_resume_refused_when_a_middle_file_changed(tmp_path):
+    root = _index_dir(tmp_path)
+    out = str(tmp_path / "scores")
+
+    def manifest(info):
+        return {"format": "rayanom-scores", "model": "m", "index": info.fingerprint,
+                "index_files": list(info.file_fingerprints), "n_rows": info.n_rows, "rows_per_part": 4,
+                "n_parts": -(-info.n_rows // 4)}
+
+    first = manifest(describe_index(root))
+    assert open_parts(out, first, overwrite=False) == set()
+    for k in range(5):  # parts 0-4 (rows 0-19) complete, part 5 not
+        pq.write_table(pa.table({"x": [k]}), os.path.join(out, part_name(k)))
+    assert open_parts(out, first, overwrite=False) == set(range(5))  # the same index resumes
+
+    changed = _table(10, 7).set_column(0, "path", pa.array([f"new-{i}" for i in range(7)]))  # same row count
+    pq.write_table(changed, os.path.join(root, "c-no-suffix"), row_group_size=4)
+    with pytest.raises(UserError, match="another version of this index: 3 of its 5 complete parts read rows"):
+        open_parts(out, manifest(describe_index(root)), overwrite=False)  # rows 10-16: parts 2, 3, 4
+
+    pq.write_table(_table(0, 11), os.path.join(root, "a.parquet"))  # one more row: every later row moves
+    with pytest.raises(UserError, match="5 of its 5 complete parts"):
+        open_parts(out, manifest(describe_index(root)), overwrite=False)
