@@ -31,7 +31,8 @@ _ROW_CHUNK = 65536  # feature rows projected at a time when scoring (bounds floa
 def anomaly_probability(log_density: np.ndarray) -> np.ndarray:
     """anomalib's ``pred_score`` for a KDE head, computed stably in float64 (never exactly 1 from underflow)."""
     t = ANOMALIB_STEEPNESS * (np.asarray(log_density, dtype=np.float64) - ANOMALIB_OFFSET)
-    return np.exp(-np.logaddexp(0.0, t))
+    with np.errstate(invalid="ignore"):  # NaN in (a failed row), NaN out, no warning per batch
+        return np.exp(-np.logaddexp(0.0, t))
 
 
 def _not_fitted(obj: object) -> RuntimeError:
