@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +22,6 @@ import pyarrow.parquet as pq
 
 from rayanom.config import UserError
 from rayanom.data import LABEL_COL, ROW_COL, check_index_values, resolve_filesystem, validate_schema
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

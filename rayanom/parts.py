@@ -3,9 +3,10 @@
 Part k holds index rows ``[k * rows_per_part, (k + 1) * rows_per_part)``, sorted by ``row_index``, in
 ``part-{k:08d}.parquet``, written by the worker that scored it to a hidden temporary name and then moved into place,
 so a part file exists only when complete. ``_rayanom_scores.json`` records what the parts belong to (model, index
-fingerprint and its files', part size, precision): running the same command again skips the complete parts and writes the rest, and the result equals an
-uninterrupted run; a different model or index is refused unless ``--overwrite``. Names starting with ``_`` or ``.``
-are ignored by pyarrow and Ray Data readers, so the directory reads as one parquet dataset.
+fingerprint and its files', part size, precision): running the same command again skips the complete parts and
+writes the rest, and the result equals an uninterrupted run; a different model or index is refused unless
+``--overwrite``. Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory
+reads as one parquet dataset.
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))]
     previous = _read_manifest(fs, path) if MANIFEST in names else None
+    done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
     if names and previous != manifest:
         if not overwrite:
             what = "scores of another model, index or part layout" if previous else "incomplete scores"
-            done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
             if previous and _without_index(previous) == _without_index(manifest):
                 what = (f"scores of another version of this index: {changed_parts(previous, manifest, done)} of "
                         f"its {len(done)} complete parts read rows that changed")
@@ -92,7 +93,7 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
             raise UserError(msg)
         for name in names:
             fs.delete_file(f"{path}/{name}")
-        names = []
+        names, done = [], set()
     fs.create_dir(path, recursive=True)
     for name in names:
         if name.endswith(".tmp"):
@@ -100,7 +101,6 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     if MANIFEST not in names:
         with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
-    done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
     if done:
         logger.info("resuming %s: %d of %d parts already complete", output, len(done), manifest["n_parts"])
     return done

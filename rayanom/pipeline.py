@@ -339,8 +339,7 @@ class PartScorer:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                b"rayanom_input_sha256": table_fingerprint(rows).encode()})
         write_part(self.output, k, table, self.job)
-        failed = table.num_rows - table.column(ERROR_COL).null_count if scored else 0
-        return {"part": np.array([k]), "rows": np.array([table.num_rows]), "failed": np.array([failed])}
+        return {"part": np.array([k]), "rows": np.array([table.num_rows])}
 
 
 def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, run: RunConfig = RunConfig(),
