@@ -95,15 +95,15 @@ def main(args: argparse.Namespace) -> int:
         pretrained = not args.weights
     model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
 
-    # Everything a user can get wrong is checked here, before Ray starts.
+    # Everything a user can get wrong in flags and outputs is checked here, before Ray starts.
+    # The index's schema is read from its footers here; its values (labels) and training rows are checked by the
+    # workers once Ray has started, before any output is written.
     from rayanom import pipeline
-    from rayanom.data import read_index
     from rayanom.index import describe_index
     from rayanom.features import resolve_weights
     from rayanom.parts import check_parts_dir, has_parts
 
-    train_table = read_index(index)
-    pipeline.check_training_rows(train_table, config, index)
+    train_info = describe_index(index)
     score_info = describe_index(score_index) if score_index else None
     if score_index:
         check_parts_dir(scores_dir)
@@ -116,14 +116,16 @@ def main(args: argparse.Namespace) -> int:
         state, source = rkde_weights(config, args.detector_weights, args.region_weights)
     else:
         state, source = resolve_weights(config, args.weights, pretrained)
-    fingerprint = pipeline.fit_fingerprint(train_table, config, source)
+    fingerprint = pipeline.fit_fingerprint(train_info, config, source)
     artifact = _fitted_before(model_dir, fingerprint, args.overwrite, args.precision)
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
 
     run = _cli.init_ray(args, config.model, _cli.fitted_precision(artifact) if artifact else None)
+    if score_info is not None:
+        _cli.check_index_values(score_info)
     if artifact is None:
-        result = pipeline.fit(train_table, config, state, source, run, index_name=index)
+        result = pipeline.fit(train_info, config, state, source, run, index_name=index)
         artifact = result.artifact
         artifact.save(model_dir, overwrite=True)  # occupied directories were refused above
         print(f"fitted {args.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
@@ -136,7 +138,6 @@ def main(args: argparse.Namespace) -> int:
                                       artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
                                       args.max_failed_fraction)
     if score_info is not None:
-        _cli.check_index_values(score_info)
         summary = pipeline.score(score_info, artifact, state, scores_dir, run, overwrite=args.overwrite)
         _cli.print_summary(summary)
         _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)

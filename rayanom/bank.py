@@ -151,25 +151,79 @@ class Bank:
     failures: dict[int, str] = field(default_factory=dict)  # row -> error, rows read that failed
 
 
-def collect_bank(rows: np.ndarray, seed: int, k: int, slots: int,
-                 run_pass: Callable[[np.ndarray, float, float], PassBatches]) -> Bank:
-    """The K items of smallest key among the training ``rows`` (row indices) that decode, reading few rows.
+class Candidates:
+    """The training rows known so far, in ascending (lower key, row): those with a lower key below ``fetched``.
 
-    ``run_pass(todo, lo, hi)`` reads the rows ``todo`` (sorted) and yields their items with lo <= key < hi, and the
-    rows that failed. Thresholds only grow, so each item is offered once (an RKDE image read again in a later pass
-    offers only its regions in the new band)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    lower = lower_keys(rows, seed, slots)
-    order = np.lexsort((rows, lower))
-    sorted_lower = lower[order]
-    n = len(rows)
+    ``fetch(lo, hi)`` returns the training rows whose lower key lies in [lo, hi): (rows, lower keys, paths or None).
+    The pipeline's fetch runs on the workers over the index's files (``index.training_band``), so the driver holds
+    about K rows of the index, not the index; ``from_rows`` serves rows already in memory."""
+
+    def __init__(self, n: int, fetch: Callable[[float, float], tuple], fetched: float = 0.0,
+                 first: tuple | None = None) -> None:
+        self.n, self._fetch, self.fetched = n, fetch, fetched  # n: training rows in all
+        self.rows, self.lower = np.empty(0, dtype=np.int64), np.empty(0)
+        self.paths: np.ndarray | None = None
+        if first is not None:
+            self._add(*first)
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, seed: int, slots: int) -> Candidates:
+        rows = np.asarray(rows, dtype=np.int64)
+        lower = lower_keys(rows, seed, slots)
+
+        def fetch(lo: float, hi: float):
+            use = (lower >= lo) & (lower < hi)
+            return rows[use], lower[use], None
+
+        return cls(len(rows), fetch)
+
+    def upto(self, hi: float) -> None:
+        """Know every training row with a lower key below ``hi``."""
+        if hi > self.fetched:
+            self._add(*self._fetch(self.fetched, hi))
+            self.fetched = hi
+
+    def _add(self, rows: np.ndarray, lower: np.ndarray, paths: np.ndarray | None) -> None:
+        rows, lower = np.asarray(rows, dtype=np.int64), np.asarray(lower, dtype=np.float64)
+        self.rows, self.lower = np.r_[self.rows, rows], np.r_[self.lower, lower]
+        if paths is not None:
+            self.paths = np.r_[self.paths if self.paths is not None else np.empty(0, dtype=object),
+                               np.asarray(paths, dtype=object)]
+        order = np.lexsort((self.rows, self.lower))
+        self.rows, self.lower = self.rows[order], self.lower[order]
+        if self.paths is not None:
+            self.paths = self.paths[order]
+
+
+def collect_bank(rows: np.ndarray | Candidates, seed: int, k: int, slots: int,
+                 run_pass: Callable[[np.ndarray, float, float], PassBatches]) -> Bank:
+    """The K items of smallest key among the training ``rows`` that decode, reading few rows.
+
+    ``rows``: the training row indices, or ``Candidates`` that fetch them by bands of lower key (the driver then
+    holds about K of them). ``run_pass(todo, lo, hi)`` reads the rows ``todo`` (sorted) and yields their items with
+    lo <= key < hi, and the rows that failed. Thresholds only grow, so each item is offered once (an RKDE image read
+    again in a later pass offers only its regions in the new band)."""
+    c = rows if isinstance(rows, Candidates) else Candidates.from_rows(rows, seed, slots)
+    n = c.n
+    if n > k:
+        # The K + 1 smallest lower keys: fetch a band expected to hold them with 8 standard deviations to spare.
+        t = min(1.0, (k + 8.0 * math.sqrt(k) + 16.0) / n)
+        c.upto(t)
+        while len(c.rows) <= k:
+            t = min(1.0, 2.0 * t)
+            c.upto(t if t < 1.0 else 2.0)
+        hi = float(c.lower[k])
+    else:
+        c.upto(2.0)
+        hi = 2.0
     selector = BankSelector(k)
     failures: dict[int, str] = {}
-    lo, hi, passes = 0.0, (sorted_lower[k] if n > k else 2.0), 0
+    lo, passes = 0.0, 0
     while True:
-        first = 0 if slots > 1 else int(np.searchsorted(sorted_lower, lo, "left"))
-        stop = int(np.searchsorted(sorted_lower, hi, "left"))
-        todo = np.sort(rows[order[first:stop]])
+        c.upto(hi)
+        first = 0 if slots > 1 else int(np.searchsorted(c.lower, lo, "left"))
+        stop = int(np.searchsorted(c.lower, hi, "left"))
+        todo = np.sort(c.rows[first:stop])
         passes += 1
         logger.info("bank pass %d: reading %d rows, keys in [%.3g, %.3g)", passes, len(todo), lo, min(hi, 1.0))
         for keys, ids, feats, failed in run_pass(todo, lo, hi):
@@ -184,5 +238,5 @@ def collect_bank(rows: np.ndarray, seed: int, k: int, slots: int,
         grow = min(16.0, (k + 8.0 * math.sqrt(k) + 16.0) / max(selector.n, 1))
         lo, hi = hi, (hi * grow if hi * grow < 1.0 else 2.0)
     ids, feats = selector.result()
-    n_read = int(np.searchsorted(sorted_lower, hi, "left"))
+    n_read = int(np.searchsorted(c.lower, hi, "left"))
     return Bank(ids=ids, features=feats, n_read=n_read, passes=passes, failures=failures)

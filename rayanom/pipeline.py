@@ -1,7 +1,8 @@
 """Orchestration: the one place that builds Ray Data pipelines.
 
-fit:   index -> training rows whose keys can enter the bank (bank.collect_bank: a pass, rarely more) -> decode
-       (CPU tasks) -> bank items (actor pool) -> bank (driver) -> head
+fit:   index footers (driver) -> training rows whose keys can enter the bank (tasks: index.training_band; the
+       driver gets about K rows) -> decode (CPU tasks) -> bank items (actor pool) -> bank (driver: bank.collect_bank,
+       a pass, rarely more) -> head
 score: part descriptors (driver, from the index's footers) -> read rows, decode, features + head, write the part (one
        actor call a part; head broadcast once via the object store) -> one summary a part (driver)
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,12 +30,12 @@ from ray.data import ActorPoolStrategy
 
 from rayanom import __version__
 from rayanom.artifact import Artifact, head_from_state, make_head
-from rayanom.bank import REGION_ID_STRIDE, collect_bank, region_keys, row_keys
+from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
     PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    decode_table, training_rows, with_row_index,
+    decode_table,
 )
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
@@ -234,36 +238,43 @@ class FitResult:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
-def check_training_rows(index: pa.Table, config: ModelConfig, index_name: str = "index") -> pa.Table:
-    """The normal training rows of a validated index; too few for ``config`` is an error (before any Ray work)."""
-    train = training_rows(with_row_index(index))
-    if train.num_rows < config.min_training_rows:
-        msg = (f"{index_name}: {train.num_rows} normal training rows (split 'train' where the column exists, label 0 "
-               f"where it exists); {config.model} with these settings needs at least {config.min_training_rows}")
-        raise UserError(msg)
-    return train
-
-
-def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weights_source: dict,
-        run: RunConfig = RunConfig(), index_name: str = "index") -> FitResult:
-    """Fit ``config``'s model on the normal training rows of a validated index table (see ``data.read_index``).
+def fit(index, config: ModelConfig, state: dict[str, np.ndarray], weights_source: dict,
+        run: RunConfig = RunConfig(), index_name: str | None = None) -> FitResult:
+    """Fit ``config``'s model on the normal training rows of an index (an ``index.IndexInfo`` from
+    ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
+    (``index.training_band``), so the driver holds about K rows of it.
 
     ``state``/``weights_source`` come from ``features.resolve_weights``. Returns the artifact, not yet saved.
+
+    Raises:
+        UserError: label values other than 0/1, or too few training rows for ``config`` (before any image is read).
     """
+    from rayanom.index import training_band
+
     t0 = time.time()
-    train = check_training_rows(index, config, index_name)
-    n = train.num_rows
+    index_name = index_name or index.uri
     k = config.max_training_points
     slots = config.max_detections_per_image if config.model == "rkde" else 1
+    # The first band, sized for K + 1 rows if every row were a training row; it also counts the training rows and
+    # checks the labels. collect_bank fetches more when the index holds other rows too.
+    first = min(1.0, (k + 8.0 * math.sqrt(k) + 16.0) / max(index.n_rows, 1))
+    first = first if first < 1.0 else 2.0
+    n, *band = training_band(index, config.seed, slots, 0.0, first)
+    if n < config.min_training_rows:
+        msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
+               f"exists); {config.model} with these settings needs at least {config.min_training_rows}")
+        raise UserError(msg)
     logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d", n,
                 getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], k)
-    table = train.select([ROW_COL, PATH_COL])
-    train_rows = table.column(ROW_COL).to_numpy()
+    candidates = Candidates(n, lambda lo, hi: training_band(index, config.seed, slots, lo, hi)[1:], first,
+                            tuple(band))
     state_ref = ray.put(state)
 
     def run_pass(todo: np.ndarray, lo: float, hi: float):
         """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
-        part = table.take(pa.array(np.searchsorted(train_rows, todo)))
+        where = {int(r): i for i, r in enumerate(candidates.rows)}
+        paths = candidates.paths[[where[int(r)] for r in todo]] if len(todo) else np.empty(0, dtype=object)
+        part = pa.table({ROW_COL: pa.array(todo, pa.int64()), PATH_COL: pa.array(paths.tolist(), pa.string())})
         ds = _decoded(_blocks(part, 0, part.num_rows, run.batch_size), config, run).map_batches(
             BankFeatures, fn_constructor_kwargs={"config": config, "state": state_ref, "slots": slots, "lo": lo,
                                                  "hi": hi, "device": run.device, "threads": run.threads_per_actor,
@@ -274,7 +285,7 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
             yield (batch[KEY_COL][~failed], batch[BANK_ID_COL][~failed], batch[FEATURES_COL][~failed],
                    list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist())))
 
-    bank = collect_bank(train_rows, config.seed, k, slots, run_pass)
+    bank = collect_bank(candidates, config.seed, k, slots, run_pass)
     ids, feats = bank.ids, bank.features
     failures = sorted(bank.failures.items())
     n_ok = bank.n_read - len(failures)
@@ -293,7 +304,7 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
         "n_train_rows": n, "n_read_rows": bank.n_read, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
         "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": dataclasses.asdict(run),
-        "fit_fingerprint": fit_fingerprint(index, config, weights_source),
+        "fit_fingerprint": fit_fingerprint(index, config, weights_source), "index_fingerprint": index.fingerprint,
     }
     artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
     return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
@@ -301,26 +312,22 @@ def fit(index: pa.Table, config: ModelConfig, state: dict[str, np.ndarray], weig
 
 class PartScorer:
     """Score-stage actor whose unit of work is one output part: it reads the part's index rows (``index.read_rows``),
-    decodes them in a thread pool (the next batch while the current one runs), scores them in forward batches cut at
+    decodes them in a thread pool (the next batches while the current one runs), scores them in forward batches cut at
     fixed offsets from the part's start (``Scorer``), and writes the part (``parts.write_part``). Only a one-row
     summary goes back, so no row passes through the driver and every run forms the same batches."""
 
     def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int, precision: str,
-                 index, output: str, job: str, batch_size: int) -> None:
-        import torch
-
+                 index, output: str, job: str, batch_size: int, decode_threads: int = 0) -> None:
         self.scorer = Scorer(config, state, head_state, device, threads, precision)
         self.index, self.output, self.job, self.batch_size = _resolve(index), output, job, batch_size
         self.image_size = config.image_size
-        # PIL releases the GIL while decoding and resampling: decode threads run beside the forward pass.
-        self.threads = max(2, torch.get_num_threads())
-        self.pool = ThreadPoolExecutor(self.threads)
-
-    def _decode(self, rows: pa.Table):
-        """Futures decoding ``rows`` in up to ``threads`` slices."""
-        step = -(-rows.num_rows // self.threads)
-        return [self.pool.submit(decode_table, rows.slice(s, step), self.image_size)
-                for s in range(0, rows.num_rows, step)]
+        # Whole forward batches are decoded ahead in a thread pool (Pillow releases the GIL in its decoders and
+        # resampling), ``decode_threads`` batches at a time. On a CPU actor the forward pass already uses the cores,
+        # and one decode thread measured best here: 22 us a row of pipeline cost against 38 us with two threads
+        # splitting each batch (pure-Python work such as a missing file's error contends for the GIL), and the same
+        # speed on PNGs. A GPU actor decodes with more threads so the device never waits on them.
+        self.decode_threads = decode_threads or (1 if device == "cpu" else max(2, (os.cpu_count() or 2) // 2))
+        self.pool = ThreadPoolExecutor(self.decode_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from rayanom.index import read_rows
@@ -329,10 +336,12 @@ class PartScorer:
         k, start, stop = (int(batch[c][0]) for c in ("part", "start", "stop"))
         rows = read_rows(self.index, start, stop)
         cuts = [rows.slice(s, self.batch_size) for s in range(0, rows.num_rows, self.batch_size)]
-        scored, pending = [], self._decode(cuts[0]) if cuts else []
+        pending = deque(self.pool.submit(decode_table, c, self.image_size) for c in cuts[:self.decode_threads])
+        scored = []
         for i in range(len(cuts)):
-            decoded = pa.concat_tables([f.result() for f in pending])
-            pending = self._decode(cuts[i + 1]) if i + 1 < len(cuts) else []
+            decoded = pending.popleft().result()
+            if i + self.decode_threads < len(cuts):
+                pending.append(self.pool.submit(decode_table, cuts[i + self.decode_threads], self.image_size))
             scored.append(self.scorer(decoded))
         table = pa.concat_tables(scored) if scored else rows
         # What the part was computed from, kept in its metadata: the sha256 of its index rows.
@@ -387,14 +396,16 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
     return summary
 
 
-def fit_fingerprint(index: pa.Table, config: ModelConfig, weights_source: dict) -> str:
-    """sha256 of what determines a fitted model: the training rows, the model config and the backbone weights."""
+def fit_fingerprint(index, config: ModelConfig, weights_source: dict) -> str:
+    """sha256 of what determines a fitted model: the index (``IndexInfo.fingerprint``: its files' paths, sizes,
+    modification times, row counts and schema, O(files)), the model config and the backbone weights. Any change to
+    the index's files refits, even one outside the training rows."""
     import hashlib
     import json
 
-    train = training_rows(with_row_index(index))
-    text = json.dumps({"config": config_to_dict(config), "weights": weights_source}, sort_keys=True)
-    return hashlib.sha256((text + table_fingerprint(train)).encode()).hexdigest()
+    text = json.dumps({"config": config_to_dict(config), "weights": weights_source, "index": index.fingerprint},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def artifact_fingerprint(artifact: Artifact) -> str:

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from rayanom.data import resolve_filesystem
-from rayanom.evaluate import VAL_SPLIT, read_score_columns
+from rayanom.evaluate import EXACT_ROWS, VAL_SPLIT, Histograms, _count_rows, read_score_columns
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +104,19 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
     return metrics
 
 
-def _figure_png(labels: np.ndarray, scores: np.ndarray, metrics: dict) -> bytes:
-    """Two panels: the ROC curve, and the score histograms of normal and anomalous images with the threshold."""
+def _figure_png(roc: tuple[np.ndarray, np.ndarray] | None, hist: tuple[np.ndarray, np.ndarray, np.ndarray],
+                metrics: dict) -> bytes:
+    """Two panels: the ROC curve (``roc`` = fpr, tpr), and the score histograms of normal and anomalous images
+    (``hist`` = bin edges, normal counts, anomalous counts) with the threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.5))
     try:
-        if metrics["auroc"] is not None:
-            fpr, tpr, _ = roc_curve(labels, scores)
-            ax_roc.plot(fpr, tpr, color="tab:blue", lw=2, label="ROC")
+        if metrics["auroc"] is not None and roc is not None:
+            ax_roc.plot(*roc, color="tab:blue", lw=2, label="ROC")
             ax_roc.set_title(f"ROC curve (image AUROC = {metrics['auroc']:.4f})")
         else:
             ax_roc.set_title("ROC curve (AUROC undefined: needs both classes)")
@@ -127,12 +127,10 @@ def _figure_png(labels: np.ndarray, scores: np.ndarray, metrics: dict) -> bytes:
         ax_roc.set_ylabel("true positive rate")
         ax_roc.legend(loc="lower right")
 
-        if scores.size:
-            edges = np.histogram_bin_edges(scores, bins=min(50, max(10, int(np.sqrt(scores.size)))))
-            for value, name, color in ((0, "normal", "tab:green"), (1, "anomalous", "tab:red")):
-                sel = scores[labels == value]
-                if sel.size:
-                    ax_hist.hist(sel, bins=edges, alpha=0.5, color=color, label=f"{name} (n={sel.size})")
+        edges, normal, anomalous = hist
+        for counts, name, color in ((normal, "normal", "tab:green"), (anomalous, "anomalous", "tab:red")):
+            if counts.sum():
+                ax_hist.stairs(counts, edges, fill=True, alpha=0.5, color=color, label=f"{name} (n={counts.sum()})")
         if metrics["threshold"] is not None:
             source = metrics["threshold_source"].split(" (")[0]  # "validation split" or "scored set"
             ax_hist.axvline(metrics["threshold"], color="black", ls="--", lw=1.5,
@@ -151,31 +149,74 @@ def _figure_png(labels: np.ndarray, scores: np.ndarray, metrics: dict) -> bytes:
     return buf.getvalue()
 
 
-def evaluate(scores_uri: str, out_dir: str) -> dict:
-    """Metrics and a figure for a scores dataset; writes ``metrics.json`` and ``report.png`` into ``out_dir``.
+def _exact_figure_data(labels: np.ndarray, scores: np.ndarray, metrics: dict):
+    from sklearn.metrics import roc_curve
 
-    Rows with ``split == "val"`` (when the column exists and holds such rows) choose the F1-adaptive threshold and
-    the metrics are reported on the other scored rows; otherwise the threshold is chosen on the scored rows
-    themselves (optimistic: say so when quoting F1), as ``threshold_source`` records. If the validation rows lack
-    one class, the threshold is chosen on, and the metrics reported on, all scored rows, with a warning. Rows with
-    an ``error`` or a null or non-finite score count as failed and are left out of the metrics.
+    roc = roc_curve(labels, scores)[:2] if metrics["auroc"] is not None else None
+    edges = np.histogram_bin_edges(scores, bins=min(50, max(10, int(np.sqrt(max(scores.size, 1))))))
+    return roc, (edges, np.histogram(scores[labels == 0], edges)[0], np.histogram(scores[labels == 1], edges)[0])
 
-    Memory: only the score (float64), label (int64) and two booleans (scored, validation) are held on the driver,
-    about 18 bytes per row (16-24 with Arrow buffers), e.g. 10 million rows ~ 240 MB at most; the error text and
-    the split strings are reduced to booleans by the parquet scanner. scikit-learn's ROC/PR curves sort the scores
-    and add a few temporary arrays of the same length.
 
-    Args:
-        scores_uri: the parquet dataset written by scoring (directory or file, local path or URI).
-        out_dir: output directory (local path or URI), created when missing.
+def _best_edge(h: Histograms, validation: bool | None) -> float | None:
+    """The bin edge maximising F1 on the selected rows (predicted anomalous iff score >= edge; lowest on ties)."""
+    c = h.at_edges(validation)
+    if not c["tp"].size or not (c["tp"][0] + c["fn"][0]) or not (c["fp"][0] + c["tn"][0]):
+        return None
+    denom = 2 * c["tp"] + c["fp"] + c["fn"]
+    f1 = np.divide(2 * c["tp"], denom, out=np.zeros(denom.shape), where=denom > 0)
+    return float(c["threshold"][int(np.argmax(f1))])
 
-    Returns:
-        The metrics of :func:`compute_metrics` plus ``scores``, ``rows``, ``scored``, ``failed`` and
-        ``n_validation`` (rows that chose the threshold).
 
-    Raises:
-        ValueError: no ``label`` or ``anomaly_score`` column, or labels outside {0, 1} on scored rows.
-    """
+def _histogram_metrics(h: Histograms, validation_rows: int) -> tuple[dict, tuple, tuple]:
+    """``compute_metrics`` from histograms: AUROC within its bound, the threshold the best F1 bin edge, F1,
+    precision and recall exact at that edge."""
+    use_val = validation_rows > 0 and _two_classes_counts(h.select(True))
+    evaluated = False if use_val else None
+    c = h.select(evaluated)
+    auroc, bound = h.auroc(evaluated)
+    threshold = _best_edge(h, True if use_val else None)
+    metrics = {"n_normal": int(c[:, 0].sum()), "n_anomalous": int(c[:, 1].sum()), "auroc": auroc,
+               "auroc_error_bound": bound, "threshold": threshold, "f1": None, "precision": None, "recall": None,
+               "threshold_source": "validation split" if use_val else "scored set",
+               "method": f"histograms of {h.edges.size + 1} quantile bins per class (over {EXACT_ROWS} rows)"}
+    at = h.at_edges(evaluated)
+    if auroc is not None and threshold is not None:
+        i = int(np.searchsorted(h.edges, threshold))
+        tp, fp, fn = int(at["tp"][i]), int(at["fp"][i]), int(at["fn"][i])
+        metrics["precision"] = tp / (tp + fp) if tp + fp else 0.0
+        metrics["recall"] = tp / (tp + fn) if tp + fn else 0.0
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    roc = None
+    if auroc is not None:
+        n0, n1 = c[:, 0].sum(), c[:, 1].sum()
+        roc = (np.r_[1.0, at["fp"] / n0, 0.0], np.r_[1.0, at["tp"] / n1, 0.0])
+    # Display bins: 50 equal widths over the inner edges, each fine bin added to the one its left edge falls in.
+    inner = h.edges if h.edges.size else np.zeros(1)
+    display = np.linspace(inner[0], inner[-1], 51) if inner[-1] > inner[0] else np.array([inner[0], inner[0] + 1])
+    where = np.clip(np.searchsorted(display, np.r_[inner[0], inner], side="right") - 1, 0, display.size - 2)
+    counts = [np.bincount(where, weights=c[:, k], minlength=display.size - 1).astype(np.int64) for k in (0, 1)]
+    return metrics, roc, (display, *counts)
+
+
+def _two_classes_counts(c: np.ndarray) -> bool:
+    return bool(c[:, 0].sum() and c[:, 1].sum())
+
+
+def _threshold_source(use_val: bool, n_val: int, n_evaluated: int) -> tuple[str, int]:
+    """``threshold_source`` and the number of rows that chose the threshold (0 when the scored set did)."""
+    if use_val:
+        return (f"validation split ({n_val} scored rows with split == {VAL_SPLIT!r}); metrics on the other "
+                f"{n_evaluated} scored rows"), n_val
+    note = "no validation split: the threshold is chosen on the evaluated rows (optimistic F1)"
+    if n_val:
+        note = (f"the {n_val} validation rows (split == {VAL_SPLIT!r}) lack one class: the threshold is chosen on "
+                "all scored rows, which are all evaluated (optimistic F1)")
+        logger.warning("%s", note)
+    return f"scored set ({n_evaluated} scored rows; {note})", 0
+
+
+def _exact(scores_uri: str) -> tuple[dict, bytes]:
+    """``evaluate``'s metrics and figure from the score columns held in memory (up to ``EXACT_ROWS`` rows)."""
     cols = read_score_columns(scores_uri)
     scores, labels, ok, val = cols["scores"], cols["labels"], cols["ok"], cols["val"]
     rows = int(ok.size)
@@ -186,22 +227,62 @@ def evaluate(scores_uri: str, out_dir: str) -> dict:
     ok &= finite
     val_ok, test_ok = ok & val, ok & ~val
     n_val = int(val_ok.sum())
-    if n_val and _two_classes(labels[val_ok]):
+    use_val = bool(n_val and _two_classes(labels[val_ok]))
+    if use_val:
         metrics = compute_metrics(labels[test_ok], scores[test_ok], labels[val_ok], scores[val_ok])
-        metrics["threshold_source"] = (f"validation split ({n_val} scored rows with split == {VAL_SPLIT!r}); "
-                                       f"metrics on the other {int(test_ok.sum())} scored rows")
     else:
-        note = "no validation split: the threshold is chosen on the evaluated rows (optimistic F1)"
-        if n_val:
-            note = (f"the {n_val} validation rows (split == {VAL_SPLIT!r}) lack one class: the threshold is chosen "
-                    "on all scored rows, which are all evaluated (optimistic F1)")
-            logger.warning("%s", note)
-            n_val, test_ok = 0, ok
+        test_ok = ok
         metrics = compute_metrics(labels[test_ok], scores[test_ok])
-        metrics["threshold_source"] = f"scored set ({int(test_ok.sum())} scored rows; {note})"
+    metrics["threshold_source"], n_val = _threshold_source(use_val, n_val, int(test_ok.sum()))
     metrics.update({"scores": scores_uri, "rows": rows, "scored": int(ok.sum()), "failed": rows - int(ok.sum()),
-                    "n_validation": n_val})
-    png = _figure_png(labels[test_ok], scores[test_ok], metrics)
+                    "n_validation": n_val, "auroc_error_bound": 0.0 if metrics["auroc"] is not None else None,
+                    "method": "exact"})
+    return metrics, _figure_png(*_exact_figure_data(labels[test_ok], scores[test_ok], metrics), metrics)
+
+
+def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS) -> dict:
+    """Metrics and a figure for a scores dataset; writes ``metrics.json`` and ``report.png`` into ``out_dir``.
+
+    Rows with ``split == "val"`` (when the column exists and holds such rows) choose the F1-adaptive threshold and
+    the metrics are reported on the other scored rows; otherwise the threshold is chosen on the scored rows
+    themselves (optimistic: say so when quoting F1), as ``threshold_source`` records. If the validation rows lack
+    one class, the threshold is chosen on, and the metrics reported on, all scored rows, with a warning. Rows with
+    an ``error`` or a null or non-finite score count as failed and are left out of the metrics.
+
+    Exact up to ``exact_rows`` rows (``evaluate.EXACT_ROWS``): the score (float64), label (int64) and two booleans
+    (scored, validation) are held on the driver, about 18 bytes per row (16-24 with Arrow buffers), 5 million rows
+    ~ 120 MB at most, and scikit-learn's ROC/PR curves sort the scores and add a few temporary arrays of the same
+    length. Above, the parts are streamed twice (a million rows at a time) into ``evaluate.Histograms``: the driver
+    holds O(bins) numbers whatever the number of rows; AUROC comes with ``auroc_error_bound``, the threshold is the
+    best bin edge and F1, precision and recall are exact at it. The error text and the split strings are reduced to
+    booleans by the parquet scanner in both cases.
+
+    Args:
+        scores_uri: the parquet dataset written by scoring (directory or file, local path or URI).
+        out_dir: output directory (local path or URI), created when missing.
+
+    Returns:
+        The metrics of :func:`compute_metrics` plus ``scores``, ``rows``, ``scored``, ``failed``,
+        ``n_validation`` (rows that chose the threshold), ``method`` and ``auroc_error_bound`` (0 when exact).
+
+    Raises:
+        ValueError: no ``label`` or ``anomaly_score`` column, or labels outside {0, 1} on scored rows.
+    """
+    if _count_rows(scores_uri) > exact_rows:
+        h = Histograms.from_scores(scores_uri)
+        n_val = int(h.select(True).sum())
+        metrics, roc, hist = _histogram_metrics(h, n_val)
+        use_val = metrics["threshold_source"] == "validation split"
+        metrics["threshold_source"], n_val = _threshold_source(
+            use_val, n_val, int(h.select(False).sum()) if use_val else h.finite)
+        if h.scored > h.finite:
+            logger.warning("%d scored row(s) of %s have a non-finite score; counted as failed", h.scored - h.finite,
+                           scores_uri)
+        metrics.update({"scores": scores_uri, "rows": h.rows, "scored": h.finite, "failed": h.rows - h.finite,
+                        "n_validation": n_val})
+        png = _figure_png(roc, hist, metrics)
+    else:
+        metrics, png = _exact(scores_uri)
 
     fs, path = resolve_filesystem(out_dir)
     fs.create_dir(path, recursive=True)
@@ -211,6 +292,6 @@ def evaluate(scores_uri: str, out_dir: str) -> dict:
     with fs.open_output_stream(f"{base}/{FIGURE_FILE}") as f:
         f.write(png)
     logger.info("report for %s: %d rows, %d scored, %d failed, AUROC %s, F1 %s (threshold %s) -> %s", scores_uri,
-                rows, metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"], metrics["threshold"],
+                metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"], metrics["threshold"],
                 out_dir)
     return metrics

@@ -24,11 +24,11 @@ ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=F
 ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import read_index
+from rayanom.index import describe_index
 from rayanom.features import resolve_weights
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
 state, source = resolve_weights(config, None, False)
-artifact = pipeline.fit(read_index(demo_index), config, state, source, RunConfig(batch_size=8)).artifact
+artifact = pipeline.fit(describe_index(demo_index), config, state, source, RunConfig(batch_size=8)).artifact
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 12), out_dir + "/long.parquet")
 from rayanom.index import describe_index
 index = describe_index(out_dir + "/long.parquet")

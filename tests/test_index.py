@@ -122,3 +122,49 @@ def test_resume_refused_when_a_middle_file_changed(tmp_path):
     pq.write_table(_table(0, 11), os.path.join(root, "a.parquet"))  # one more row: every later row moves
     with pytest.raises(UserError, match="5 of its 5 complete parts"):
         open_parts(out, manifest(describe_index(root)), overwrite=False)
+
+
+def test_training_band_equals_the_rows_read_whole(ray_local, tmp_path):
+    """The workers' band of training rows (split and label filters, row offsets across files, row groups, an empty
+    file) equals the same selection made on the whole table read at once."""
+    from rayanom.bank import lower_keys
+    from rayanom.data import training_rows, with_row_index
+    from rayanom.index import training_band
+
+    root = tmp_path / "idx"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [40, 0, 25, 35]
+    for i, n in enumerate(sizes):
+        pq.write_table(pa.table({"path": [f"f{i}-{j}.png" for j in range(n)], "label": rng.integers(0, 2, n),
+                                 "split": rng.choice(["train", "test", "val"], n)}), root / f"{i}.parquet",
+                       row_group_size=7)
+    info = describe_index(str(root))
+    train = training_rows(with_row_index(pq.read_table(str(root))))
+    rows = train.column(ROW_COL).to_numpy()
+    for slots, (lo, hi) in [(1, (0.0, 0.5)), (1, (0.3, 2.0)), (5, (0.1, 0.6))]:
+        lower = lower_keys(rows, 7, slots)
+        n, got_rows, got_lower, got_paths = training_band(info, 7, slots, lo, hi, files_per_task=2)
+        use = (lower >= lo) & (lower < hi)
+        assert n == len(rows)
+        assert got_rows.tolist() == rows[use].tolist()
+        np.testing.assert_array_equal(got_lower, lower[use])
+        assert list(got_paths) == np.asarray(train.column("path").to_pylist())[use].tolist()
+
+
+def test_training_band_rejects_bad_labels(ray_local, tmp_path):
+    from rayanom.index import training_band
+
+    pq.write_table(pa.table({"path": ["a", "b"], "label": pa.array([0, 2])}), tmp_path / "i.parquet")
+    with pytest.raises(UserError, match=r"column 'label' holds \[2\]"):
+        training_band(describe_index(str(tmp_path / "i.parquet")), 0, 1, 0.0, 2.0)
+
+
+def test_a_replaced_index_file_is_read_anew(tmp_path):
+    """Workers keep the row groups they read last, keyed by the file's fingerprint: a file replaced in place (same
+    name and row count) is read again, not served from the cache."""
+    path = tmp_path / "i.parquet"
+    pq.write_table(_table(0, 10), path)
+    assert read_rows(describe_index(str(path)), 2, 4).column("path").to_pylist() == ["img-2.png", "img-3.png"]
+    pq.write_table(_table(100, 10), path)
+    assert read_rows(describe_index(str(path)), 2, 4).column("path").to_pylist() == ["img-102.png", "img-103.png"]

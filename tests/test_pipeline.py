@@ -34,7 +34,8 @@ def fitted(ray_local, demo_set):
     config = DfkdeConfig(**{**SMALL, "max_training_points": 12})
     state, source = resolve_weights(config, None, False)
     index = read_index(demo_set["index"])
-    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=5, num_actors=1))
+    result = pipeline.fit(describe_index(demo_set["index"]), config, state, source,
+                          RunConfig(batch_size=5, num_actors=1))
     return config, state, index, result
 
 
@@ -66,12 +67,14 @@ def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_pa
     paths = index.column("path").to_pylist()
     unread = [str(tmp_path / f"never-read-{r}.png") if r in by_key[12:] else p for r, p in enumerate(paths)]
     run = RunConfig(batch_size=5, num_actors=1)
-    result = pipeline.fit(index.set_column(col, "path", pa.array(unread)), config, state, source, run)
+    result = pipeline.fit(index_at(tmp_path / "unread.parquet", index.set_column(col, "path", pa.array(unread))),
+                          config, state, source, run)
     assert (result.n_read, result.n_failed, result.artifact.provenance["n_bank_rows"]) == (12, 0, 12)
 
     broken = by_key[[2, 7]]  # two of the 12 smallest keys
     missing = [str(tmp_path / f"missing-{r}.png") if r in broken else p for r, p in enumerate(paths)]
-    result = pipeline.fit(index.set_column(col, "path", pa.array(missing)), config, state, source, run)
+    result = pipeline.fit(index_at(tmp_path / "missing.parquet", index.set_column(col, "path", pa.array(missing))),
+                          config, state, source, run)
     assert result.n_failed == 2 and sorted(r for r, _ in result.failures) == sorted(broken.tolist())
     assert 12 < result.n_read <= 24
     expected = np.sort(by_key[~np.isin(by_key, broken)][:12])  # brute force: the 12 smallest keys that decode
@@ -82,10 +85,10 @@ def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_pa
     np.testing.assert_allclose(result.artifact.head.score_samples(query), ref.score_samples(query), rtol=BATCH_RTOL)
 
 
-def test_same_artifact_with_one_or_two_actors(fitted):
+def test_same_artifact_with_one_or_two_actors(fitted, demo_set):
     config, state, index, result = fitted
     run = RunConfig(batch_size=5, num_actors=2, decode_tasks=1)  # also one decode task at a time (as local jobs run)
-    other = pipeline.fit(index, config, state, {"kind": "random", "seed": 0}, run)
+    other = pipeline.fit(describe_index(demo_set["index"]), config, state, {"kind": "random", "seed": 0}, run)
     a, b = result.artifact.head.to_state(), other.artifact.head.to_state()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result.artifact.provenance["bank_row_index_sha256"] == other.artifact.provenance["bank_row_index_sha256"]
@@ -192,7 +195,8 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
                        image_size=(64, 64))
     state, source = resolve_weights(config, None, False)
     index = read_index(demo_set["index"])
-    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=5, num_actors=2))
+    result = pipeline.fit(describe_index(demo_set["index"]), config, state, source,
+                          RunConfig(batch_size=5, num_actors=2))
     train = training_rows(with_row_index(index))
     ref = DfmHead(0.97, "fre").fit(_features(config, state, train.column("path").to_pylist()))
     assert np.array_equal(np.abs(result.artifact.head.pca_.components_).shape, ref.pca_.components_.shape)
@@ -247,7 +251,8 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
     config = RkdeConfig(n_pca_components=4, max_training_points=60)
     state, source = rkde_weights(config, None, None)
     index = read_index(rkde_set["index"])
-    result = pipeline.fit(index, config, state, source, RunConfig(batch_size=2, num_actors=1))
+    result = pipeline.fit(describe_index(rkde_set["index"]), config, state, source,
+                          RunConfig(batch_size=2, num_actors=1))
     model = RegionModel(state["detector"], state["region"])
     train = training_rows(with_row_index(index))
     images = np.stack([decode_image(open(p, "rb").read(), (240, 360)) for p in train.column("path").to_pylist()])

@@ -20,7 +20,7 @@ from test_hostile import make_hostile
 
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import read_index
+from rayanom.index import describe_index
 from rayanom.features import resolve_weights
 from rayanom.index import read_rows
 from rayanom.parts import table_fingerprint
@@ -45,7 +45,7 @@ def check_accounting(out: str, index: pa.Table) -> pa.Table:
 def model(ray_local, demo_set):
     config = DfkdeConfig(**SMALL)
     state, source = resolve_weights(config, None, False)
-    result = pipeline.fit(read_index(demo_set["index"]), config, state, source, RunConfig(batch_size=8))
+    result = pipeline.fit(describe_index(demo_set["index"]), config, state, source, RunConfig(batch_size=8))
     return result.artifact, state
 
 
@@ -174,12 +174,14 @@ def test_max_failed_fraction_exits_2_after_writing_everything(demo_set, tmp_path
      "0 normal training rows"),
     (lambda t: t.slice(0, 3), "needs at least 5"),
 ])
-def test_training_set_too_small_is_rejected_before_ray(demo_set, tmp_path, make, message):
+def test_training_set_too_small_is_rejected_before_any_output(demo_set, tmp_path, make, message):
+    """Counted on the workers (the driver does not read the index), before an image is read or a file written."""
     path = str(tmp_path / "index.parquet")
     pq.write_table(make(pq.read_table(demo_set["index"])), path)
     proc = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", path, "--out",
                            str(tmp_path / "r"), *SMALL_FLAGS], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "r" / "model")
 
 
 @pytest.mark.timeout(500)

@@ -190,3 +190,74 @@ def test_job_summary_counts_rows_and_auroc_without_requiring_labels(tmp_path):
     assert summarize(str(tmp_path))["auroc"] is None  # only drops the AUROC
     with pytest.raises(ValueError, match="null 'label'"):
         evaluate(str(tmp_path), str(tmp_path / "report"))
+
+
+def large_scores(tmp_path, n: int = 6000, seed: int = 5):
+    """Scores over a wide range (a heavy tail), ties, a few failed rows and a non-finite score, a validation split,
+    written as three parts."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    scores = np.round(rng.standard_t(2, n) * 50 + 40 * labels, 0)  # rounded: ties inside and across classes
+    score_list = scores.tolist()
+    errors = [None] * n
+    for i in rng.choice(n, 30, replace=False):
+        score_list[i], errors[i] = None, "OSError: unreadable"
+    score_list[7], errors[7] = float("inf"), None
+    split = np.where(rng.random(n) < 0.3, "val", "test")
+    table = pa.table({"anomaly_score": pa.array(score_list, pa.float64()), "error": pa.array(errors, pa.string()),
+                      "label": labels, "split": split})
+    ok = np.array([e is None and np.isfinite(s) for e, s in zip(errors, [np.nan if v is None else v
+                                                                        for v in score_list])])
+    return write_scores(tmp_path / "scores", table, parts=3), labels, scores, ok, split == "val"
+
+
+@pytest.mark.parametrize("bins", [16, 4096])
+def test_histogram_auroc_is_within_its_stated_bound(tmp_path, bins):
+    from rayanom.evaluate import Histograms
+
+    src, labels, scores, ok, _ = large_scores(tmp_path)
+    h = Histograms.from_scores(src, bins=bins, sample=1000)  # a sample smaller than the rows: every k-th row
+    auroc, bound = h.auroc()
+    exact = roc_auc_score(labels[ok], scores[ok])
+    assert abs(auroc - exact) <= bound + 1e-12
+    assert 0 < bound < (0.05 if bins == 16 else 0.005)  # coarse bins: a real, stated error; fine bins: small
+    assert (h.rows, h.finite, h.scored) == (6000, int(ok.sum()), int(ok.sum()) + 1)  # + the infinite score
+    # Counts at a bin edge are exact: predicted anomalous iff score >= edge.
+    at = h.at_edges()
+    for i in (0, len(h.edges) // 2, len(h.edges) - 1):
+        pred = scores[ok] >= h.edges[i]
+        assert at["tp"][i] == int((pred & (labels[ok] == 1)).sum())
+        assert at["fp"][i] == int((pred & (labels[ok] == 0)).sum())
+
+
+def test_summary_and_report_above_the_exact_size_use_histograms(tmp_path):
+    from rayanom.evaluate import summarize
+
+    src, labels, scores, ok, val = large_scores(tmp_path)
+    exact_summary, hist_summary = summarize(src), summarize(src, exact_rows=1000)
+    assert exact_summary["auroc_error_bound"] == 0.0
+    assert {k: hist_summary[k] for k in ("rows", "scored", "failed", "n_normal", "n_anomalous")} == \
+        {k: exact_summary[k] for k in ("rows", "scored", "failed", "n_normal", "n_anomalous")}
+    assert abs(hist_summary["auroc"] - exact_summary["auroc"]) <= hist_summary["auroc_error_bound"] + 1e-12
+    assert hist_summary["auroc_error_bound"] < 0.005
+
+    exact, approx = evaluate(src, str(tmp_path / "e")), evaluate(src, str(tmp_path / "h"), exact_rows=1000)
+    assert approx["method"].startswith("histograms") and exact["method"] == "exact"
+    for key in ("rows", "scored", "failed", "n_validation", "n_normal", "n_anomalous"):
+        assert approx[key] == exact[key], key
+    assert approx["threshold_source"].startswith("validation split")
+    assert abs(approx["auroc"] - exact["auroc"]) <= approx["auroc_error_bound"] + 1e-12
+    test, t = ok & ~val, approx["threshold"]
+    pred = (scores[test] >= t).astype(int)  # F1, precision and recall at the chosen edge are exact (scikit-learn)
+    assert approx["f1"] == pytest.approx(f1_score(labels[test], pred), abs=1e-12)
+    from sklearn.metrics import precision_score, recall_score
+
+    assert approx["precision"] == pytest.approx(precision_score(labels[test], pred), abs=1e-12)
+    assert approx["recall"] == pytest.approx(recall_score(labels[test], pred), abs=1e-12)
+    # The threshold is the best edge on the validation rows; the exact search over all their scores can only do
+    # as well or better there.
+    v = ok & val
+    best_exact = max(brute_force_f1(labels[v], scores[v], s) for s in np.unique(scores[v]))
+    assert brute_force_f1(labels[v], scores[v], t) <= best_exact + 1e-12
+    assert brute_force_f1(labels[v], scores[v], t) >= best_exact - 0.02
+    assert (tmp_path / "h" / "report.png").read_bytes().startswith(PNG_MAGIC)

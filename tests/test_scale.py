@@ -11,11 +11,13 @@ import time
 import tracemalloc
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import index_at
 
 from rayanom import pipeline
 from rayanom.config import DfmConfig, RunConfig
-from rayanom.data import read_index
+from rayanom.index import describe_index
 from rayanom.features import resolve_weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -35,9 +37,8 @@ def tiny_index(tmp_path_factory):
     from rayanom.demo import make_demo
 
     root = tmp_path_factory.mktemp("scale")
-    index = read_index(make_demo(str(root), n_train=LARGE_ROWS, n_test_normal=0, n_test_anomalous=0, size=16,
-                                 seed=3))
-    return index.slice(0, SMALL_ROWS), index
+    path = make_demo(str(root), n_train=LARGE_ROWS, n_test_normal=0, n_test_anomalous=0, size=16, seed=3)
+    return index_at(root / "small.parquet", pq.read_table(path).slice(0, SMALL_ROWS)), describe_index(path)
 
 
 def _driver_peak(fn):
@@ -85,21 +86,19 @@ def test_driver_memory_is_bounded_by_the_bank_when_the_index_grows_100x(ray_loca
     for name, index in (("1x", small), ("100x", large)):
         result, heap, arrow = _driver_peak(lambda index=index: fit(index))
         prov = result.artifact.provenance
-        assert (result.n_train, result.n_failed) == (index.num_rows, 0)
-        assert prov["n_bank_rows"] == min(CAP, index.num_rows) and prov["feature_dim"] == DIM
+        assert (result.n_train, result.n_failed) == (index.n_rows, 0)
+        assert prov["n_bank_rows"] == min(CAP, index.n_rows) and prov["feature_dim"] == DIM
         peaks[name] = heap + arrow
-        # Bound: bank + index + Ray Data's per-block bookkeeping + a fixed allowance. Measured on the 2-core VM (1x,
-        # 100x): Python heap 2.0, 2.4-2.7 MiB; Arrow 0.01, 1.1 MiB (index 2.7 KiB, 273 KiB).
+        # Bound: bank + the rows the workers send back + Ray Data's per-block bookkeeping + a fixed allowance.
         # * bank: the buffer holds at most 2 x CAP float32 rows (CAP x DIM x 8 bytes) plus one arriving batch (few
         #   rows: the actors drop rows whose key cannot reach the bank); concatenation, trimming, the sort by row id
         #   and the head's float64 SVD make a few copies: 4x.
-        # * index: the training rows are filtered into a copy (twice: fit and fit_fingerprint) and serialised to an
-        #   Arrow IPC stream, then to Python bytes: 2 to 4x the index measured in Arrow, 1x in the heap: 8x.
-        # * Ray Data keeps per-block metadata and stats on the driver: 3 to 6 KiB a block measured (94 vs 375
-        #   blocks of the 100x index), 16 KiB allowed.
+        # * index: the driver never reads it; the workers send back the rows whose keys can enter the bank (about
+        #   CAP + 8 sqrt(CAP) + 16 rows: row, key, path), a few KiB.
+        # * Ray Data keeps per-block metadata and stats on the driver: 3 to 6 KiB a block measured, 16 KiB allowed.
         # * fixed: 4 MiB (a warm 1x fit peaks at 2 MiB in all, much of it copies of the features of its one block).
-        n_blocks = -(-index.num_rows // BATCH)
-        bound = 4 * CAP * DIM * 8 + 8 * index.nbytes + n_blocks * (16 << 10) + (4 << 20)
+        n_blocks = -(-min(index.n_rows, 4 * CAP) // BATCH)
+        bound = 4 * CAP * DIM * 8 + n_blocks * (16 << 10) + (4 << 20)
         assert peaks[name] < bound, (name, heap, arrow, bound)
     # Holding every feature row of the 100x index would cost 3000 x 4096 x 4 bytes = 46.9 MiB; the measured growth
     # from 1x to 100x is about 1.8 MiB (the index copies and per-block bookkeeping above), under 1/10 of that.
