@@ -33,6 +33,15 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
     g.add_argument("--rows-per-part", type=int, default=4096,
                    help="output rows per parquet part, the unit an interrupted job resumes from (default: %(default)s)")
+    g.add_argument("--io-retries", type=int, default=40,
+                   help="retries of a transient storage error (throttling, 5xx, timeouts, dropped connections) per "
+                        "request, with jittered exponential backoff from 0.05 s up to 5 s (default: %(default)s)")
+    g.add_argument("--max-file-bytes", type=int, default=256 * 2**20,
+                   help="image files larger than this are refused from their size, before reading (default: "
+                        "%(default)s, 256 MiB)")
+    g.add_argument("--no-progress-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="end the job with an error when no block completes for this long, locally or on a cluster "
+                        "(default: %(default)s)")
     g.add_argument("--max-failed-fraction", type=float, default=0.01,
                    help="exit with code 2, after writing everything, when more rows than this fraction failed "
                         "(default: %(default)s)")
@@ -63,6 +72,8 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
 
     if model == "rkde" and args.precision == "bf16":
         raise UserError("invalid precision='bf16' for rkde: the region model runs in fp32 only (use fp32 or auto)")
+    if not args.no_progress_timeout > 0:
+        raise UserError(f"invalid no_progress_timeout={args.no_progress_timeout}: expected seconds > 0")
     cluster = bool(os.environ.get("RAY_ADDRESS"))
     num_actors = args.num_actors
     if cluster:
@@ -94,8 +105,8 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
         threads = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
     ctx = ray.data.DataContext.get_current()
     ctx.print_on_execution_start = not args.quiet
-    if not cluster:
-        ctx.execution_no_progress_timeout_s = 900  # a local hang becomes an error instead of a silent wait
+    # A hang (local or on a cluster) becomes an error instead of a silent wait.
+    ctx.execution_no_progress_timeout_s = args.no_progress_timeout
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Locally, one decode task per core the actors leave (at least one): on 2 cores, Ray otherwise ran 4 at once
@@ -103,7 +114,7 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     decode_tasks = 0 if cluster else max(1, (os.cpu_count() or 1) - num_actors)
     run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
                     num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads,
-                    decode_tasks=decode_tasks)
+                    decode_tasks=decode_tasks, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes)
     precision = args.precision
     if precision == "auto":
         precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))
@@ -111,6 +122,15 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     logger.info("ray: %s, %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
                 num_actors, device, precision)
     return run
+
+
+def output_lease(output: str):
+    """The lease of a scores directory for this job (``parts.Lease``): a second job on it is refused."""
+    import uuid
+
+    from rayanom.parts import Lease
+
+    return Lease(output, uuid.uuid4().hex[:12])
 
 
 def check_index_values(index) -> None:
@@ -159,7 +179,9 @@ def run_main(main: Callable[[], int]) -> None:
 
 def print_summary(summary: dict) -> None:
     auroc = summary.get("auroc")
+    kinds = summary.get("failed_by_kind") or {}
     line = (f"scored {summary['scored']} of {summary['rows']} rows, {summary['failed']} failed"
+            + (" (" + ", ".join(f"{k} {n}" for k, n in kinds.items()) + ")" if kinds else "")
             + (f", image AUROC {auroc:.4f} ({summary['n_normal']} normal, {summary['n_anomalous']} anomalous)"
                if auroc is not None else ""))
     print(line)

@@ -10,6 +10,7 @@ Writes OUT/model (config.json + head.safetensors) and, with --score, OUT/scores 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 
@@ -120,7 +121,17 @@ def main(args: argparse.Namespace) -> int:
     artifact = _fitted_before(model_dir, fingerprint, args.overwrite, args.precision)
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
+    with contextlib.ExitStack() as stack:
+        lease = stack.enter_context(_cli.output_lease(scores_dir)) if score_info is not None else None
+        return _fit_and_score(args, config, train_info, score_info, index, state, source, artifact, lease, out,
+                              (evaluate, heatmaps, boxes))
 
+
+def _fit_and_score(args, config, train_info, score_info, index, state, source, artifact, lease, out, report) -> int:
+    from rayanom import pipeline
+
+    model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
+    evaluate, heatmaps, boxes = report
     run = _cli.init_ray(args, config.model, _cli.fitted_precision(artifact) if artifact else None)
     if score_info is not None:
         _cli.check_index_values(score_info)
@@ -138,7 +149,8 @@ def main(args: argparse.Namespace) -> int:
                                       artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
                                       args.max_failed_fraction)
     if score_info is not None:
-        summary = pipeline.score(score_info, artifact, state, scores_dir, run, overwrite=args.overwrite)
+        summary = pipeline.score(score_info, artifact, state, scores_dir, run, overwrite=args.overwrite,
+                                 job=lease.job)
         _cli.print_summary(summary)
         _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],

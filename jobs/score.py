@@ -30,6 +30,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--region-weights", metavar="PATH",
                    help="RKDE: where the region extractor weights file is on this machine (its sha256 must match) "
                         "(default: the recorded path)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="score again the rows of complete parts that failed (storage errors whose retries ran out, "
+                        "...), leaving every other row as it was")
     _cli.add_report_flags(p, "OUT-report", "0", "no")
     _cli.add_run_flags(p)
     return p
@@ -59,9 +62,11 @@ def main(args: argparse.Namespace) -> int:
 
     from rayanom import pipeline
 
-    run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
-    _cli.check_index_values(index)
-    summary = pipeline.score(index, artifact, state, args.out, run, overwrite=args.overwrite)
+    with _cli.output_lease(args.out) as lease:  # one job per output, refused before Ray starts
+        run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
+        _cli.check_index_values(index)
+        summary = pipeline.score(index, artifact, state, args.out, run, overwrite=args.overwrite, job=lease.job,
+                                 retry_failed=args.retry_failed)
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
                       args.region_rows)

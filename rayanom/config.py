@@ -194,9 +194,13 @@ class RunConfig:
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast on CPUs with AMX and on GPUs; scores move slightly (README)
+    io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
+    max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
+        _check_int("io_retries", self.io_retries, 0)
+        _check_int("max_file_bytes", self.max_file_bytes, 1)
         _check_int("rows_per_part", self.rows_per_part, 1)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import random
+import re
+import time
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -140,21 +145,92 @@ def training_rows(table: pa.Table) -> pa.Table:
     return table.filter(mask)
 
 
-def read_bytes(path: str) -> bytes:
-    """All bytes of a local file or URI; a missing file or a directory is an error that says so."""
+# Storage errors worth retrying: throttling, server errors, timeouts, dropped connections. Matched in the message of
+# an OSError (pyarrow's S3, GCS and HDFS clients report the SDK's error code or HTTP status there) or by type.
+TRANSIENT_PATTERN = re.compile(
+    r"SLOW_?DOWN|SlowDown|THROTTL|Throttl|TooManyRequests|SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|"
+    r"InternalError|REQUEST_TIMEOUT|RequestTimeout|NETWORK_CONNECTION|UNAVAILABLE|DEADLINE_EXCEEDED|"
+    r"RESOURCE_EXHAUSTED|Connection reset|connection reset|Broken pipe|timed out|Timeout was reached|"
+    r"Couldn't connect|HTTP (?:status|response code)[: ]*(?:429|5\d\d)")
+TRANSIENT_TYPES = (TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """How image files are read. A transient storage error (``is_transient``) is retried up to ``retries`` times per
+    request, after a pause drawn uniformly from [0, min(cap, base * 2^attempt)] (full jitter, so throttled workers
+    spread out; the draws change timing only, never a result). Files larger than ``max_file_bytes`` are refused from
+    their size, before a byte is read."""
+
+    retries: int = 40
+    backoff_s: float = 0.05
+    backoff_cap_s: float = 5.0
+    max_file_bytes: int = 256 * 2**20
+
+
+class RetriesExhausted(OSError):
+    """A transient storage error that persisted through every retry."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """Throttling (429, SlowDown), server errors (5xx), timeouts and dropped connections: worth another try."""
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return False
+    return isinstance(e, TRANSIENT_TYPES) or (isinstance(e, OSError) and bool(TRANSIENT_PATTERN.search(str(e))))
+
+
+def _with_retries(request, policy: ReadPolicy):
+    for attempt in range(policy.retries + 1):
+        try:
+            return request()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == policy.retries:
+                msg = f"transient storage error persisted through {policy.retries} retries: {error_message(e)}"
+                raise RetriesExhausted(msg) from e
+            time.sleep(_JITTER.uniform(0.0, min(policy.backoff_cap_s, policy.backoff_s * 2**attempt)))
+    raise AssertionError  # unreachable
+
+
+_JITTER = random.Random()
+
+
+def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
+    """All bytes of a local file or URI, in two requests on object stores (open: HEAD, then read: GET), each retried
+    on transient errors (``ReadPolicy``). A missing file, a directory or a file above ``max_file_bytes`` is an
+    error that says so."""
     if path is None or not str(path).strip():
         msg = "empty path"
         raise ValueError(msg)
     fs, p = resolve_filesystem(str(path))
-    info = fs.get_file_info(p)
-    if info.type == pafs.FileType.NotFound:
+    try:
+        f = _with_retries(lambda: fs.open_input_file(p), policy)
+    except FileNotFoundError as e:
         msg = f"missing file {path}"
-        raise FileNotFoundError(msg)
-    if info.type == pafs.FileType.Directory:
-        msg = f"{path} is a directory, expected an image file"
-        raise IsADirectoryError(msg)
-    with fs.open_input_file(p) as f:
-        return f.read()
+        raise FileNotFoundError(msg) from e
+    except RetriesExhausted:
+        raise
+    except OSError as e:  # a directory, or another permanent error: one more request names which
+        kind = _with_retries(lambda: fs.get_file_info(p), policy).type
+        if kind == pafs.FileType.NotFound:
+            msg = f"missing file {path}"
+            raise FileNotFoundError(msg) from e
+        if kind == pafs.FileType.Directory:
+            msg = f"{path} is a directory, expected an image file"
+            raise IsADirectoryError(msg) from e
+        raise
+    with f:
+        size = f.size()
+        if size > policy.max_file_bytes:
+            msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
+            raise ValueError(msg)
+        return _with_retries(lambda: _read_all(f), policy)
+
+
+def _read_all(f) -> bytes:
+    f.seek(0)
+    return f.read()
 
 
 def decode_image(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
@@ -223,21 +299,33 @@ def error_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
-def decode_table(table: pa.Table, image_size: tuple[int, int]) -> pa.Table:
+def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> pa.Table:
     """The decode stage on an arrow block (a Ray Data CPU task; this module does not import torch, so decode
     workers start fast): every input column unchanged, plus ``image`` (tensor), the original
     ``image_height``/``image_width`` and ``error`` (string)."""
+    paths = table.column(PATH_COL).to_pylist()
+    out = decode_batch({PATH_COL: paths}, image_size, policy)
+    return _decoded_table(table, out[IMAGE_COL], out[HEIGHT_COL], out[WIDTH_COL], out[ERROR_COL])
+
+
+def failed_table(table: pa.Table, image_size: tuple[int, int], message: str) -> pa.Table:
+    """What ``decode_table`` gives for rows that failed with ``message``, without reading them."""
+    n = table.num_rows
+    zeros = np.zeros(n, dtype=np.int32)
+    return _decoded_table(table, np.zeros((n, 3, *image_size), dtype=np.float32), zeros, zeros, [message] * n)
+
+
+def _decoded_table(table: pa.Table, images: np.ndarray, heights, widths, errors) -> pa.Table:
     from ray.data.extensions import ArrowTensorArray
 
-    paths = table.column(PATH_COL).to_pylist()
-    out = decode_batch({PATH_COL: paths}, image_size)
-    return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(out[IMAGE_COL]))
-            .append_column(HEIGHT_COL, pa.array(out[HEIGHT_COL]))
-            .append_column(WIDTH_COL, pa.array(out[WIDTH_COL]))
-            .append_column(ERROR_COL, pa.array(out[ERROR_COL], pa.string())))
+    return (table.append_column(IMAGE_COL, ArrowTensorArray.from_numpy(images))
+            .append_column(HEIGHT_COL, pa.array(heights))
+            .append_column(WIDTH_COL, pa.array(widths))
+            .append_column(ERROR_COL, pa.array(errors, pa.string())))
 
 
-def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int],
+                 policy: ReadPolicy = ReadPolicy()) -> dict[str, np.ndarray]:
     """CPU stage: read and decode every row; a failure becomes that row's ``error``, never an exception.
 
     Returns a new dict: every input column, plus ``image`` (n, 3, h, w) float32 (zeros for failed rows),
@@ -248,9 +336,12 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int]) -> d
     images = np.zeros((n, 3, *image_size), dtype=np.float32)
     sizes = np.zeros((n, 2), dtype=np.int32)
     errors = np.full(n, None, dtype=object)
+    crash_on = os.environ.get("RAYANOM_FAILPOINT_EXIT_ON_PATH")  # tests: a file whose reading kills the worker
     for i, p in enumerate(paths):
+        if crash_on and p and crash_on in str(p):
+            os._exit(77)
         try:
-            images[i], sizes[i] = decode_image_sized(read_bytes(p), image_size)
+            images[i], sizes[i] = decode_image_sized(read_bytes(p, policy), image_size)
         except Exception as e:  # noqa: BLE001 - any per-file failure is recorded in its row, the job goes on
             errors[i] = error_message(e)
     out = dict(batch)

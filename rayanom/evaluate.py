@@ -28,8 +28,9 @@ _BATCH_ROWS = 1 << 20
 
 
 def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
-    """Counts of scored and failed rows and the image AUROC on raw scores of all scored rows (None without labels
-    or without both classes; rows with a non-finite score are left out of it).
+    """Counts of scored and failed rows (failed rows also per kind, ``failure_kinds``) and the image AUROC on raw
+    scores of all scored rows (None without labels or without both classes; rows with a non-finite score are left
+    out of it).
 
     Up to ``exact_rows`` rows the AUROC is exact (scikit-learn) and ``auroc_error_bound`` is 0; above, it comes from
     ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column.
@@ -38,7 +39,8 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
 
     if _count_rows(output) > exact_rows:
         h = Histograms.from_scores(output, require_labels=False)
-        summary = {"output": output, "rows": h.rows, "scored": h.scored, "failed": h.rows - h.scored, "auroc": None}
+        summary = {"output": output, "rows": h.rows, "scored": h.scored, "failed": h.rows - h.scored, "auroc": None,
+                   "failed_by_kind": failure_kinds(output)}
         if h.labelled:
             n0, n1 = h.counts[:, 0].sum(), h.counts[:, 1].sum()
             auroc, bound = h.auroc()
@@ -48,7 +50,7 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
     cols = read_score_columns(output, require_labels=False)
     ok, labels = cols["ok"], cols["labels"]
     summary = {"output": output, "rows": int(ok.size), "scored": int(ok.sum()), "failed": int((~ok).sum()),
-               "auroc": None}
+               "auroc": None, "failed_by_kind": failure_kinds(output)}
     if labels is not None:
         use = ok & np.isfinite(cols["scores"])
         labels, scores = labels[use], cols["scores"][use]
@@ -57,6 +59,21 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
             summary["auroc_error_bound"] = 0.0
             summary["n_normal"], summary["n_anomalous"] = int((labels == 0).sum()), int((labels == 1).sum())
     return summary
+
+
+def failure_kinds(output: str) -> dict[str, int]:
+    """Failed rows per kind: the exception type that opens each ``error`` (``FileNotFoundError``, ``ValueError``,
+    ``RetriesExhausted``...), streamed over the failed rows only."""
+    dataset = _dataset(output)
+    if ERROR_COL not in dataset.schema.names:
+        return {}
+    kinds: dict[str, int] = {}
+    for batch in dataset.to_batches(columns=[ERROR_COL], filter=pc.field(ERROR_COL).is_valid(),
+                                    batch_size=_BATCH_ROWS):
+        heads = pc.list_element(pc.split_pattern(batch.column(ERROR_COL), ":", max_splits=1), 0)
+        for item in pc.value_counts(heads).to_pylist():
+            kinds[item["values"]] = kinds.get(item["values"], 0) + item["counts"]
+    return dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _dataset(scores_uri: str):

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import resolve_filesystem
+from rayanom.data import ROW_COL, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ def table_fingerprint(table: pa.Table) -> str:
 
 
 def _is_ours(name: str) -> bool:
-    return name == MANIFEST or bool(PART_RE.match(name)) or (name.startswith(".part-") and name.endswith(".tmp"))
+    return (name in (MANIFEST, LEASE) or bool(PART_RE.match(name))
+            or (name.startswith((".part-", f".{MANIFEST}", f".{LEASE}")) and name.endswith((".tmp", ".probe"))))
 
 
 def check_parts_dir(output: str) -> None:
@@ -66,7 +67,8 @@ def has_parts(output: str) -> bool:
     fs, path = resolve_filesystem(output)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return False
-    return any(_is_ours(i.base_name) for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+    return any(_is_ours(i.base_name) and i.base_name != LEASE
+               for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
 def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
@@ -77,9 +79,11 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     """
     check_parts_dir(output)
     fs, path = resolve_filesystem(output)
-    names = []
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))]
+    infos = []
+    if fs.get_file_info(path).type == pafs.FileType.Directory:  # the lease (this job's, see Lease) is not content
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+                 if i.base_name != LEASE and not i.base_name.endswith(".probe")]
+    names = [i.base_name for i in infos]
     previous = _read_manifest(fs, path) if MANIFEST in names else None
     done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
     if names and previous != manifest:
@@ -93,14 +97,18 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
             raise UserError(msg)
         for name in names:
             fs.delete_file(f"{path}/{name}")
-        names, done = [], set()
+        infos, names, done = [], [], set()
     fs.create_dir(path, recursive=True)
-    for name in names:
-        if name.endswith(".tmp"):
-            fs.delete_file(f"{path}/{name}")  # a part that was being written when the last run stopped
-    if MANIFEST not in names:
-        with fs.open_output_stream(f"{path}/{MANIFEST}") as f:
+    temporary = [i for i in infos if i.base_name.endswith(".tmp")]
+    if temporary:  # parts that were being written when an earlier job stopped; a live job's are younger, kept
+        now = _store_now(fs, path)
+        for i in temporary:
+            if (now - i.mtime_ns) / 1e9 > LEASE_STALE_S:
+                fs.delete_file(f"{path}/{i.base_name}")
+    if MANIFEST not in names:  # written whole under a temporary name, then moved: never read half-written
+        with fs.open_output_stream(f"{path}/.{MANIFEST}.tmp") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+        fs.move(f"{path}/.{MANIFEST}.tmp", f"{path}/{MANIFEST}")
     if done:
         logger.info("resuming %s: %d of %d parts already complete", output, len(done), manifest["n_parts"])
     return done
@@ -113,12 +121,71 @@ def _without_index(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in _INDEX_KEYS}
 
 
-def _read_manifest(fs: pafs.FileSystem, path: str) -> dict | None:
-    try:
+def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
+    """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
+    for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
+    is not JSON reads as one that disagrees."""
+    from rayanom.data import ReadPolicy, _with_retries, error_message
+
+    def read() -> bytes:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):
-        return None
+            return f.read()
+
+    try:
+        text = _with_retries(read, ReadPolicy())
+    except OSError as e:
+        msg = (f"cannot read the scores manifest {path}/{MANIFEST} ({error_message(e)}); nothing was changed: check "
+               "access to the output and re-run the same command to resume")
+        raise UserError(msg) from e
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return {"format": "unparseable manifest"}
+    return manifest if isinstance(manifest, dict) else {"format": "unparseable manifest"}
+
+
+def _store_now(fs: pafs.FileSystem, path: str) -> int:
+    """The store's clock (ns): the modification time of a probe file written now."""
+    import uuid
+
+    probe = f"{path}/.{LEASE}.{uuid.uuid4().hex[:12]}.probe"
+    with fs.open_output_stream(probe) as f:
+        f.write(b"")
+    now = fs.get_file_info(probe).mtime_ns
+    fs.delete_file(probe)
+    return now
+
+
+def part_problems(output: str, parts: list[int], n_rows: int, rows_per_part: int) -> dict[int, str]:
+    """What is wrong with complete parts ``parts``, from their footers alone: the row count and the ``row_index``
+    range (row group statistics) must be those of the part's rows. Parts without a problem are left out."""
+    fs, path = resolve_filesystem(output)
+    problems = {}
+    for k in parts:
+        lo = k * rows_per_part
+        expect = min(rows_per_part, n_rows - lo)
+        try:
+            with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+                meta = pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowInvalid) as e:
+            problems[k] = f"unreadable footer ({e})"
+            continue
+        if meta.num_rows != expect:
+            problems[k] = f"{meta.num_rows} rows, expected {expect}"
+            continue
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if ROW_COL not in names:
+            problems[k] = f"no {ROW_COL} column"
+            continue
+        j = names.index(ROW_COL)
+        stats = [meta.row_group(g).column(j).statistics for g in range(meta.num_row_groups)]
+        if not stats or any(st is None or not st.has_min_max for st in stats):
+            problems[k] = f"no {ROW_COL} statistics"
+            continue
+        found = (min(st.min for st in stats), max(st.max for st in stats))
+        if found != (lo, lo + expect - 1):
+            problems[k] = f"{ROW_COL} {found[0]}..{found[1]}, expected {lo}..{lo + expect - 1}"
+    return problems
 
 
 def write_part(output: str, k: int, table: pa.Table, job: str) -> None:
@@ -145,3 +212,191 @@ def changed_parts(previous: dict, manifest: dict, done: set[int]) -> int:
             continue
         hit |= {k for k in done if k * per < starts[i + 1] and (k + 1) * per > starts[i]}
     return len(hit)
+
+
+LEASE = "_rayanom_lease.json"
+LEASE_STALE_S = 120.0  # a lease whose heartbeat is older than this (by the store's clock) belongs to a dead job
+HEARTBEAT_S = 15.0
+
+
+class Lease:
+    """One writer per scores directory: ``_rayanom_lease.json`` holds the job's id and is rewritten every
+    ``HEARTBEAT_S`` seconds by a thread of the driver, so its modification time shows the job is alive.
+
+    ``acquire`` creates it exclusively: ``O_EXCL`` on a local directory; elsewhere a check, a write and a read-back
+    (a race of two jobs starting within the same second remains possible there, documented). A lease that exists is
+    refused while fresh; one whose heartbeat is older than ``LEASE_STALE_S``, measured against the store's own clock
+    (the modification time of a probe file written now, never this machine's clock), is taken over, and so is one
+    taken on this machine by a process that no longer exists (a killed job resumed at once).
+    """
+
+    def __init__(self, output: str, job: str) -> None:
+        self.output, self.job = output, job
+        self.fs, self.path = resolve_filesystem(output)
+        self.file = f"{self.path}/{LEASE}"
+        self._stop = None
+        self._thread = None
+        self._created = False
+
+    def _body(self) -> bytes:
+        import os
+        import socket
+        import time
+
+        return json.dumps({"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+
+    def _write(self) -> None:
+        with self.fs.open_output_stream(self.file) as f:
+            f.write(self._body())
+
+    def _holder(self) -> dict:
+        try:
+            with self.fs.open_input_file(self.file) as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+
+    def age(self) -> float | None:
+        """Seconds since the lease's last heartbeat, by the store's clock; None when there is no lease."""
+        info = self.fs.get_file_info(self.file)
+        if info.type == pafs.FileType.NotFound:
+            return None
+        return max(0.0, (_store_now(self.fs, self.path) - info.mtime_ns) / 1e9)
+
+    def acquire(self) -> None:
+        """Take the lease or raise UserError naming the job that holds it."""
+        import os
+
+        self._created = self.fs.get_file_info(self.path).type == pafs.FileType.NotFound
+        self.fs.create_dir(self.path, recursive=True)
+        for _ in range(2):
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                try:
+                    fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(self._body())
+                    break
+            elif self.fs.get_file_info(self.file).type == pafs.FileType.NotFound:
+                self._write()
+                if self._holder().get("job") == self.job:
+                    break
+            age = self.age()
+            if age is not None and age < LEASE_STALE_S and not self._holder_is_gone():
+                holder = self._holder()
+                msg = (f"output {self.output!r} is being written by another job ({holder.get('job', '?')} on "
+                       f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}; last heartbeat {age:.0f} s ago); "
+                       f"wait for it to finish or stop it. A lease without a heartbeat for {LEASE_STALE_S:.0f} s is "
+                       "taken over")
+                raise UserError(msg)
+            if age is not None:
+                logger.warning("output %s: taking over a stale lease (last heartbeat %.0f s ago, job %s)",
+                               self.output, age, self._holder().get("job", "?"))
+                self.fs.delete_file(self.file)
+        else:
+            msg = f"output {self.output!r}: another job took the lease at the same time; re-run"
+            raise UserError(msg)
+        self._start_heartbeat()
+
+    def _holder_is_gone(self) -> bool:
+        """The lease was taken on this machine by a process that no longer exists (a job killed a moment ago): its
+        lease can be taken over without waiting for the heartbeat to go stale."""
+        import os
+        import socket
+
+        holder = self._holder()
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(HEARTBEAT_S):
+                holder = self._holder()
+                if holder and holder.get("job") != self.job:
+                    logger.error("output %s: the lease was taken over by job %s; this job (%s) no longer owns it",
+                                 self.output, holder.get("job"), self.job)
+                    return
+                try:
+                    self._write()
+                except OSError as e:  # a missed heartbeat is retried at the next one
+                    logger.warning("output %s: lease heartbeat failed: %s", self.output, e)
+
+        self._thread = threading.Thread(target=beat, name="rayanom-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+        if self._holder().get("job") == self.job:
+            self.fs.delete_file(self.file)
+        if self._created and not self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)):
+            self.fs.delete_dir(self.path)  # a job refused before writing leaves no directory behind
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CrashMarker:
+    """Beside part k while an actor scores it: ``.part-k.parquet.crash.tmp`` holding how many times the part was
+    begun (``attempts``), the rows known to kill the worker (``bad``) and, when scoring row by row, the row in
+    progress (``row``). Cleared when the part is written; still there when the part is begun again means the last
+    worker died on it (``pipeline.PartScorer``)."""
+
+    def __init__(self, output: str, k: int) -> None:
+        self.fs, path = resolve_filesystem(output)
+        self.file = f"{path}/.{part_name(k)}.crash.tmp"
+
+    def begin(self) -> dict:
+        previous = {}
+        try:
+            with self.fs.open_input_file(self.file) as f:
+                previous = json.loads(f.read())
+        except (OSError, ValueError):
+            pass
+        bad = list(previous.get("bad", []))
+        if previous.get("row") is not None:
+            bad.append(int(previous["row"]))  # the row in progress when the last worker died
+        state = {"attempts": int(previous.get("attempts", 0)) + 1, "bad": sorted(set(bad)), "row": None}
+        self._write(state)
+        return state
+
+    def at(self, state: dict, row: int) -> None:
+        self._write({**state, "row": row})
+
+    def clear(self) -> None:
+        if self.fs.get_file_info(self.file).type != pafs.FileType.NotFound:
+            self.fs.delete_file(self.file)
+
+    def _write(self, state: dict) -> None:
+        with self.fs.open_output_stream(self.file) as f:
+            f.write(json.dumps(state).encode())
+
+
+def failed_rows(output: str, parts: list[int]) -> dict[int, int]:
+    """Rows with an ``error`` in each of the complete parts ``parts`` (that column only is read)."""
+    fs, path = resolve_filesystem(output)
+    counts = {}
+    for k in parts:
+        with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+            errors = pq.ParquetFile(f).read(columns=["error"]).column(0)
+        counts[k] = len(errors) - errors.null_count
+    return counts

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -35,7 +36,7 @@ from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
     PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    decode_table,
+    ReadPolicy, decode_table, error_message, failed_table,
 )
 from rayanom.features import FeatureExtractor
 from rayanom.evaluate import summarize
@@ -94,7 +95,8 @@ class BankFeatures:
         rows = table.column(ROW_COL).to_numpy()
         errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
-        ids, keys, feats = self._items(table, rows, ok)
+        ids, keys, feats = self._safe_items(table, rows, ok, errors)
+        ok = np.array([e is None for e in errors], dtype=bool)  # rows the model stage failed on are failed rows
         keep = (keys >= self.lo) & (keys < self.hi)
         n_failed = int((~ok).sum())
         return pa.table({
@@ -105,8 +107,29 @@ class BankFeatures:
                                                                                np.float32), feats[keep]])),
             ERROR_COL: pa.array(errors[~ok].tolist() + [None] * int(keep.sum()), pa.string())})
 
+    def _safe_items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
+        """``_items``; when the model stage raises, the rows in halves down to the single row that fails, whose
+        ``errors`` entry then names the exception (as scoring does, ``PartScorer``)."""
+        try:
+            return self._items(table, rows, ok)
+        except Exception as e:  # noqa: BLE001 - narrowed to its row; the fit goes on
+            where = np.flatnonzero(ok)
+            if len(where) <= 1:
+                errors[where] = error_message(e)
+                dim = self.extractor.dim if self.slots == 1 else 4096
+                return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, dim), np.float32)
+            logger.warning("the model stage failed on a batch of %d (%s): retrying it in halves", len(where),
+                           error_message(e))
+            parts = []
+            for half in (where[:len(where) // 2], where[len(where) // 2:]):
+                mask = np.zeros_like(ok)
+                mask[half] = True
+                parts.append(self._safe_items(table, rows, mask, errors))
+            return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
     def _items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bank ids, keys, features) of the decoded rows' items."""
+        _failpoints(table, ok)
         if self.slots == 1:
             feats = self.extractor(_images(table)[ok]) if ok.any() else np.zeros((0, self.extractor.dim), np.float32)
             return rows[ok], row_keys(rows[ok], self.seed), feats
@@ -138,6 +161,7 @@ class Scorer:
     def __call__(self, table: pa.Table) -> pa.Table:
         errors = table.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
+        _failpoints(table, ok)
         if self.config.model == "rkde":
             return self._regions(table, errors, ok)
         n, m = table.num_rows, int(ok.sum())
@@ -219,9 +243,14 @@ def _actor_args(run: RunConfig) -> dict:
     return args
 
 
+def read_policy(run: RunConfig) -> ReadPolicy:
+    return ReadPolicy(retries=run.io_retries, max_file_bytes=run.max_file_bytes)
+
+
 def _decoded(blocks: list[pa.Table], config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks).map_batches(
-        decode_table, fn_kwargs={"image_size": config.image_size}, batch_size=None, batch_format="pyarrow",
+        decode_table, fn_kwargs={"image_size": config.image_size, "policy": read_policy(run)}, batch_size=None,
+        batch_format="pyarrow",
         num_cpus=run.decode_num_cpus, compute=ray.data.TaskPoolStrategy(size=run.decode_tasks or None))
 
 
@@ -310,17 +339,31 @@ def fit(index, config: ModelConfig, state: dict[str, np.ndarray], weights_source
     return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
+CAREFUL_AFTER = 2  # a part whose worker died this many times is scored row by row, skipping the rows that kill it
+
+
 class PartScorer:
     """Score-stage actor whose unit of work is one output part: it reads the part's index rows (``index.read_rows``),
     decodes them in a thread pool (the next batches while the current one runs), scores them in forward batches cut at
     fixed offsets from the part's start (``Scorer``), and writes the part (``parts.write_part``). Only a one-row
-    summary goes back, so no row passes through the driver and every run forms the same batches."""
+    summary goes back, so no row passes through the driver and every run forms the same batches.
+
+    Failures stay with their rows. A batch whose model stage raises is scored again in halves down to single rows,
+    so only the offending row gets an ``error`` naming the exception; an out-of-memory error also lowers this
+    actor's batch size for the rest of its life. A row that kills the worker process is found by a crash marker
+    beside the part (``parts.CrashMarker``): Ray restarts the actor and retries the part; after ``CAREFUL_AFTER``
+    deaths the part is scored one row at a time, the marker naming the row in progress, and the row that killed the
+    worker again is skipped with an error. Both change batch composition: those rows' scores (and, after an OOM, the
+    actor's later batches) agree with an undisturbed run within ``heads.BATCH_RTOL``, not bit for bit.
+    """
 
     def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int, precision: str,
-                 index, output: str, job: str, batch_size: int, decode_threads: int = 0) -> None:
+                 index, output: str, job: str, batch_size: int, decode_threads: int = 0,
+                 policy: ReadPolicy = ReadPolicy()) -> None:
         self.scorer = Scorer(config, state, head_state, device, threads, precision)
         self.index, self.output, self.job, self.batch_size = _resolve(index), output, job, batch_size
-        self.image_size = config.image_size
+        self.max_batch = batch_size  # lowered by an out-of-memory error
+        self.image_size, self.policy = config.image_size, policy
         # Whole forward batches are decoded ahead in a thread pool (Pillow releases the GIL in its decoders and
         # resampling), ``decode_threads`` batches at a time. On a CPU actor the forward pass already uses the cores,
         # and one decode thread measured best here: 22 us a row of pipeline cost against 38 us with two threads
@@ -331,35 +374,133 @@ class PartScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from rayanom.index import read_rows
-        from rayanom.parts import write_part
+        from rayanom.parts import CrashMarker, write_part
 
         k, start, stop = (int(batch[c][0]) for c in ("part", "start", "stop"))
         rows = read_rows(self.index, start, stop)
-        cuts = [rows.slice(s, self.batch_size) for s in range(0, rows.num_rows, self.batch_size)]
-        pending = deque(self.pool.submit(decode_table, c, self.image_size) for c in cuts[:self.decode_threads])
-        scored = []
-        for i in range(len(cuts)):
-            decoded = pending.popleft().result()
-            if i + self.decode_threads < len(cuts):
-                pending.append(self.pool.submit(decode_table, cuts[i + self.decode_threads], self.image_size))
-            scored.append(self.scorer(decoded))
+        previous = None
+        if "retry" in batch and int(batch["retry"][0]):  # --retry-failed: only the failed rows of a complete part
+            previous, rows = self._failed_rows(k, rows)
+        marker = CrashMarker(self.output, k)
+        state = marker.begin()
+        if state["attempts"] > CAREFUL_AFTER:
+            logger.warning("part %d killed its worker %d times: scoring it row by row", k, state["attempts"] - 1)
+            scored = self._row_by_row(rows, marker, state)
+        else:
+            scored = self._batches(rows)
         table = pa.concat_tables(scored) if scored else rows
+        if previous is not None:  # the rows retried, back among the others in row order
+            kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
+            table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
+            rows = read_rows(self.index, start, stop)
         # What the part was computed from, kept in its metadata: the sha256 of its index rows.
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                b"rayanom_input_sha256": table_fingerprint(rows).encode()})
         write_part(self.output, k, table, self.job)
+        marker.clear()
         return {"part": np.array([k]), "rows": np.array([table.num_rows])}
+
+    def _failed_rows(self, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """The complete part ``k`` as written, and the index rows of its failed rows."""
+        import pyarrow.parquet as pq
+
+        from rayanom.data import resolve_filesystem
+        from rayanom.parts import part_name
+
+        fs, path = resolve_filesystem(self.output)
+        with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+            previous = pq.read_table(f)
+        previous = previous.replace_schema_metadata(None)
+        failed = np.flatnonzero(previous.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False))
+        return previous, rows.take(pa.array(failed))
+
+    def _batches(self, rows: pa.Table) -> list[pa.Table]:
+        cuts = [rows.slice(s, self.batch_size) for s in range(0, rows.num_rows, self.batch_size)]
+        pending = deque(self.pool.submit(decode_table, c, self.image_size, self.policy)
+                        for c in cuts[:self.decode_threads])
+        scored = []
+        for i in range(len(cuts)):
+            decoded = pending.popleft().result()
+            if i + self.decode_threads < len(cuts):
+                pending.append(self.pool.submit(decode_table, cuts[i + self.decode_threads], self.image_size,
+                                             self.policy))
+            scored.append(self._score(decoded))
+        return scored
+
+    def _row_by_row(self, rows: pa.Table, marker, state: dict) -> list[pa.Table]:
+        bad, scored = set(state["bad"]), []
+        for i in range(rows.num_rows):
+            row = rows.slice(i, 1)
+            r = int(row.column(ROW_COL)[0].as_py())
+            if r in bad:
+                msg = (f"WorkerCrash: the worker process died while reading or scoring this row "
+                       f"({state['attempts'] - 1} deaths of its part's worker); the row was skipped")
+                scored.append(self.scorer(failed_table(row, self.image_size, msg)))
+                continue
+            marker.at(state, r)
+            scored.append(self._score(decode_table(row, self.image_size, self.policy)))
+        return scored
+
+    def _score(self, decoded: pa.Table) -> pa.Table:
+        """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still
+        raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
+        n = decoded.num_rows
+        if n > self.max_batch:
+            return pa.concat_tables([self._score(decoded.slice(s, self.max_batch)) for s in range(0, n, self.max_batch)])
+        try:
+            return self.scorer(decoded)
+        except Exception as e:  # noqa: BLE001 - a model-stage failure is narrowed to its row, the job goes on
+            if _is_out_of_memory(e) and n > 1:
+                self.max_batch = max(1, min(self.max_batch, n // 2))
+                logger.warning("out of memory on a batch of %d: this actor's batch size is now %d (%s)", n,
+                               self.max_batch, error_message(e))
+            elif n > 1:
+                logger.warning("the model stage failed on a batch of %d (%s): scoring it in halves", n,
+                               error_message(e))
+            if n == 1:
+                return self.scorer(_failed(decoded, error_message(e)))
+            half = -(-n // 2)
+            return pa.concat_tables([self._score(decoded.slice(0, half)), self._score(decoded.slice(half))])
+
+
+def _failpoints(table: pa.Table, ok: np.ndarray) -> None:
+    """Tests only, set by environment variables: the model stage raises on a batch holding a marked path, or an
+    out-of-memory error on batches of more rows than a limit (the exception CUDA raises)."""
+    raise_on = os.environ.get("RAYANOM_FAILPOINT_RAISE_ON_PATH")
+    if raise_on and any(raise_on in str(p) for p, good in zip(table.column(PATH_COL).to_pylist(), ok) if good):
+        msg = f"failpoint: a batch holding {raise_on!r}"
+        raise RuntimeError(msg)
+    oom_above = os.environ.get("RAYANOM_FAILPOINT_OOM_ABOVE")
+    if oom_above and int(ok.sum()) > int(oom_above):
+        import torch
+
+        msg = f"CUDA out of memory (failpoint: more than {oom_above} images in a batch)"
+        raise torch.cuda.OutOfMemoryError(msg)
+
+
+def _failed(decoded: pa.Table, message: str) -> pa.Table:
+    """``decoded`` with every row failed with ``message`` (the scorer then computes nothing for them)."""
+    i = decoded.schema.get_field_index(ERROR_COL)
+    return decoded.set_column(i, ERROR_COL, pa.array([message] * decoded.num_rows, pa.string()))
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, run: RunConfig = RunConfig(),
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, job: str | None = None, retry_failed: bool = False) -> dict:
     """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
     ``output``: one row per input row, written by the workers.
 
     ``state`` is the backbone from ``features.artifact_weights``. Part k holds rows [k P, (k + 1) P) for
     P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
     are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
-    Returns the summary of ``evaluate.summarize``.
+    ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
+    other row kept as it was. Returns the summary of ``evaluate.summarize``.
     """
     import uuid
 
@@ -368,10 +509,14 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
                 "index": index.fingerprint, "index_files": list(index.file_fingerprints), "n_rows": n,
                 "rows_per_part": per_part, "precision": run.precision, "n_parts": -(-n // per_part)}
     done = open_parts(output, manifest, overwrite)
-    todo = [{"part": k, "start": k * per_part, "stop": min((k + 1) * per_part, n)}
-            for k in range(manifest["n_parts"]) if k not in done]
-    logger.info("score: %d rows with a %s model -> %s (%d parts, %d to write)", n, artifact.config.model, output,
-                manifest["n_parts"], len(todo))
+    if done:
+        done -= _broken_parts(output, sorted(done), n, per_part)
+    retry = _parts_with_failures(output, sorted(done)) if retry_failed and done else {}
+    todo = [{"part": k, "start": k * per_part, "stop": min((k + 1) * per_part, n), "retry": int(k in retry)}
+            for k in range(manifest["n_parts"]) if k not in done or k in retry]
+    logger.info("score: %d rows with a %s model -> %s (%d parts, %d to write%s)", n, artifact.config.model, output,
+                manifest["n_parts"], len(todo) - len(retry),
+                f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
         t0 = time.time()
         args = _actor_args(dataclasses.replace(run, num_actors=min(run.num_actors, len(todo))))
@@ -380,11 +525,11 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
             PartScorer, fn_constructor_kwargs={
                 "config": artifact.config, "state": ray.put(state), "head_state": ray.put(artifact.head.to_state()),
                 "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
-                "index": ray.put(index), "output": output, "job": uuid.uuid4().hex[:12],
-                "batch_size": run.batch_size}, **args)
+                "index": ray.put(index), "output": output, "job": job or uuid.uuid4().hex[:12],
+                "batch_size": run.batch_size, "policy": read_policy(run)}, **args)
         written = ds.take_all()
         n_done = sum(int(r["rows"]) for r in written)
-        if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):
+        if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
             msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
             raise RuntimeError(msg)
         logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
@@ -394,6 +539,32 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
         msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"
         raise RuntimeError(msg)
     return summary
+
+
+def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:
+    """Failed rows per complete part (those with any), counted on the workers from the ``error`` column."""
+    from rayanom.parts import failed_rows
+
+    task = ray.remote(num_cpus=0.5)(failed_rows)
+    chunks = [done[i:i + parts_per_task] for i in range(0, len(done), parts_per_task)]
+    return {k: v for found in ray.get([task.remote(output, c) for c in chunks]) for k, v in found.items() if v}
+
+
+def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
+    """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
+    workers), deleted so they are written again."""
+    from rayanom.data import resolve_filesystem
+    from rayanom.parts import part_name, part_problems
+
+    task = ray.remote(num_cpus=0.5)(part_problems)
+    chunks = [done[i:i + parts_per_task] for i in range(0, len(done), parts_per_task)]
+    problems = {k: v for found in ray.get([task.remote(output, c, n_rows, per_part) for c in chunks])
+                for k, v in found.items()}
+    fs, path = resolve_filesystem(output)
+    for k, problem in sorted(problems.items()):
+        logger.warning("score: complete part %s is broken (%s): writing it again", part_name(k), problem)
+        fs.delete_file(f"{path}/{part_name(k)}")
+    return set(problems)
 
 
 def fit_fingerprint(index, config: ModelConfig, weights_source: dict) -> str:

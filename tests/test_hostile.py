@@ -5,7 +5,6 @@ a fragment of the expected error.
 """
 
 import io
-import os
 import struct
 import zlib
 

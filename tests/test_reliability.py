@@ -124,6 +124,197 @@ def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
     assert meta.decode() == table_fingerprint(read_rows(info, 4 * k, 4 * k + 4))
 
 
+def test_broken_complete_parts_are_written_again(model, demo_set, tmp_path):
+    """A resume trusts a complete part only when its footer agrees with its rows: one truncated to garbage, one with
+    the wrong rows and one with a row missing are written again; the result equals the uninterrupted run."""
+    artifact, state = model
+    info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
+    run = RunConfig(batch_size=3, rows_per_part=4, num_actors=1)
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "scores")
+    pipeline.score(info, artifact, state, reference, run)
+    pipeline.score(info, artifact, state, out, run)
+    part = [os.path.join(out, f"part-{k:08d}.parquet") for k in range(6)]
+    with open(part[1], "wb") as f:
+        f.write(b"PAR1 not a parquet file")
+    pq.write_table(pq.read_table(part[2]), part[3])  # part 2's rows under part 3's name
+    pq.write_table(pq.read_table(part[4]).slice(0, 3), part[4])
+    stamps = {k: os.stat(part[k]).st_mtime_ns for k in (0, 5)}
+    pipeline.score(info, artifact, state, out, run)
+    for name in _parts(reference):
+        assert pq.read_table(os.path.join(out, name)).equals(pq.read_table(os.path.join(reference, name))), name
+    assert all(os.stat(part[k]).st_mtime_ns == stamps[k] for k in stamps)  # the sound parts were kept
+
+
+def test_unreadable_manifest_changes_nothing(model, demo_set, tmp_path):
+    """A manifest that cannot be read is an error that asks for a re-run and never suggests --overwrite."""
+    from rayanom.config import UserError
+
+    artifact, state = model
+    info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=1))
+    out = str(tmp_path / "scores")
+    pipeline.score(info, artifact, state, out, RunConfig(batch_size=3, rows_per_part=4))
+    manifest = os.path.join(out, "_rayanom_scores.json")
+    os.replace(manifest, str(tmp_path / "manifest.bak"))
+    os.mkdir(manifest)  # reading it now fails (a directory), as an unreachable object would
+    with pytest.raises(UserError, match="cannot read the scores manifest") as e:
+        pipeline.score(info, artifact, state, out, RunConfig(batch_size=3, rows_per_part=4))
+    assert "--overwrite" not in str(e.value) and len(_parts(out)) == 3
+
+
+def test_a_second_job_on_the_same_output_is_refused(model, demo_set, tmp_path):
+    """Two jobs/score.py processes on one output: the second is refused before Ray starts while the first writes;
+    the first finishes with every row."""
+    artifact, _ = model
+    artifact.save(str(tmp_path / "model"))
+    index = _long_index(demo_set)
+    pq.write_table(index, tmp_path / "long.parquet")
+    out = str(tmp_path / "scores")
+    cmd = [sys.executable, "jobs/score.py", "--model", str(tmp_path / "model"), "--index",
+           str(tmp_path / "long.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size", "2", "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "_rayanom_lease.json")) and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job ended before the second started: nothing was tested"
+    finally:
+        out1, err1 = first.communicate(timeout=300)
+    assert second.returncode == 2 and "is being written by another job" in second.stderr, second.stderr[-2000:]
+    assert first.returncode == 0, err1[-3000:]
+    check_accounting(out, index)
+    assert not os.path.exists(os.path.join(out, "_rayanom_lease.json"))  # released at the end
+
+
+def _poisoned_index(demo_set, tmp_path):
+    """The 12 test rows with row 5 pointing to a copy of its image named ``poison.png``."""
+    import shutil
+
+    test = pq.read_table(demo_set["test"])
+    paths = test.column("path").to_pylist()
+    poison = str(tmp_path / "poison.png")
+    shutil.copy(paths[5], poison)
+    paths[5] = poison
+    return test.set_column(test.schema.get_field_index("path"), "path", pa.array(paths))
+
+
+def _score_part(artifact, state, info, out, batch_size=4):
+    from rayanom.pipeline import PartScorer
+
+    os.makedirs(out)
+    scorer = PartScorer(artifact.config, state, artifact.head.to_state(), "cpu", 1, "fp32", info, out, "job",
+                        batch_size)
+    scorer({"part": np.array([0]), "start": np.array([0]), "stop": np.array([info.n_rows])})
+    return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
+
+
+def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path, monkeypatch):
+    from rayanom.heads import BATCH_RTOL
+
+    artifact, state = model
+    info = index_at(tmp_path / "index.parquet", _poisoned_index(demo_set, tmp_path))
+    _, clean = _score_part(artifact, state, info, str(tmp_path / "clean"))
+    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
+    _, got = _score_part(artifact, state, info, str(tmp_path / "failing"))
+    errors = got.column("error").to_pylist()
+    assert errors[5] == "RuntimeError: failpoint: a batch holding 'poison.png'" and got["anomaly_score"][5].as_py() is None
+    assert errors[:5] + errors[6:] == [None] * 11
+    a, b = np.array(clean["anomaly_score"].to_pylist(), dtype=float), got["anomaly_score"].to_pylist()
+    keep = [i for i in range(12) if i != 5]
+    np.testing.assert_allclose([b[i] for i in keep], a[keep], rtol=BATCH_RTOL)
+    assert [b[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)] == a[[0, 1, 2, 3, 8, 9, 10, 11]].tolist()  # other batches: bits
+
+
+def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path, monkeypatch):
+    from rayanom.data import decode_table
+    from rayanom.pipeline import BankFeatures
+
+    artifact, state = model
+    index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
+    decoded = decode_table(index.slice(4, 4), artifact.config.image_size)  # rows 4-7, row 5 poisoned
+    actor = BankFeatures(artifact.config, state, 1, 0.0, 2.0, "cpu", 1)
+    clean = actor(decoded)
+    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
+    got = actor(decoded)
+    assert got.column("error").to_pylist() == ["RuntimeError: failpoint: a batch holding 'poison.png'", None, None,
+                                               None]
+    assert got.column("row_index").to_pylist() == [5, 4, 6, 7]  # the failed row first, then the items
+    assert clean.column("row_index").to_pylist() == [4, 5, 6, 7]
+
+
+def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path, monkeypatch):
+    from rayanom.heads import BATCH_RTOL
+
+    artifact, state = model
+    info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]))
+    _, clean = _score_part(artifact, state, info, str(tmp_path / "clean"))
+    monkeypatch.setenv("RAYANOM_FAILPOINT_OOM_ABOVE", "2")
+    scorer, got = _score_part(artifact, state, info, str(tmp_path / "oom"))
+    assert scorer.max_batch == 2 and got.column("error").to_pylist() == [None] * 12
+    np.testing.assert_allclose(got["anomaly_score"].to_pylist(), clean["anomaly_score"].to_pylist(), rtol=BATCH_RTOL)
+
+
+@pytest.mark.timeout(600)
+def test_a_row_that_kills_its_worker_is_recorded_and_the_job_finishes(model, demo_set, tmp_path):
+    artifact, _ = model
+    artifact.save(str(tmp_path / "model"))
+    index = _poisoned_index(demo_set, tmp_path)
+    pq.write_table(index, tmp_path / "index.parquet")
+    out = str(tmp_path / "scores")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAYANOM_FAILPOINT_EXIT_ON_PATH": "poison.png"}
+    proc = subprocess.run([sys.executable, "jobs/score.py", "--model", str(tmp_path / "model"), "--index",
+                           str(tmp_path / "index.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size",
+                           "2", "--num-actors", "1", "--max-failed-fraction", "0.5", "--quiet"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = check_accounting(out, index)
+    errors = scores.column("error").to_pylist()
+    assert errors[5].startswith("WorkerCrash: the worker process died while reading or scoring this row")
+    assert errors[:5] + errors[6:] == [None] * 11
+    assert "scored 11 of 12 rows, 1 failed (WorkerCrash 1)" in proc.stdout
+    assert not [n for n in os.listdir(out) if n.endswith(".crash.tmp")]
+
+
+def test_retry_failed_rescores_exactly_the_failed_rows(model, demo_set, tmp_path):
+    """Rows whose files were unreachable are scored again once they are back; every other row keeps its bits, and
+    parts without a failed row are not rewritten."""
+    import shutil
+
+    from rayanom.heads import BATCH_RTOL
+
+    artifact, state = model
+    test = pq.read_table(demo_set["test"])
+    paths = test.column("path").to_pylist()
+    later = {2: str(tmp_path / "later-2.png"), 9: str(tmp_path / "later-9.png")}  # parts 0 and 2 of 3
+    moved = test.set_column(test.schema.get_field_index("path"), "path",
+                            pa.array([later.get(i, p) for i, p in enumerate(paths)]))
+    info = index_at(tmp_path / "index.parquet", moved)
+    run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
+    out = str(tmp_path / "scores")
+    first = pipeline.score(info, artifact, state, out, run)
+    assert first["failed"] == 2 and first["failed_by_kind"] == {"FileNotFoundError": 2}
+    before = {k: pq.read_table(os.path.join(out, f"part-{k:08d}.parquet")) for k in range(3)}
+    stamp = os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns
+    for i, p in later.items():
+        shutil.copy(paths[i], p)
+    again = pipeline.score(info, artifact, state, out, run, retry_failed=True)
+    assert again["failed"] == 0
+    assert os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns == stamp
+    clean = str(tmp_path / "clean")
+    pipeline.score(info, artifact, state, clean, run)
+    for k in (0, 2):
+        got = pq.read_table(os.path.join(out, f"part-{k:08d}.parquet"))
+        ref = pq.read_table(os.path.join(clean, f"part-{k:08d}.parquet"))
+        retried = [i - 4 * k for i in later if i // 4 == k]
+        others = [i for i in range(4) if i not in retried]
+        assert got.take(others).equals(before[k].take(others))  # untouched rows: bit for bit
+        assert got.column("error").to_pylist() == [None] * 4
+        np.testing.assert_allclose(got.take(retried)["anomaly_score"].to_pylist(),
+                                   ref.take(retried)["anomaly_score"].to_pylist(), rtol=BATCH_RTOL)
+
+
 def test_interrupted_score_job_resumes_to_the_same_output(demo_set, tmp_path):
     run_dir = str(tmp_path / "run")
     fit = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"],

@@ -184,7 +184,8 @@ def test_job_summary_counts_rows_and_auroc_without_requiring_labels(tmp_path):
     assert (s["n_normal"], s["n_anomalous"]) == (int((labels[ok] == 0).sum()), int((labels[ok] == 1).sum()))
 
     pq.write_table(table.drop_columns(["label"]), tmp_path / "a.parquet")  # unlabelled: counts, no AUROC
-    assert summarize(str(tmp_path)) == {"output": str(tmp_path), "rows": 40, "scored": 37, "failed": 3, "auroc": None}
+    assert summarize(str(tmp_path)) == {"output": str(tmp_path), "rows": 40, "scored": 37, "failed": 3, "auroc": None,
+                                        "failed_by_kind": {"ValueError": 3}}
     nulls = table.set_column(2, "label", pa.array([None] + labels[1:].tolist(), pa.int64()))
     pq.write_table(nulls, tmp_path / "a.parquet")  # a null label on a scored row: the report refuses, the summary
     assert summarize(str(tmp_path))["auroc"] is None  # only drops the AUROC
