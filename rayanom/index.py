@@ -146,14 +146,18 @@ def index_value_errors(info: IndexInfo, files_per_task: int = 16) -> str | None:
     found, or None. Runs where Ray runs (local or cluster); each task returns at most one line."""
     if LABEL_COL not in info.columns or not info.files:
         return None
+    errors = [e for e in in_tasks(_file_value_errors, list(range(len(info.files))), files_per_task, info) if e]
+    return errors[0] if errors else None
+
+
+def in_tasks(fn, items: list, per_task: int, first, *args) -> list:
+    """``fn(first, chunk, *args)`` for chunks of ``per_task`` items, as Ray tasks (0.5 CPU each) on the workers;
+    the results in chunk order. ``first`` (an index description, an output URI) is put in the object store once."""
     import ray
 
-    task = ray.remote(num_cpus=0.5)(_file_value_errors)
-    ref = ray.put(info)
-    chunks = [list(range(s, min(s + files_per_task, len(info.files)))) for s in range(0, len(info.files),
-                                                                                      files_per_task)]
-    errors = [e for e in ray.get([task.remote(ref, c) for c in chunks]) if e]
-    return errors[0] if errors else None
+    task = ray.remote(num_cpus=0.5)(fn)
+    ref = ray.put(first)
+    return ray.get([task.remote(ref, items[i:i + per_task], *args) for i in range(0, len(items), per_task)])
 
 
 def _file_training_band(info: IndexInfo, files: list[int], seed: int, slots: int, lo: float,
@@ -196,13 +200,7 @@ def training_band(info: IndexInfo, seed: int, slots: int, lo: float, hi: float,
     Raises:
         UserError: a label value other than 0 or 1, or a null label (the first such problem found).
     """
-    import ray
-
-    task = ray.remote(num_cpus=0.5)(_file_training_band)
-    ref = ray.put(info)
-    chunks = [list(range(s, min(s + files_per_task, len(info.files)))) for s in range(0, len(info.files),
-                                                                                      files_per_task)]
-    results = ray.get([task.remote(ref, c, seed, slots, lo, hi) for c in chunks])
+    results = in_tasks(_file_training_band, list(range(len(info.files))), files_per_task, info, seed, slots, lo, hi)
     errors = [e for e, _, _ in results if e]
     if errors:
         raise UserError(errors[0])

@@ -377,7 +377,7 @@ class PartScorer:
         from rayanom.parts import CrashMarker, write_part
 
         k, start, stop = (int(batch[c][0]) for c in ("part", "start", "stop"))
-        rows = read_rows(self.index, start, stop)
+        rows = index_rows = read_rows(self.index, start, stop)
         previous = None
         if "retry" in batch and int(batch["retry"][0]):  # --retry-failed: only the failed rows of a complete part
             previous, rows = self._failed_rows(k, rows)
@@ -392,10 +392,9 @@ class PartScorer:
         if previous is not None:  # the rows retried, back among the others in row order
             kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
             table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
-            rows = read_rows(self.index, start, stop)
         # What the part was computed from, kept in its metadata: the sha256 of its index rows.
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"rayanom_input_sha256": table_fingerprint(rows).encode()})
+                                               b"rayanom_input_sha256": table_fingerprint(index_rows).encode()})
         write_part(self.output, k, table, self.job)
         marker.clear()
         return {"part": np.array([k]), "rows": np.array([table.num_rows])}
@@ -543,22 +542,20 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
 
 def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:
     """Failed rows per complete part (those with any), counted on the workers from the ``error`` column."""
+    from rayanom.index import in_tasks
     from rayanom.parts import failed_rows
 
-    task = ray.remote(num_cpus=0.5)(failed_rows)
-    chunks = [done[i:i + parts_per_task] for i in range(0, len(done), parts_per_task)]
-    return {k: v for found in ray.get([task.remote(output, c) for c in chunks]) for k, v in found.items() if v}
+    return {k: v for found in in_tasks(failed_rows, done, parts_per_task, output) for k, v in found.items() if v}
 
 
 def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
     """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
     workers), deleted so they are written again."""
     from rayanom.data import resolve_filesystem
+    from rayanom.index import in_tasks
     from rayanom.parts import part_name, part_problems
 
-    task = ray.remote(num_cpus=0.5)(part_problems)
-    chunks = [done[i:i + parts_per_task] for i in range(0, len(done), parts_per_task)]
-    problems = {k: v for found in ray.get([task.remote(output, c, n_rows, per_part) for c in chunks])
+    problems = {k: v for found in in_tasks(part_problems, done, parts_per_task, output, n_rows, per_part)
                 for k, v in found.items()}
     fs, path = resolve_filesystem(output)
     for k, problem in sorted(problems.items()):
