@@ -40,19 +40,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="image files larger than this are refused from their size, before reading (default: "
                         "%(default)s, 256 MiB)")
     g.add_argument("--no-progress-timeout", type=float, default=1800.0, metavar="SECONDS",
-                   help="end the job with an error when no block completes for this long, locally or on a cluster "
-                        "(default: %(default)s)")
+                   help="end the job with an error when no actor call (a part, a chunk of training rows) finishes "
+                        "for this long, locally or on a cluster (default: %(default)s)")
     g.add_argument("--max-failed-fraction", type=float, default=0.01,
                    help="exit with code 2, after writing everything, when more rows than this fraction failed "
                         "(default: %(default)s)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace this tool's outputs of another run (re-running the same command resumes instead)")
-    g.add_argument("--quiet", action="store_true", help="warnings and the final summary only, no progress bars")
+    g.add_argument("--quiet", action="store_true", help="warnings and the final summary only, no progress lines")
 
 
 def setup_logging(quiet: bool) -> None:
-    if quiet:  # must be set before ray.data is first imported
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -62,13 +60,12 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
 
     Returns the RunConfig sized for what Ray offers, with ``--precision auto`` resolved: ``fitted_precision`` when
     scoring a fitted model, else bf16 when the actors' hardware runs it fast (probed where the actors will run).
-    Locally the actors reserve at most all but two logical CPUs, so the decode tasks can always be placed (a pool
-    holding every CPU deadlocks Ray Data, ray.md section 2).
+    Locally the actors reserve at most all but two logical CPUs, so the index and footer tasks that run beside them
+    can always be placed (actors holding every CPU starve tasks, ray.md section 2).
     """
     from rayanom.config import RunConfig, UserError
 
     import ray
-    import ray.data
 
     if model == "rkde" and args.precision == "bf16":
         raise UserError("invalid precision='bf16' for rkde: the region model runs in fp32 only (use fp32 or auto)")
@@ -97,24 +94,17 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
         # 2,048; each actor holds its own copy of the model.
         num_actors = max(1, gpus) if device == "cuda" else (1 if cluster else min(4, os.cpu_count() or 1))
     if not cluster:
-        # At least two CPUs beyond the actors' so decode tasks always find room; every core where there are more.
+        # At least two CPUs beyond the actors' so tasks always find room; every core where there are more.
         ray.init(num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
                  logging_level=logging.WARNING)
     threads = args.threads_per_actor
     if threads is None:
         threads = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
-    ctx = ray.data.DataContext.get_current()
-    ctx.print_on_execution_start = not args.quiet
-    # A hang (local or on a cluster) becomes an error instead of a silent wait.
-    ctx.execution_no_progress_timeout_s = args.no_progress_timeout
-    if args.quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Locally, one decode task per core the actors leave (at least one): on 2 cores, Ray otherwise ran 4 at once
-    # (0.5 CPU each) in 8 worker processes whose start-up cost more than the decoding (README, Performance).
-    decode_tasks = 0 if cluster else max(1, (os.cpu_count() or 1) - num_actors)
+    # A hang (local or on a cluster) becomes an error instead of a silent wait (pool.ActorPool).
     run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
                     num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads,
-                    decode_tasks=decode_tasks, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes)
+                    io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
+                    no_progress_s=args.no_progress_timeout)
     precision = args.precision
     if precision == "auto":
         precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))

@@ -39,7 +39,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
                    help="network input: SIZE or HEIGHT WIDTH (default: 256 256; RKDE: fixed 240 360)")
     b.add_argument("--weights", metavar="PATH",
-                   help="local timm state dict (.safetensors, or .pth read with weights_only=True) (default: none)")
+                   help="timm state dict (.safetensors, or .pth read with weights_only=True), local or a URI; every "
+                        "actor reads it, so on a cluster a path every node can read (default: none)")
     b.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help="timm pretrained weights (needs network or the HF cache); default: yes with --index, "
                         "no for the demo (random weights seeded with --seed)")
@@ -114,20 +115,20 @@ def main(args: argparse.Namespace) -> int:
     if config.model == "rkde":
         from rayanom.regions import rkde_weights
 
-        state, source = rkde_weights(config, args.detector_weights, args.region_weights)
-    else:
-        state, source = resolve_weights(config, args.weights, pretrained)
+        _, source = rkde_weights(config, args.detector_weights, args.region_weights)
+    else:  # read and checked here; each actor loads its own from the source (pipeline.load_weights)
+        _, source = resolve_weights(config, args.weights, pretrained)
     fingerprint = pipeline.fit_fingerprint(train_info, config, source)
     artifact = _fitted_before(model_dir, fingerprint, args.overwrite, args.precision)
     if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
         raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
     with contextlib.ExitStack() as stack:
         lease = stack.enter_context(_cli.output_lease(scores_dir)) if score_info is not None else None
-        return _fit_and_score(args, config, train_info, score_info, index, state, source, artifact, lease, out,
+        return _fit_and_score(args, config, train_info, score_info, index, source, artifact, lease, out,
                               (evaluate, heatmaps, boxes))
 
 
-def _fit_and_score(args, config, train_info, score_info, index, state, source, artifact, lease, out, report) -> int:
+def _fit_and_score(args, config, train_info, score_info, index, source, artifact, lease, out, report) -> int:
     from rayanom import pipeline
 
     model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
@@ -136,7 +137,7 @@ def _fit_and_score(args, config, train_info, score_info, index, state, source, a
     if score_info is not None:
         _cli.check_index_values(score_info)
     if artifact is None:
-        result = pipeline.fit(train_info, config, state, source, run, index_name=index)
+        result = pipeline.fit(train_info, config, source, run, index_name=index)
         artifact = result.artifact
         artifact.save(model_dir, overwrite=True)  # occupied directories were refused above
         print(f"fitted {args.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
@@ -149,8 +150,7 @@ def _fit_and_score(args, config, train_info, score_info, index, state, source, a
                                       artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
                                       args.max_failed_fraction)
     if score_info is not None:
-        summary = pipeline.score(score_info, artifact, state, scores_dir, run, overwrite=args.overwrite,
-                                 job=lease.job)
+        summary = pipeline.score(score_info, artifact, scores_dir, run, overwrite=args.overwrite, job=lease.job)
         _cli.print_summary(summary)
         _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],

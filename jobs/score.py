@@ -22,13 +22,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="parquet index with a 'path' column")
     p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
     p.add_argument("--weights", metavar="PATH",
-                   help="where the backbone weights file is on this machine, if not at the path the model recorded "
+                   help="where the actors find the backbone weights file, if not at the path the model recorded "
                         "(its sha256 must match) (default: the recorded path)")
     p.add_argument("--detector-weights", metavar="PATH",
-                   help="RKDE: where the detector weights file is on this machine (its sha256 must match) "
+                   help="RKDE: where the actors find the detector weights file (its sha256 must match) "
                         "(default: the recorded path)")
     p.add_argument("--region-weights", metavar="PATH",
-                   help="RKDE: where the region extractor weights file is on this machine (its sha256 must match) "
+                   help="RKDE: where the actors find the region extractor weights file (its sha256 must match) "
                         "(default: the recorded path)")
     p.add_argument("--retry-failed", action="store_true",
                    help="score again the rows of complete parts that failed (storage errors whose retries ran out, "
@@ -56,17 +56,18 @@ def main(args: argparse.Namespace) -> int:
     if artifact.config.model == "rkde":
         from rayanom.regions import rkde_artifact_weights
 
-        state = rkde_artifact_weights(artifact.config, artifact.weights, args.detector_weights, args.region_weights)
+        rkde_artifact_weights(artifact.config, artifact.weights, args.detector_weights, args.region_weights)
     else:
-        state = artifact_weights(artifact.config, artifact.weights, args.weights)
+        artifact_weights(artifact.config, artifact.weights, args.weights)  # checked here; each actor loads its own
 
     from rayanom import pipeline
 
+    weights = pipeline.weights_at(artifact.weights, args.weights, args.detector_weights, args.region_weights)
     with _cli.output_lease(args.out) as lease:  # one job per output, refused before Ray starts
         run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
         _cli.check_index_values(index)
-        summary = pipeline.score(index, artifact, state, args.out, run, overwrite=args.overwrite, job=lease.job,
-                                 retry_failed=args.retry_failed)
+        summary = pipeline.score(index, artifact, args.out, run, overwrite=args.overwrite, job=lease.job,
+                                 retry_failed=args.retry_failed, weights=weights)
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
                       args.region_rows)

@@ -189,13 +189,13 @@ class RunConfig:
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
-    decode_num_cpus: float = 0.5
-    decode_tasks: int = 0  # most decode tasks at once; 0: as many as the CPUs allow (each new one starts a worker)
+    decode_threads: int = 0  # batches an actor decodes ahead, one thread each; 0: 1 on a CPU, more beside a GPU
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast on CPUs with AMX and on GPUs; scores move slightly (README)
     io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
+    no_progress_s: float = 1800.0  # a model stage where no call finishes for this long ends the job (pool.ActorPool)
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -204,8 +204,8 @@ class RunConfig:
         _check_int("rows_per_part", self.rows_per_part, 1)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)
-        _check_int("decode_tasks", self.decode_tasks, 0)
-        for name in ("num_gpus_per_actor", "num_cpus_per_actor", "decode_num_cpus"):
+        _check_int("decode_threads", self.decode_threads, 0)
+        for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 _fail(name, v, "a number >= 0")
@@ -213,6 +213,9 @@ class RunConfig:
             _fail("device", self.device, "'cpu' or 'cuda'")
         if self.precision not in ("fp32", "bf16"):
             _fail("precision", self.precision, "'fp32' or 'bf16'")
+        if isinstance(self.no_progress_s, bool) or not isinstance(self.no_progress_s, (int, float)) or \
+                not self.no_progress_s > 0:
+            _fail("no_progress_s", self.no_progress_s, "seconds > 0")
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ number of rows on the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import OrderedDict
@@ -37,6 +38,7 @@ class IndexInfo:
     file_fingerprints: tuple[str, ...]  # per file: path, size, modification time, rows
     schema_text: str
     columns: tuple[str, ...]
+    first_row: int = 0  # row_index of the first file's first row (``part_of``)
 
     @property
     def file_rows(self) -> np.ndarray:
@@ -54,8 +56,19 @@ class IndexInfo:
 
     def file_ranges(self) -> list[tuple[int, int]]:
         """[start, stop) global row range of each file."""
-        ends = np.cumsum(self.file_rows)
+        ends = self.first_row + np.cumsum(self.file_rows)
         return [(int(e - r), int(e)) for e, r in zip(ends, self.file_rows)]
+
+    def part_of(self, start: int, stop: int) -> IndexInfo:
+        """The description of only the files holding rows [start, stop): what a worker needs to read them
+        (``read_rows``), in size O(those files) whatever the size of the index."""
+        keep = [i for i, (a, b) in enumerate(self.file_ranges()) if a < stop and b > start]
+        if not keep:
+            return dataclasses.replace(self, files=(), group_rows=(), file_fingerprints=(), first_row=start)
+        return dataclasses.replace(self, files=tuple(self.files[i] for i in keep),
+                                   group_rows=tuple(self.group_rows[i] for i in keep),
+                                   file_fingerprints=tuple(self.file_fingerprints[i] for i in keep),
+                                   first_row=self.file_ranges()[keep[0]][0])
 
 
 def describe_index(uri: str) -> IndexInfo:

@@ -5,8 +5,9 @@ Part k holds index rows ``[k * rows_per_part, (k + 1) * rows_per_part)``, sorted
 so a part file exists only when complete. ``_rayanom_scores.json`` records what the parts belong to (model, index
 fingerprint and its files', part size, precision): running the same command again skips the complete parts and
 writes the rest, and the result equals an uninterrupted run; a different model or index is refused unless
-``--overwrite``. Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory
-reads as one parquet dataset.
+``--overwrite``. ``_rayanom_model/`` holds a copy of the model the parts are scored with (the scoring actors read the
+head from it). Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory reads
+as one parquet dataset.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def table_fingerprint(table: pa.Table) -> str:
 
 
 def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST, LEASE) or bool(PART_RE.match(name))
+    return (name in (MANIFEST, LEASE, MODEL_COPY) or bool(PART_RE.match(name))
             or (name.startswith((".part-", f".{MANIFEST}", f".{LEASE}")) and name.endswith((".tmp", ".probe"))))
 
 
@@ -95,8 +96,8 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
             msg = (f"output {output!r} holds {what}; pass --overwrite to replace them (re-running the same command "
                    "resumes instead)")
             raise UserError(msg)
-        for name in names:
-            fs.delete_file(f"{path}/{name}")
+        for i in infos:
+            (fs.delete_dir if i.type == pafs.FileType.Directory else fs.delete_file)(f"{path}/{i.base_name}")
         infos, names, done = [], [], set()
     fs.create_dir(path, recursive=True)
     temporary = [i for i in infos if i.base_name.endswith(".tmp")]
@@ -142,6 +143,26 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
     except ValueError:
         return {"format": "unparseable manifest"}
     return manifest if isinstance(manifest, dict) else {"format": "unparseable manifest"}
+
+
+def s3_put_if_absent(fs: pafs.S3FileSystem, path: str, body: bytes) -> bool:
+    """Write ``body`` at ``path`` (``bucket/key``) only if no object is there, with S3's conditional write
+    (``If-None-Match: *``), through boto3: pyarrow's S3 filesystem cannot send it. True when written, False when the
+    object exists (412 Precondition Failed, or 409 when another conditional write to the key is in flight). boto3 finds
+    the endpoint and credentials in the same environment as pyarrow (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...).
+    """
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = path.partition("/")
+    client = boto3.client("s3", region_name=fs.region or None)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except ClientError as e:
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return False
+        raise OSError(f"cannot create s3://{path}: {e}") from e
+    return True
 
 
 def _store_now(fs: pafs.FileSystem, path: str) -> int:
@@ -215,6 +236,7 @@ def changed_parts(previous: dict, manifest: dict, done: set[int]) -> int:
 
 
 LEASE = "_rayanom_lease.json"
+MODEL_COPY = "_rayanom_model"  # the artifact the parts were scored with, read by the scoring actors
 LEASE_STALE_S = 120.0  # a lease whose heartbeat is older than this (by the store's clock) belongs to a dead job
 HEARTBEAT_S = 15.0
 
@@ -223,8 +245,9 @@ class Lease:
     """One writer per scores directory: ``_rayanom_lease.json`` holds the job's id and is rewritten every
     ``HEARTBEAT_S`` seconds by a thread of the driver, so its modification time shows the job is alive.
 
-    ``acquire`` creates it exclusively: ``O_EXCL`` on a local directory; elsewhere a check, a write and a read-back
-    (a race of two jobs starting within the same second remains possible there, documented). A lease that exists is
+    ``acquire`` creates it exclusively: ``O_EXCL`` on a local directory, S3's conditional write on S3
+    (``s3_put_if_absent``); elsewhere (GCS, HDFS, ...) a check, a write and a read-back, where a race of two jobs
+    starting within the same second remains possible (documented). A lease that exists is
     refused while fresh; one whose heartbeat is older than ``LEASE_STALE_S``, measured against the store's own clock
     (the modification time of a probe file written now, never this machine's clock), is taken over, and so is one
     taken on this machine by a process that no longer exists (a killed job resumed at once).
@@ -266,21 +289,13 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease or raise UserError naming the job that holds it."""
-        import os
-
         self._created = self.fs.get_file_info(self.path).type == pafs.FileType.NotFound
         self.fs.create_dir(self.path, recursive=True)
         for _ in range(2):
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                try:
-                    fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    pass
-                else:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(self._body())
-                    break
-            elif self.fs.get_file_info(self.file).type == pafs.FileType.NotFound:
+            created = self._create()
+            if created:
+                break
+            if created is None and self.fs.get_file_info(self.file).type == pafs.FileType.NotFound:
                 self._write()
                 if self._holder().get("job") == self.job:
                     break
@@ -300,6 +315,23 @@ class Lease:
             msg = f"output {self.output!r}: another job took the lease at the same time; re-run"
             raise UserError(msg)
         self._start_heartbeat()
+
+    def _create(self) -> bool | None:
+        """Create the lease file only where none exists, in one atomic step: True when this job created it, False
+        when one exists; None where the filesystem has no such write."""
+        import os
+
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._body())
+            return True
+        if isinstance(self.fs, pafs.S3FileSystem):
+            return s3_put_if_absent(self.fs, self.file, self._body())
+        return None
 
     def _holder_is_gone(self) -> bool:
         """The lease was taken on this machine by a process that no longer exists (a job killed a moment ago): its

@@ -1,14 +1,16 @@
-"""Orchestration: the one place that builds Ray Data pipelines.
+"""Orchestration: the one place that runs the two jobs on Ray.
 
 fit:   index footers (driver) -> training rows whose keys can enter the bank (tasks: index.training_band; the
-       driver gets about K rows) -> decode (CPU tasks) -> bank items (actor pool) -> bank (driver: bank.collect_bank,
-       a pass, rarely more) -> head
+       driver gets about K rows) -> decode + bank items (actor pool, chunks of rows) -> bank (driver:
+       bank.collect_bank, a pass, rarely more) -> head
 score: part descriptors (driver, from the index's footers) -> read rows, decode, features + head, write the part (one
-       actor call a part; head broadcast once via the object store) -> one summary a part (driver)
+       actor call a part; the head read by each actor from a copy of the model beside the parts) -> one summary a
+       part (driver)
 
-Ray must already be initialised (``jobs/`` does it). Fit blocks are slices of exactly ``batch_size`` rows and every
-stage maps whole blocks; scoring cuts its batches at fixed offsets inside each part: each forward pass sees the same
-rows whatever the number of actors.
+Ray must already be initialised (``jobs/`` does it). The actors (``pool.ActorPool``) are built from small inline
+arguments and load the weights themselves (``load_weights``), so Ray can restart them anywhere. Forward batches are
+cut at fixed offsets (from the start of a fit chunk, itself at a multiple of ``batch_size``, or of a scoring part):
+each forward pass sees the same rows whatever the number of actors.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
-from ray.data import ActorPoolStrategy
 
 from rayanom import __version__
-from rayanom.artifact import Artifact, head_from_state, make_head
+from rayanom.artifact import Artifact, make_head
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
@@ -38,7 +37,7 @@ from rayanom.data import (
     PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
     ReadPolicy, decode_table, error_message, failed_table,
 )
-from rayanom.features import FeatureExtractor
+from rayanom.features import FeatureExtractor, artifact_weights
 from rayanom.evaluate import summarize
 from rayanom.heads import anomaly_probability
 from rayanom.parts import open_parts, table_fingerprint
@@ -50,62 +49,103 @@ BANK_ID_COL = "bank_id"
 FEATURES_COL = "features"
 
 
-def _resolve(ref):
-    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-
-
 def _images(table: pa.Table) -> np.ndarray:
     return table.column(IMAGE_COL).combine_chunks().to_numpy()
 
 
-def _extractor(config: ModelConfig, state, device: str, threads: int, precision: str):
+def load_weights(config: ModelConfig, source: dict) -> dict:
+    """The weights ``source`` describes (an artifact's ``weights``, or ``features.resolve_weights``'s source): a
+    timm backbone state for DFKDE/DFM, ``{"detector", "region"}`` states for RKDE. Each actor loads its own from the
+    record, so it can be restarted anywhere: a random init from its seed, timm's pretrained tag, or a file every worker
+    can read (a URI, a shared filesystem, or a path inside ``ray job submit --working-dir``), checked against its
+    sha256."""
+    if config.model == "rkde":
+        from rayanom.regions import rkde_artifact_weights
+
+        return rkde_artifact_weights(config, source)
+    return artifact_weights(config, source, None)
+
+
+def weights_at(source: dict, weights: str | None = None, detector_weights: str | None = None,
+               region_weights: str | None = None) -> dict:
+    """``source`` with its weight files found at other paths (a model scored on another machine); ``load_weights``
+    still checks each file against its recorded sha256."""
+    if source.get("kind") == "rkde":
+        moved = {part: {**source[part], "path": path}
+                 for part, path in (("detector", detector_weights), ("region", region_weights)) if path}
+        return {**source, **moved}
+    return {**source, "path": weights} if weights else source
+
+
+def _extractor(config: ModelConfig, weights: dict, device: str, threads: int, precision: str):
     """The model's feature stage: a timm backbone (DFKDE, DFM) or detector + region extractor (RKDE)."""
+    state = load_weights(config, weights)
     if config.model != "rkde":
-        return FeatureExtractor(config, _resolve(state), device, threads, precision)
+        return FeatureExtractor(config, state, device, threads, precision)
     import torch
 
     from rayanom.regions import RegionModel
 
     if threads > 0:
         torch.set_num_threads(threads)
-    state = _resolve(state)
     return RegionModel(state["detector"], state["region"], roi_stage=config.roi_stage,
                        roi_score_threshold=config.roi_score_threshold, min_box_size=config.min_box_size,
                        iou_threshold=config.iou_threshold, max_detections_per_image=config.max_detections_per_image,
                        device=device)
 
 
+class _Decoder:
+    """Forward batches decoded ahead in a thread pool (Pillow releases the GIL in its decoders and resampling),
+    ``threads`` batches at a time, each batch cut at a fixed offset from the start of its rows. On a CPU actor the
+    forward pass already uses the cores, and one decode thread measured best here: 22 us a row of pipeline cost
+    against 38 us with two threads splitting each batch (pure-Python work such as a missing file's error contends for
+    the GIL), and the same speed on PNGs. Beside a GPU more threads decode, so the device never waits on them."""
+
+    def __init__(self, image_size: tuple[int, int], policy: ReadPolicy, device: str, threads: int) -> None:
+        self.image_size, self.policy = image_size, policy
+        self.threads = threads or (1 if device == "cpu" else max(2, (os.cpu_count() or 2) // 2))
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def batches(self, rows: pa.Table, batch_size: int):
+        cuts = [rows.slice(s, batch_size) for s in range(0, rows.num_rows, batch_size)]
+        pending = deque(self.pool.submit(decode_table, c, self.image_size, self.policy) for c in cuts[:self.threads])
+        for i in range(len(cuts)):
+            decoded = pending.popleft().result()
+            if i + self.threads < len(cuts):
+                pending.append(self.pool.submit(decode_table, cuts[i + self.threads], self.image_size, self.policy))
+            yield decoded
+
+
 class BankFeatures:
-    """Fit-stage actor: the bank items of its rows whose key lies in [lo, hi) (``bank``); failed rows pass through.
+    """Fit-stage actor: decodes a chunk of training rows (``row_index``, ``path``) and returns the bank items of its
+    rows whose key lies in [lo, hi) (``bank``), and the rows that failed with their errors.
 
     DFKDE/DFM bank one item per image (bank id = row index); RKDE one per region (bank id = row index * 65536 +
-    region number), so the bank is a uniform subset of all regions of all training images.
+    region number), so the bank is a uniform subset of all regions of all training images. Forward batches are
+    slices of ``batch_size`` rows from the chunk's start (chunks start at multiples of it).
     """
 
-    def __init__(self, config: ModelConfig, state, slots: int, lo: float, hi: float, device: str, threads: int,
-                 precision: str = "fp32") -> None:
-        self.extractor = _extractor(config, state, device, threads, precision)
+    def __init__(self, config: ModelConfig, weights: dict, slots: int, device: str, threads: int,
+                 precision: str = "fp32", batch_size: int = 32, decode_threads: int = 0,
+                 policy: ReadPolicy = ReadPolicy()) -> None:
+        self.extractor = _extractor(config, weights, device, threads, precision)
         self.slots = slots  # bank items a row can have (bank.lower_keys)
-        self.seed = config.seed
-        self.lo, self.hi = lo, hi
+        self.seed, self.batch_size = config.seed, batch_size
+        self.decoder = _Decoder(config.image_size, policy, device, decode_threads)
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from ray.data.extensions import ArrowTensorArray
+    def items(self, rows: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
+        out = [self._batch(decoded, lo, hi) for decoded in self.decoder.batches(rows, self.batch_size)]
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else {}
 
+    def _batch(self, table: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
         rows = table.column(ROW_COL).to_numpy()
         errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
         ids, keys, feats = self._safe_items(table, rows, ok, errors)
         ok = np.array([e is None for e in errors], dtype=bool)  # rows the model stage failed on are failed rows
-        keep = (keys >= self.lo) & (keys < self.hi)
-        n_failed = int((~ok).sum())
-        return pa.table({
-            ROW_COL: pa.array(np.concatenate([rows[~ok], ids[keep] // (REGION_ID_STRIDE if self.slots > 1 else 1)])),
-            BANK_ID_COL: pa.array(np.concatenate([rows[~ok], ids[keep]])),
-            KEY_COL: pa.array(np.concatenate([np.zeros(n_failed), keys[keep]])),
-            FEATURES_COL: ArrowTensorArray.from_numpy(np.concatenate([np.zeros((n_failed, feats.shape[1]),
-                                                                               np.float32), feats[keep]])),
-            ERROR_COL: pa.array(errors[~ok].tolist() + [None] * int(keep.sum()), pa.string())})
+        keep = (keys >= lo) & (keys < hi)
+        return {"failed_rows": rows[~ok], "errors": errors[~ok], KEY_COL: keys[keep], BANK_ID_COL: ids[keep],
+                FEATURES_COL: feats[keep]}
 
     def _safe_items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
         """``_items``; when the model stage raises, the rows in halves down to the single row that fails, whose
@@ -151,10 +191,10 @@ class Scorer:
     ``image_height``/``image_width`` for upsampling (``rayanom.maps``).
     """
 
-    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int,
+    def __init__(self, config: ModelConfig, weights: dict, head, device: str, threads: int,
                  precision: str = "fp32") -> None:
-        self.extractor = _extractor(config, state, device, threads, precision)
-        self.head = head_from_state(config, _resolve(head_state))
+        self.extractor = _extractor(config, weights, device, threads, precision)
+        self.head = head
         self.config = config
         self.device = device
 
@@ -233,29 +273,17 @@ class Scorer:
                 .append_column(WIDTH_COL, table.column(WIDTH_COL)))
 
 
-def _actor_args(run: RunConfig) -> dict:
-    # Fixed pool of num_actors; each reserves num_cpus (+1 GPU on a GPU cluster). Decode tasks use a different
-    # num_cpus so Ray does not fuse them into the actor: decoding then overlaps the forward passes.
-    args = {"compute": ActorPoolStrategy(size=run.num_actors), "num_cpus": run.num_cpus_per_actor,
-            "batch_size": None, "batch_format": "pyarrow"}
-    if run.num_gpus_per_actor:
-        args["num_gpus"] = run.num_gpus_per_actor
-    return args
+def _pool(cls: type, kwargs: dict, run: RunConfig, size: int):
+    """``run.num_actors`` actors (at most ``size``), each with ``num_cpus_per_actor`` CPUs and, on a GPU cluster,
+    ``num_gpus_per_actor`` GPUs; the rest of the node's CPUs stay free for the index and footer tasks."""
+    from rayanom.pool import ActorPool
+
+    return ActorPool(cls, kwargs, size=min(run.num_actors, max(1, size)), num_cpus=run.num_cpus_per_actor,
+                     num_gpus=run.num_gpus_per_actor, no_progress_s=run.no_progress_s)
 
 
 def read_policy(run: RunConfig) -> ReadPolicy:
     return ReadPolicy(retries=run.io_retries, max_file_bytes=run.max_file_bytes)
-
-
-def _decoded(blocks: list[pa.Table], config: ModelConfig, run: RunConfig) -> ray.data.Dataset:
-    return ray.data.from_arrow(blocks).map_batches(
-        decode_table, fn_kwargs={"image_size": config.image_size, "policy": read_policy(run)}, batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=run.decode_num_cpus, compute=ray.data.TaskPoolStrategy(size=run.decode_tasks or None))
-
-
-def _blocks(table: pa.Table, start: int, stop: int, size: int) -> list[pa.Table]:
-    return [table.slice(i, min(size, stop - i)) for i in range(start, stop, size)]
 
 
 @dataclass
@@ -267,13 +295,14 @@ class FitResult:
     failures: list[tuple[int, str]] = field(default_factory=list)
 
 
-def fit(index, config: ModelConfig, state: dict[str, np.ndarray], weights_source: dict,
-        run: RunConfig = RunConfig(), index_name: str | None = None) -> FitResult:
+def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunConfig(),
+        index_name: str | None = None) -> FitResult:
     """Fit ``config``'s model on the normal training rows of an index (an ``index.IndexInfo`` from
     ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
     (``index.training_band``), so the driver holds about K rows of it.
 
-    ``state``/``weights_source`` come from ``features.resolve_weights``. Returns the artifact, not yet saved.
+    ``weights_source`` comes from ``features.resolve_weights`` (or ``regions.rkde_weights``); the actors load the
+    weights it describes themselves (``load_weights``). Returns the artifact, not yet saved.
 
     Raises:
         UserError: label values other than 0/1, or too few training rows for ``config`` (before any image is read).
@@ -297,24 +326,26 @@ def fit(index, config: ModelConfig, state: dict[str, np.ndarray], weights_source
                 getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], k)
     candidates = Candidates(n, lambda lo, hi: training_band(index, config.seed, slots, lo, hi)[1:], first,
                             tuple(band))
-    state_ref = ray.put(state)
-
     def run_pass(todo: np.ndarray, lo: float, hi: float):
         """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
         where = {int(r): i for i, r in enumerate(candidates.rows)}
         paths = candidates.paths[[where[int(r)] for r in todo]] if len(todo) else np.empty(0, dtype=object)
-        part = pa.table({ROW_COL: pa.array(todo, pa.int64()), PATH_COL: pa.array(paths.tolist(), pa.string())})
-        ds = _decoded(_blocks(part, 0, part.num_rows, run.batch_size), config, run).map_batches(
-            BankFeatures, fn_constructor_kwargs={"config": config, "state": state_ref, "slots": slots, "lo": lo,
-                                                 "hi": hi, "device": run.device, "threads": run.threads_per_actor,
-                                                 "precision": run.precision},
-            udf_modifying_row_count=True, **_actor_args(run))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            failed = np.array([isinstance(e, str) for e in batch[ERROR_COL]], dtype=bool)
-            yield (batch[KEY_COL][~failed], batch[BANK_ID_COL][~failed], batch[FEATURES_COL][~failed],
-                   list(zip(batch[ROW_COL][failed].tolist(), batch[ERROR_COL][failed].tolist())))
+        rows = pa.table({ROW_COL: pa.array(todo, pa.int64()), PATH_COL: pa.array(paths.tolist(), pa.string())})
+        # Chunks of whole forward batches (so the batches do not depend on them), about four per actor, at most a
+        # part's rows.
+        batches = -(-len(todo) // (4 * run.num_actors * run.batch_size))
+        chunk = run.batch_size * max(1, min(batches, -(-run.rows_per_part // run.batch_size)))
+        chunks = [rows.slice(s, chunk) for s in range(0, rows.num_rows, chunk)]
+        for out in actors.map_unordered("items", [(c, lo, hi) for c in chunks]):
+            if out:
+                yield (out[KEY_COL], out[BANK_ID_COL], out[FEATURES_COL],
+                       list(zip(out["failed_rows"].tolist(), out["errors"].tolist())))
 
-    bank = collect_bank(candidates, config.seed, k, slots, run_pass)
+    kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
+              "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
+              "decode_threads": run.decode_threads, "policy": read_policy(run)}
+    with _pool(BankFeatures, kwargs, run, -(-min(n, len(candidates.rows)) // run.batch_size)) as actors:
+        bank = collect_bank(candidates, config.seed, k, slots, run_pass)
     ids, feats = bank.ids, bank.features
     failures = sorted(bank.failures.items())
     n_ok = bank.n_read - len(failures)
@@ -357,29 +388,29 @@ class PartScorer:
     actor's later batches) agree with an undisturbed run within ``heads.BATCH_RTOL``, not bit for bit.
     """
 
-    def __init__(self, config: ModelConfig, state, head_state, device: str, threads: int, precision: str,
-                 index, output: str, job: str, batch_size: int, decode_threads: int = 0,
+    def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
+                 output: str, job: str, batch_size: int, decode_threads: int = 0,
                  policy: ReadPolicy = ReadPolicy()) -> None:
-        self.scorer = Scorer(config, state, head_state, device, threads, precision)
-        self.index, self.output, self.job, self.batch_size = _resolve(index), output, job, batch_size
+        artifact = Artifact.load(model)
+        if artifact_fingerprint(artifact) != fingerprint:
+            msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
+            raise RuntimeError(msg)
+        self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision)
+        self.output, self.job, self.batch_size = output, job, batch_size
         self.max_batch = batch_size  # lowered by an out-of-memory error
-        self.image_size, self.policy = config.image_size, policy
-        # Whole forward batches are decoded ahead in a thread pool (Pillow releases the GIL in its decoders and
-        # resampling), ``decode_threads`` batches at a time. On a CPU actor the forward pass already uses the cores,
-        # and one decode thread measured best here: 22 us a row of pipeline cost against 38 us with two threads
-        # splitting each batch (pure-Python work such as a missing file's error contends for the GIL), and the same
-        # speed on PNGs. A GPU actor decodes with more threads so the device never waits on them.
-        self.decode_threads = decode_threads or (1 if device == "cpu" else max(2, (os.cpu_count() or 2) // 2))
-        self.pool = ThreadPoolExecutor(self.decode_threads)
+        self.image_size, self.policy = artifact.config.image_size, policy
+        self.decoder = _Decoder(artifact.config.image_size, policy, device, decode_threads)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def score_part(self, part: dict) -> dict[str, int]:
+        """Score and write part ``part["part"]``: rows [start, stop) of ``part["index"]`` (``IndexInfo.part_of``);
+        with ``part["retry"]`` only the failed rows of the complete part. Returns the part and its row count."""
         from rayanom.index import read_rows
         from rayanom.parts import CrashMarker, write_part
 
-        k, start, stop = (int(batch[c][0]) for c in ("part", "start", "stop"))
-        rows = index_rows = read_rows(self.index, start, stop)
+        k, start, stop = part["part"], part["start"], part["stop"]
+        rows = index_rows = read_rows(part["index"], start, stop)
         previous = None
-        if "retry" in batch and int(batch["retry"][0]):  # --retry-failed: only the failed rows of a complete part
+        if part.get("retry"):  # --retry-failed: only the failed rows of a complete part
             previous, rows = self._failed_rows(k, rows)
         marker = CrashMarker(self.output, k)
         state = marker.begin()
@@ -397,7 +428,7 @@ class PartScorer:
                                                b"rayanom_input_sha256": table_fingerprint(index_rows).encode()})
         write_part(self.output, k, table, self.job)
         marker.clear()
-        return {"part": np.array([k]), "rows": np.array([table.num_rows])}
+        return {"part": k, "rows": table.num_rows}
 
     def _failed_rows(self, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
         """The complete part ``k`` as written, and the index rows of its failed rows."""
@@ -414,17 +445,7 @@ class PartScorer:
         return previous, rows.take(pa.array(failed))
 
     def _batches(self, rows: pa.Table) -> list[pa.Table]:
-        cuts = [rows.slice(s, self.batch_size) for s in range(0, rows.num_rows, self.batch_size)]
-        pending = deque(self.pool.submit(decode_table, c, self.image_size, self.policy)
-                        for c in cuts[:self.decode_threads])
-        scored = []
-        for i in range(len(cuts)):
-            decoded = pending.popleft().result()
-            if i + self.decode_threads < len(cuts):
-                pending.append(self.pool.submit(decode_table, cuts[i + self.decode_threads], self.image_size,
-                                             self.policy))
-            scored.append(self._score(decoded))
-        return scored
+        return [self._score(decoded) for decoded in self.decoder.batches(rows, self.batch_size)]
 
     def _row_by_row(self, rows: pa.Table, marker, state: dict) -> list[pa.Table]:
         bad, scored = set(state["bad"]), []
@@ -490,12 +511,14 @@ def _is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, run: RunConfig = RunConfig(),
-          overwrite: bool = False, job: str | None = None, retry_failed: bool = False) -> dict:
+def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
+          job: str | None = None, retry_failed: bool = False, weights: dict | None = None) -> dict:
     """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
     ``output``: one row per input row, written by the workers.
 
-    ``state`` is the backbone from ``features.artifact_weights``. Part k holds rows [k P, (k + 1) P) for
+    The actors load the backbone from ``weights`` (``artifact.weights`` unless given: the same source with its files
+    at other paths, as ``load_weights`` reads it) and the head from a copy of the artifact written beside the parts
+    (``parts.MODEL_COPY``), so nothing large is a constructor argument. Part k holds rows [k P, (k + 1) P) for
     P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
     are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
     ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
@@ -517,16 +540,18 @@ def score(index, artifact: Artifact, state: dict[str, np.ndarray], output: str, 
                 manifest["n_parts"], len(todo) - len(retry),
                 f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
+        from rayanom.parts import MODEL_COPY
+
         t0 = time.time()
-        args = _actor_args(dataclasses.replace(run, num_actors=min(run.num_actors, len(todo))))
-        args["batch_size"], args["batch_format"] = 1, "numpy"  # one part descriptor a call
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            PartScorer, fn_constructor_kwargs={
-                "config": artifact.config, "state": ray.put(state), "head_state": ray.put(artifact.head.to_state()),
-                "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
-                "index": ray.put(index), "output": output, "job": job or uuid.uuid4().hex[:12],
-                "batch_size": run.batch_size, "policy": read_policy(run)}, **args)
-        written = ds.take_all()
+        model = f"{output.rstrip('/')}/{MODEL_COPY}"
+        artifact.save(model, overwrite=True)
+        kwargs = {"model": model, "fingerprint": manifest["model"], "weights": weights or artifact.weights,
+                  "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
+                  "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
+                  "decode_threads": run.decode_threads, "policy": read_policy(run)}
+        calls = [({**t, "index": index.part_of(t["start"], t["stop"])},) for t in todo]
+        with _pool(PartScorer, kwargs, run, len(todo)) as actors:
+            written = list(actors.map_unordered("score_part", calls))
         n_done = sum(int(r["rows"]) for r in written)
         if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
             msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # Small and fast: resnet18 at 64 x 64 on a few dozen 96-pixel images.
@@ -24,14 +23,10 @@ def demo_set(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
-    import ray.data
 
-    # 4 logical CPUs on 2 cores: actors (1 CPU each, at most 2) always leave room for decode tasks (ray.md 2).
+    # 4 logical CPUs on 2 cores: actors (1 CPU each, at most 2) always leave room for the index tasks (ray.md 2).
+    # Every test has a timeout (pyproject.toml), so a deadlock fails its test instead of hanging CI.
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.print_on_execution_start = False
-    ctx.execution_no_progress_timeout_s = 180  # a deadlock fails the test instead of hanging CI
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
     yield ray
     ray.shutdown()
 

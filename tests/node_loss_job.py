@@ -8,32 +8,29 @@ import sys
 import threading
 import time
 
-os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import ray.data
 from ray.cluster_utils import Cluster
 
 demo_index, demo_test, out_dir = sys.argv[1:4]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-# 3 CPUs a worker: after the loss both scoring actors (1 CPU each) may restart on the surviving node, and a decode
-# task (0.5 CPU) must still fit beside them there, or Ray Data deadlocks (ray.md section 2).
+# 3 CPUs a worker: after the loss both scoring actors (1 CPU each) may restart on the surviving node, and a footer
+# task (0.5 CPU) must still fit beside them there (ray.md section 2).
 workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
 ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-ray.data.DataContext.get_current().execution_no_progress_timeout_s = 180
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.index import describe_index
 from rayanom.features import resolve_weights
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
-state, source = resolve_weights(config, None, False)
-artifact = pipeline.fit(describe_index(demo_index), config, state, source, RunConfig(batch_size=8)).artifact
+_, source = resolve_weights(config, None, False)
+artifact = pipeline.fit(describe_index(demo_index), config, source, RunConfig(batch_size=8)).artifact
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 12), out_dir + "/long.parquet")
 from rayanom.index import describe_index
 index = describe_index(out_dir + "/long.parquet")
-run = RunConfig(batch_size=2, rows_per_part=4, num_actors=2)
-pipeline.score(index, artifact, state, out_dir + "/ref", run)
+run = RunConfig(batch_size=2, rows_per_part=4, num_actors=2, no_progress_s=180)
+pipeline.score(index, artifact, out_dir + "/ref", run)
 out = out_dir + "/scores"
 removed = []
 def remove_when_started():
@@ -46,7 +43,7 @@ def remove_when_started():
         time.sleep(0.05)
 t = threading.Thread(target=remove_when_started); t.start()
 t0 = time.time()
-summary = pipeline.score(index, artifact, state, out, run)
+summary = pipeline.score(index, artifact, out, run)
 t.join()
 print("REMOVED", bool(removed), "ROWS", summary["rows"], "FAILED", summary["failed"], "TIME", round(time.time() - t0, 1))
 ray.shutdown(); cluster.shutdown()

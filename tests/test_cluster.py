@@ -93,6 +93,7 @@ def test_ray_job_submit_fit_with_score(ray_head, demo_set, tmp_path):
     proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
     assert "scored 12 of 12 rows, 0 failed" in proc.stdout
+    assert "constructor arguments in the object store" not in proc.stdout + proc.stderr  # actors restart anywhere
     artifact = Artifact.load(os.path.join(out, "model"))
     assert artifact.provenance["n_train_rows"] == 24
     # --precision auto, resolved by a probe task on a worker: bf16 only where it is fast (this CPU has AMX or not).
@@ -176,3 +177,26 @@ def test_fit_and_score_on_s3(s3, demo_set):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     rescored = pq.read_table("rayanom-test/run-faulty/scores", filesystem=fs).sort_by("row_index")
     assert rescored.column("anomaly_score").equals(scores.sort_by("row_index").column("anomaly_score"))
+
+
+def test_lease_on_s3_is_created_with_a_conditional_write(s3):
+    """S3's If-None-Match: * write: the second writer of the lease key loses, whatever the timing; a second job is
+    refused naming the first."""
+    from rayanom import parts
+    from rayanom.config import UserError
+    from rayanom.data import resolve_filesystem
+
+    fs, path = resolve_filesystem(s3["bucket"] + "/race/key.json")
+    assert parts.s3_put_if_absent(fs, path, b"first") is True
+    assert parts.s3_put_if_absent(fs, path, b"second") is False
+    with fs.open_input_file(path) as f:
+        assert f.read() == b"first"
+    out = s3["bucket"] + "/scores"
+    first = parts.Lease(out, "job-a")
+    first.acquire()
+    try:
+        with pytest.raises(UserError, match=r"being written by another job \(job-a on "):
+            parts.Lease(out, "job-b").acquire()
+    finally:
+        first.release()
+    assert fs.get_file_info(f"rayanom-test/scores/{parts.LEASE}").type == pafs.FileType.NotFound

@@ -45,17 +45,17 @@ def check_accounting(out: str, index: pa.Table) -> pa.Table:
 def model(ray_local, demo_set):
     config = DfkdeConfig(**SMALL)
     state, source = resolve_weights(config, None, False)
-    result = pipeline.fit(describe_index(demo_set["index"]), config, state, source, RunConfig(batch_size=8))
-    return result.artifact, state
+    result = pipeline.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8))
+    return result.artifact
 
 
 def test_hostile_files_end_to_end(model, tmp_path):
-    artifact, state = model
+    artifact = model
     (tmp_path / "files").mkdir()
     cases = make_hostile(tmp_path / "files")
     index = pa.table({"path": pa.array([p for _, p, _ in cases] * 2, pa.string())})  # duplicates included
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), artifact, state, out,
+    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), artifact, out,
                              RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
@@ -92,17 +92,17 @@ def _long_index(demo_set, copies=12):
 
 
 def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
-    artifact, state = model
+    artifact = model
     index = _long_index(demo_set)
     info = index_at(tmp_path / "long.parquet", index)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     reference = str(tmp_path / "reference")
-    pipeline.score(info, artifact, state, reference, run)
+    pipeline.score(info, artifact, reference, run)
     out, killed = str(tmp_path / "scores"), []
-    killer = threading.Thread(target=_kill_once, args=("MapBatches(PartScorer)", lambda: len(_parts(out)) >= 2,
+    killer = threading.Thread(target=_kill_once, args=("ray::PartScorer", lambda: len(_parts(out)) >= 2,
                                                        killed))
     killer.start()
-    pipeline.score(info, artifact, state, out, run)
+    pipeline.score(info, artifact, out, run)
     killer.join()
     assert killed, "the scoring actor was never killed: the test did not test anything"
     assert len(_parts(out)) == 36
@@ -110,12 +110,12 @@ def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
 
 
 def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
-    artifact, state = model
+    artifact = model
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
     outs = []
     for actors in (1, 2):
         outs.append(str(tmp_path / f"scores-{actors}"))
-        pipeline.score(info, artifact, state, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
+        pipeline.score(info, artifact, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
     assert sorted(_parts(outs[0])) == sorted(_parts(outs[1])) and len(_parts(outs[0])) == 6
     for name in _parts(outs[0]):  # part by part, rows and values bit for bit
         assert pq.read_table(os.path.join(outs[0], name)).equals(pq.read_table(os.path.join(outs[1], name))), name
@@ -127,19 +127,19 @@ def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
 def test_broken_complete_parts_are_written_again(model, demo_set, tmp_path):
     """A resume trusts a complete part only when its footer agrees with its rows: one truncated to garbage, one with
     the wrong rows and one with a row missing are written again; the result equals the uninterrupted run."""
-    artifact, state = model
+    artifact = model
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
     run = RunConfig(batch_size=3, rows_per_part=4, num_actors=1)
     reference, out = str(tmp_path / "reference"), str(tmp_path / "scores")
-    pipeline.score(info, artifact, state, reference, run)
-    pipeline.score(info, artifact, state, out, run)
+    pipeline.score(info, artifact, reference, run)
+    pipeline.score(info, artifact, out, run)
     part = [os.path.join(out, f"part-{k:08d}.parquet") for k in range(6)]
     with open(part[1], "wb") as f:
         f.write(b"PAR1 not a parquet file")
     pq.write_table(pq.read_table(part[2]), part[3])  # part 2's rows under part 3's name
     pq.write_table(pq.read_table(part[4]).slice(0, 3), part[4])
     stamps = {k: os.stat(part[k]).st_mtime_ns for k in (0, 5)}
-    pipeline.score(info, artifact, state, out, run)
+    pipeline.score(info, artifact, out, run)
     for name in _parts(reference):
         assert pq.read_table(os.path.join(out, name)).equals(pq.read_table(os.path.join(reference, name))), name
     assert all(os.stat(part[k]).st_mtime_ns == stamps[k] for k in stamps)  # the sound parts were kept
@@ -149,22 +149,22 @@ def test_unreadable_manifest_changes_nothing(model, demo_set, tmp_path):
     """A manifest that cannot be read is an error that asks for a re-run and never suggests --overwrite."""
     from rayanom.config import UserError
 
-    artifact, state = model
+    artifact = model
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=1))
     out = str(tmp_path / "scores")
-    pipeline.score(info, artifact, state, out, RunConfig(batch_size=3, rows_per_part=4))
+    pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     manifest = os.path.join(out, "_rayanom_scores.json")
     os.replace(manifest, str(tmp_path / "manifest.bak"))
     os.mkdir(manifest)  # reading it now fails (a directory), as an unreachable object would
     with pytest.raises(UserError, match="cannot read the scores manifest") as e:
-        pipeline.score(info, artifact, state, out, RunConfig(batch_size=3, rows_per_part=4))
+        pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     assert "--overwrite" not in str(e.value) and len(_parts(out)) == 3
 
 
 def test_a_second_job_on_the_same_output_is_refused(model, demo_set, tmp_path):
     """Two jobs/score.py processes on one output: the second is refused before Ray starts while the first writes;
     the first finishes with every row."""
-    artifact, _ = model
+    artifact = model
     artifact.save(str(tmp_path / "model"))
     index = _long_index(demo_set)
     pq.write_table(index, tmp_path / "long.parquet")
@@ -199,24 +199,25 @@ def _poisoned_index(demo_set, tmp_path):
     return test.set_column(test.schema.get_field_index("path"), "path", pa.array(paths))
 
 
-def _score_part(artifact, state, info, out, batch_size=4):
-    from rayanom.pipeline import PartScorer
+def _score_part(artifact, info, out, batch_size=4):
+    from rayanom.pipeline import PartScorer, artifact_fingerprint
 
     os.makedirs(out)
-    scorer = PartScorer(artifact.config, state, artifact.head.to_state(), "cpu", 1, "fp32", info, out, "job",
-                        batch_size)
-    scorer({"part": np.array([0]), "start": np.array([0]), "stop": np.array([info.n_rows])})
+    artifact.save(os.path.join(out, "_rayanom_model"))
+    scorer = PartScorer(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights, "cpu",
+                        1, "fp32", out, "job", batch_size)
+    scorer.score_part({"part": 0, "start": 0, "stop": info.n_rows, "index": info})
     return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
 
 
 def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path, monkeypatch):
     from rayanom.heads import BATCH_RTOL
 
-    artifact, state = model
+    artifact = model
     info = index_at(tmp_path / "index.parquet", _poisoned_index(demo_set, tmp_path))
-    _, clean = _score_part(artifact, state, info, str(tmp_path / "clean"))
+    _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
     monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    _, got = _score_part(artifact, state, info, str(tmp_path / "failing"))
+    _, got = _score_part(artifact, info, str(tmp_path / "failing"))
     errors = got.column("error").to_pylist()
     assert errors[5] == "RuntimeError: failpoint: a batch holding 'poison.png'" and got["anomaly_score"][5].as_py() is None
     assert errors[:5] + errors[6:] == [None] * 11
@@ -227,37 +228,37 @@ def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tm
 
 
 def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path, monkeypatch):
-    from rayanom.data import decode_table
+    from rayanom.heads import BATCH_RTOL
     from rayanom.pipeline import BankFeatures
 
-    artifact, state = model
+    artifact = model
     index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
-    decoded = decode_table(index.slice(4, 4), artifact.config.image_size)  # rows 4-7, row 5 poisoned
-    actor = BankFeatures(artifact.config, state, 1, 0.0, 2.0, "cpu", 1)
-    clean = actor(decoded)
+    rows = index.slice(4, 4).select(["row_index", "path"])  # rows 4-7, row 5 poisoned
+    actor = BankFeatures(artifact.config, artifact.weights, 1, "cpu", 1, batch_size=4)
+    clean = actor.items(rows, 0.0, 2.0)
     monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    got = actor(decoded)
-    assert got.column("error").to_pylist() == ["RuntimeError: failpoint: a batch holding 'poison.png'", None, None,
-                                               None]
-    assert got.column("row_index").to_pylist() == [5, 4, 6, 7]  # the failed row first, then the items
-    assert clean.column("row_index").to_pylist() == [4, 5, 6, 7]
+    got = actor.items(rows, 0.0, 2.0)
+    assert got["failed_rows"].tolist() == [5]
+    assert got["errors"].tolist() == ["RuntimeError: failpoint: a batch holding 'poison.png'"]
+    assert got["bank_id"].tolist() == [4, 6, 7] and clean["bank_id"].tolist() == [4, 5, 6, 7]
+    np.testing.assert_allclose(got["features"], clean["features"][[0, 2, 3]], rtol=BATCH_RTOL, atol=1e-6)
 
 
 def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path, monkeypatch):
     from rayanom.heads import BATCH_RTOL
 
-    artifact, state = model
+    artifact = model
     info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]))
-    _, clean = _score_part(artifact, state, info, str(tmp_path / "clean"))
+    _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
     monkeypatch.setenv("RAYANOM_FAILPOINT_OOM_ABOVE", "2")
-    scorer, got = _score_part(artifact, state, info, str(tmp_path / "oom"))
+    scorer, got = _score_part(artifact, info, str(tmp_path / "oom"))
     assert scorer.max_batch == 2 and got.column("error").to_pylist() == [None] * 12
     np.testing.assert_allclose(got["anomaly_score"].to_pylist(), clean["anomaly_score"].to_pylist(), rtol=BATCH_RTOL)
 
 
 @pytest.mark.timeout(600)
 def test_a_row_that_kills_its_worker_is_recorded_and_the_job_finishes(model, demo_set, tmp_path):
-    artifact, _ = model
+    artifact = model
     artifact.save(str(tmp_path / "model"))
     index = _poisoned_index(demo_set, tmp_path)
     pq.write_table(index, tmp_path / "index.parquet")
@@ -284,7 +285,7 @@ def test_retry_failed_rescores_exactly_the_failed_rows(model, demo_set, tmp_path
 
     from rayanom.heads import BATCH_RTOL
 
-    artifact, state = model
+    artifact = model
     test = pq.read_table(demo_set["test"])
     paths = test.column("path").to_pylist()
     later = {2: str(tmp_path / "later-2.png"), 9: str(tmp_path / "later-9.png")}  # parts 0 and 2 of 3
@@ -293,17 +294,17 @@ def test_retry_failed_rescores_exactly_the_failed_rows(model, demo_set, tmp_path
     info = index_at(tmp_path / "index.parquet", moved)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     out = str(tmp_path / "scores")
-    first = pipeline.score(info, artifact, state, out, run)
+    first = pipeline.score(info, artifact, out, run)
     assert first["failed"] == 2 and first["failed_by_kind"] == {"FileNotFoundError": 2}
     before = {k: pq.read_table(os.path.join(out, f"part-{k:08d}.parquet")) for k in range(3)}
     stamp = os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns
     for i, p in later.items():
         shutil.copy(paths[i], p)
-    again = pipeline.score(info, artifact, state, out, run, retry_failed=True)
+    again = pipeline.score(info, artifact, out, run, retry_failed=True)
     assert again["failed"] == 0
     assert os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns == stamp
     clean = str(tmp_path / "clean")
-    pipeline.score(info, artifact, state, clean, run)
+    pipeline.score(info, artifact, clean, run)
     for k in (0, 2):
         got = pq.read_table(os.path.join(out, f"part-{k:08d}.parquet"))
         ref = pq.read_table(os.path.join(clean, f"part-{k:08d}.parquet"))
@@ -386,3 +387,31 @@ def test_node_lost_mid_job_loses_nothing(demo_set, tmp_path):
     index = _long_index(demo_set)
     scores = check_accounting(str(tmp_path / "scores"), index)
     assert scores.equals(pq.read_table(str(tmp_path / "ref")).sort_by("row_index"))
+
+
+class _Stuck:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def wait(self, i: int) -> int:
+        time.sleep(self.seconds)
+        return i
+
+
+def test_actor_arguments_stay_inline_and_a_stalled_pool_ends_with_an_error(ray_local):
+    """Constructor arguments that would reach the object store (large, or a reference) are refused, so Ray can restart
+    any actor from its creation task alone; a pool where no call finishes in time raises, naming what it waited on."""
+    import ray
+
+    from rayanom.pool import ActorPool, check_inline
+
+    with pytest.raises(ValueError, match="constructor argument 'state' is .* bytes serialised"):
+        check_inline({"state": np.zeros(100_000, np.float32)}, "BankFeatures")
+    with pytest.raises(ValueError, match="no object references"):
+        check_inline({"head": ray.put(1)}, "PartScorer")
+    with ActorPool(_Stuck, {"seconds": 0.0}, size=2, num_cpus=0.5) as pool:
+        assert sorted(pool.map_unordered("wait", [(i,) for i in range(7)])) == list(range(7))
+    with ActorPool(_Stuck, {"seconds": 60.0}, size=1, num_cpus=0.5, no_progress_s=3.0) as pool:
+        with pytest.raises(RuntimeError, match=r"no progress for \d+ s: 1 of 1 _Stuck actors \(0.5 CPU each\) "
+                                               r"started, 2 calls running, 1 waiting"):
+            list(pool.map_unordered("wait", [(i,) for i in range(3)]))

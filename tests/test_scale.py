@@ -79,7 +79,7 @@ def test_driver_memory_is_bounded_by_the_bank_when_the_index_grows_100x(ray_loca
     run = RunConfig(batch_size=BATCH, num_actors=1)
 
     def fit(index):
-        return pipeline.fit(index, CONFIG, state, source, run)
+        return pipeline.fit(index, CONFIG, source, run)
 
     fit(small)  # warm-up: the first fit of a process imports and caches several MiB (7.7 MiB measured)
     peaks = {}
@@ -130,7 +130,7 @@ def test_scoring_driver_holds_no_rows_when_the_index_grows_10x(ray_local, tmp_pa
         pq.write_table(pa.table({"path": [f"/nonexistent/{name}/{i:07d}-with-a-longer-name.png" for i in range(n)],
                                  "label": pa.array(np.arange(n) % 2)}), path)
         index = describe_index(path)
-        return _driver_peak(lambda: pipeline.score(index, artifact, state, str(tmp_path / f"out-{name}"), run))
+        return _driver_peak(lambda: pipeline.score(index, artifact, str(tmp_path / f"out-{name}"), run))
 
     score(500, "warm")
     (small, heap_s, arrow_s), (large, heap_l, arrow_l) = score(2_000, "1x"), score(20_000, "10x")
