@@ -393,8 +393,8 @@ class _Stuck:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def wait(self, i: int) -> int:
-        time.sleep(self.seconds)
+    def wait(self, i: int, seconds: float | None = None) -> int:
+        time.sleep(self.seconds if seconds is None else seconds)
         return i
 
 
@@ -404,6 +404,9 @@ def test_actor_arguments_stay_inline_and_a_stalled_pool_ends_with_an_error(ray_l
     import ray
 
     from rayanom.pool import ActorPool, check_inline
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
 
     with pytest.raises(ValueError, match="constructor argument 'state' is .* bytes serialised"):
         check_inline({"state": np.zeros(100_000, np.float32)}, "BankFeatures")
@@ -411,7 +414,9 @@ def test_actor_arguments_stay_inline_and_a_stalled_pool_ends_with_an_error(ray_l
         check_inline({"head": ray.put(1)}, "PartScorer")
     with ActorPool(_Stuck, {"seconds": 0.0}, size=2, num_cpus=0.5) as pool:
         assert sorted(pool.map_unordered("wait", [(i,) for i in range(7)])) == list(range(7))
-    with ActorPool(_Stuck, {"seconds": 60.0}, size=1, num_cpus=0.5, no_progress_s=3.0) as pool:
+    with ActorPool(_Stuck, {"seconds": 60.0}, size=1, num_cpus=0.5) as pool:
+        assert list(pool.map_unordered("wait", [(0, 0.0)])) == [0]  # started (however long that takes under load)
+        pool.no_progress_s = 3.0
         with pytest.raises(RuntimeError, match=r"no progress for \d+ s: 1 of 1 _Stuck actors \(0.5 CPU each\) "
                                                r"started, 2 calls running, 1 waiting"):
             list(pool.map_unordered("wait", [(i,) for i in range(3)]))
