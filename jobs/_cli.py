@@ -23,7 +23,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="feature/scoring actors (default: one per GPU where there are GPUs; locally on CPU one per "
                         "core, at most 4; else 1)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="actor device; auto = cuda with one GPU per actor when the cluster has GPUs (default: auto)")
+                   help="actor device; auto = cuda, one GPU per actor, when the cluster has GPUs up or its "
+                        "autoscaler's node types have some, else cpu (default: auto)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="backbone precision. bf16 autocast is 1.6-3.5x faster on CPUs with AMX and on Ampere or "
                         "newer GPUs and moves scores slightly (demo AUROC within 0.005); fp32 is the parity path. "
@@ -42,6 +43,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="end the job with an error when no actor call (a part, a chunk of training rows) finishes "
                         "for this long, locally or on a cluster (default: %(default)s)")
+    g.add_argument("--wait-for-actors", type=float, default=600.0, metavar="SECONDS",
+                   help="end the job with an error when no actor could start for this long (on an autoscaling "
+                        "cluster, the time to start a node) (default: %(default)s)")
     g.add_argument("--max-failed-fraction", type=float, default=0.01,
                    help="exit with code 2, after writing everything, when more rows than this fraction failed "
                         "(default: %(default)s)")
@@ -71,11 +75,22 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
         raise UserError("invalid precision='bf16' for rkde: the region model runs in fp32 only (use fp32 or auto)")
     if not args.no_progress_timeout > 0:
         raise UserError(f"invalid no_progress_timeout={args.no_progress_timeout}: expected seconds > 0")
+    if not args.wait_for_actors > 0:
+        raise UserError(f"invalid wait_for_actors={args.wait_for_actors}: expected seconds > 0")
+    from rayanom.pool import autoscaler_max_resources, choose_device
+
     cluster = bool(os.environ.get("RAY_ADDRESS"))
     num_actors = args.num_actors
     if cluster:
         ray.init(logging_level=logging.WARNING)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = ray.cluster_resources().get("GPU", 0)
+        most = autoscaler_max_resources()
+        try:
+            device, why = choose_device(args.device, gpus, most.get("GPU", 0) if most is not None else None)
+        except UserError:
+            ray.shutdown()
+            raise
+        gpus = max(gpus, (most or {}).get("GPU", 0))
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
         gpus = 0
@@ -83,16 +98,17 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
             import torch
 
             gpus = torch.cuda.device_count()  # a workstation's GPUs serve the embedded Ray too
-    device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
-    if device == "cuda" and not gpus:
-        ray.shutdown()
-        raise UserError("invalid device='cuda': the Ray cluster has no GPU (use --device cpu or auto)")
+        device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
+        why = f"{gpus} GPU(s) on this machine" if args.device == "auto" else f"--device {args.device}"
+        if device == "cuda" and not gpus:
+            raise UserError("invalid device='cuda': this machine has no GPU (use --device cpu or auto)")
     if num_actors is None:
-        # Locally on CPU, one actor per core up to 4 (each decodes its own parts, beside its forward passes). Measured
-        # on 2 cores, 2 actors against 1: rows whose files are missing (pure pipeline cost) about 2x the rate,
-        # resnet18 fp32 at 64^2 52 s against 60 s for 20,000 PNGs, resnet50 bf16 at 256^2 73 s against 77 s for
-        # 2,048; each actor holds its own copy of the model.
-        num_actors = max(1, gpus) if device == "cuda" else (1 if cluster else min(4, os.cpu_count() or 1))
+        # With GPUs, one actor per GPU the cluster has or its autoscaler can add: the pool asks for them all and
+        # works with those that start. Locally on CPU, one actor per core up to 4 (each decodes its own parts,
+        # beside its forward passes). Measured on 2 cores, 2 actors against 1: rows whose files are missing (pure
+        # pipeline cost) about 2x the rate, resnet18 fp32 at 64^2 52 s against 60 s for 20,000 PNGs, resnet50 bf16 at
+        # 256^2 73 s against 77 s for 2,048; each actor holds its own copy of the model.
+        num_actors = max(1, int(gpus)) if device == "cuda" else (1 if cluster else min(4, os.cpu_count() or 1))
     if not cluster:
         # At least two CPUs beyond the actors' so tasks always find room; every core where there are more.
         ray.init(num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
@@ -100,16 +116,21 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     threads = args.threads_per_actor
     if threads is None:
         threads = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
+    # Tests and dry runs on machines without CUDA: the actors ask for GPUs (so Ray places them, and an autoscaler
+    # starts GPU nodes, as for real) and run the model on the CPU.
+    fake_gpus = device == "cuda" and os.environ.get("RAYANOM_FAKE_GPUS") == "1"
     # A hang (local or on a cluster) becomes an error instead of a silent wait (pool.ActorPool).
-    run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors, device=device,
-                    num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads,
-                    io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
-                    no_progress_s=args.no_progress_timeout)
+    run = RunConfig(batch_size=args.batch_size, rows_per_part=args.rows_per_part, num_actors=num_actors,
+                    device="cpu" if fake_gpus else device, num_gpus_per_actor=1.0 if device == "cuda" else 0.0,
+                    threads_per_actor=threads, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
+                    no_progress_s=args.no_progress_timeout, start_timeout_s=args.wait_for_actors)
+    logger.info("ray: device %s (%s)%s", device, why, "; RAYANOM_FAKE_GPUS=1: GPUs asked for, model on CPU"
+                if fake_gpus else "")
     precision = args.precision
     if precision == "auto":
         precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))
     run = dataclasses.replace(run, precision=precision)
-    logger.info("ray: %s, %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
+    logger.info("ray: %s, up to %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
                 num_actors, device, precision)
     return run
 
@@ -147,7 +168,14 @@ def _fast_precision(run, cluster: bool) -> str:
     if not cluster:
         return "bf16" if bf16_is_fast(run.device) else "fp32"
     probe = ray.remote(bf16_is_fast).options(num_cpus=run.num_cpus_per_actor, num_gpus=run.num_gpus_per_actor)
-    return "bf16" if ray.get(probe.remote(run.device)) else "fp32"
+    try:
+        fast = ray.get(probe.remote(run.device), timeout=run.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        msg = (f"no node could run a task with an actor's resources ({run.num_cpus_per_actor:g} CPU, "
+               f"{run.num_gpus_per_actor:g} GPU) in {run.start_timeout_s:.0f} s (--wait-for-actors); pass --precision "
+               "to skip this probe, or ask for what the cluster has (--device, --num-actors)")
+        raise RuntimeError(msg) from None
+    return "bf16" if fast else "fp32"
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -196,6 +196,7 @@ class RunConfig:
     io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
     no_progress_s: float = 1800.0  # a model stage where no call finishes for this long ends the job (pool.ActorPool)
+    start_timeout_s: float = 600.0  # a model stage where no actor could start for this long ends the job
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -213,9 +214,10 @@ class RunConfig:
             _fail("device", self.device, "'cpu' or 'cuda'")
         if self.precision not in ("fp32", "bf16"):
             _fail("precision", self.precision, "'fp32' or 'bf16'")
-        if isinstance(self.no_progress_s, bool) or not isinstance(self.no_progress_s, (int, float)) or \
-                not self.no_progress_s > 0:
-            _fail("no_progress_s", self.no_progress_s, "seconds > 0")
+        for name in ("no_progress_s", "start_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                _fail(name, v, "seconds > 0")
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:

@@ -279,7 +279,8 @@ def _pool(cls: type, kwargs: dict, run: RunConfig, size: int):
     from rayanom.pool import ActorPool
 
     return ActorPool(cls, kwargs, size=min(run.num_actors, max(1, size)), num_cpus=run.num_cpus_per_actor,
-                     num_gpus=run.num_gpus_per_actor, no_progress_s=run.no_progress_s)
+                     num_gpus=run.num_gpus_per_actor, no_progress_s=run.no_progress_s,
+                     start_timeout_s=run.start_timeout_s)
 
 
 def read_policy(run: RunConfig) -> ReadPolicy:

@@ -39,3 +39,16 @@ def index_at(path, table):
 
     pq.write_table(table, str(path))
     return describe_index(str(path))
+
+
+def free_ports(n):
+    """``n`` TCP ports free on loopback now (for a private Ray head)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -34,12 +34,18 @@ pipeline.score(index, artifact, out_dir + "/ref", run)
 out = out_dir + "/scores"
 removed = []
 def remove_when_started():
+    """Once two parts are written, remove a worker node that holds a scoring actor (found by Ray's state API)."""
+    from ray.util.state import list_actors
+
     deadline = time.time() + 120
     while time.time() < deadline:
         if os.path.isdir(out) and sum(n.startswith("part-") for n in os.listdir(out)) >= 2:
-            cluster.remove_node(workers[0])
-            removed.append(time.time())
-            return
+            held = {a.node_id for a in list_actors(filters=[("class_name", "=", "PartScorer"), ("state", "=", "ALIVE")])}
+            victim = next((w for w in workers if w.node_id in held), None)
+            if victim is not None:
+                cluster.remove_node(victim)
+                removed.append(time.time())
+                return
         time.sleep(0.05)
 t = threading.Thread(target=remove_when_started); t.start()
 t0 = time.time()

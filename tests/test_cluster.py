@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.autoscaler
 import yaml
+from conftest import free_ports
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,15 @@ def test_cluster_yaml_is_valid_for_ray_up():
     full = prepare_config(copy.deepcopy(config))
     validate_config(full)
     assert full["available_node_types"]["gpu_worker"]["max_workers"] == 8
+    # What --device auto reads on the head (the file ray up copies there): 8 GPU nodes' worth, so it chooses cuda.
+    from rayanom.pool import autoscaler_max_resources, choose_device
+
+    os.environ["RAYANOM_CLUSTER_CONFIG"] = os.path.join(REPO, "cluster.yaml")
+    try:
+        most = autoscaler_max_resources()
+    finally:
+        del os.environ["RAYANOM_CLUSTER_CONFIG"]
+    assert most == {"CPU": 64.0, "GPU": 8.0} and choose_device("auto", 0, most["GPU"])[0] == "cuda"
     pins = " ".join(config["setup_commands"])
     with open(os.path.join(REPO, "constraints.txt")) as f:
         for line in f:
@@ -47,21 +56,11 @@ SMALL_FLAGS = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-componen
                "--batch-size", "8", "--quiet"]
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def ray_head():
     """`ray start --head` on free loopback ports, in its own temp dir; stopped even when the test fails."""
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    gcs, dashboard, agent, metrics, client = _free_ports(5)
+    gcs, dashboard, agent, metrics, client = free_ports(5)
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)

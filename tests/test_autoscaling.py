@@ -1,0 +1,171 @@
+"""Autoscaling clusters: `--device auto`'s decision, and a whole job on Ray's own autoscaler with simulated nodes.
+
+The simulated cluster is Ray's ``fake_multinode`` node provider (what ``ray.cluster_utils.AutoscalingCluster`` uses),
+started by hand: that class reads an ``example.yaml`` the wheel lacks, and its start and shutdown run
+``ray stop --force``, which kills every Ray on the machine (the suite's own included). Here the head gets a private
+temp dir and free ports, and is stopped by killing only the processes of that temp dir.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+from conftest import free_ports
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("requested, now, most, device", [
+    ("auto", 2, None, "cuda"),  # GPUs up now
+    ("auto", 0, 8, "cuda"),  # none up, the autoscaler can start GPU nodes: ask and wait
+    ("auto", 0, 0, "cpu"),  # node types known, none with a GPU
+    ("auto", 0, None, "cpu"),  # no autoscaler config found
+    ("cuda", 0, None, "cuda"),  # stated by the user: ask and wait (with a timeout)
+    ("cpu", 4, 8, "cpu"),
+])
+def test_device_auto_decides_from_gpus_up_and_node_types(requested, now, most, device):
+    from rayanom.pool import choose_device
+
+    assert choose_device(requested, now, most)[0] == device
+
+
+def test_device_cuda_is_refused_where_no_node_type_has_a_gpu():
+    from rayanom.config import UserError
+    from rayanom.pool import choose_device
+
+    with pytest.raises(UserError, match="invalid device='cuda': the cluster has no GPU and none of its autoscaler's"):
+        choose_device("cuda", 0, 0)
+
+
+class _Idle:
+    def ping(self) -> int:
+        return 1
+
+
+def test_a_pool_that_no_node_can_hold_ends_with_a_clear_error(ray_local):
+    """No actor can start (the local Ray has 4 CPUs, the actors ask for 64 each): after the timeout an error names
+    what the cluster has, instead of a silent wait."""
+    from rayanom.pool import ActorPool
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
+
+    with ActorPool(_Idle, {}, size=2, num_cpus=64, start_timeout_s=2.0) as pool:
+        with pytest.raises(RuntimeError, match=r"no _Idle actor \(64 CPU\) could start in 2 s of waiting: the "
+                                               r"cluster has no room for one \(4 CPUs and 0 GPUs up now; "):
+            list(pool.map_unordered("ping", [()] * 3))
+
+
+def test_node_types_add_up_from_the_autoscaler_config(tmp_path, monkeypatch):
+    from rayanom.pool import autoscaler_max_resources
+
+    config = {"head_node_type": "head", "max_workers": 10, "available_node_types": {
+        "head": {"resources": {"CPU": 0}, "max_workers": 0},
+        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 8},
+        "big": {"resources": {"CPU": 48, "GPU": 4}, "max_workers": 2}}}
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("RAYANOM_CLUSTER_CONFIG", str(path))
+    assert autoscaler_max_resources() == {"CPU": 8 * 8 + 2 * 48, "GPU": 8 + 2 * 4}
+    monkeypatch.setenv("RAYANOM_CLUSTER_CONFIG", str(tmp_path / "absent.yaml"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert autoscaler_max_resources() is None
+
+
+def _kill_tree_of(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker`` (the head's private temp dir): the head's and the
+    simulated nodes' Ray processes; their workers exit with their raylet."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def autoscaling_head():
+    """A head with no CPUs for tasks and a GPU worker type starting at zero nodes (2 CPUs and 1 simulated GPU each, at
+    most 2), run by Ray's autoscaler with the fake_multinode provider."""
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    gcs, dashboard, agent, metrics, client = free_ports(5)
+    temp = tempfile.mkdtemp(prefix="ras", dir="/tmp")  # short: Ray's unix socket paths are length-limited
+    config = {
+        "cluster_name": "rayanom-test", "max_workers": 2, "upscaling_speed": 2.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs}"},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}},
+        "head_node_type": "ray.head.default",
+        **{k: [] for k in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                           "setup_commands", "head_setup_commands", "worker_setup_commands",
+                           "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False}
+    path = os.path.join(temp, "autoscaler.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env.pop("RAY_ADDRESS", None)
+    start = [ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
+             "--ray-client-server-port", str(client), "--num-cpus", "0", "--num-gpus", "0", "--temp-dir", temp,
+             "--disable-usage-stats", f"--autoscaling-config={path}"]
+    try:
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray_cli, "config": path}
+    finally:
+        _kill_tree_of(temp)
+        time.sleep(1)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, demo_set, tmp_path):
+    """`jobs/fit.py --score` with `--device auto` on a cluster with no GPU up: the job reads the node types, asks
+    for GPU actors, the autoscaler starts the nodes, the actors land on them and every row comes back."""
+    out = str(tmp_path / "run")
+    runtime_env = ('{"env_vars": {"RAYANOM_FAKE_GPUS": "1", "RAYANOM_CLUSTER_CONFIG": "%s"}}'
+                   % autoscaling_head["config"])
+    submit = [autoscaling_head["ray"], "job", "submit", "--address", autoscaling_head["address"],
+              "--working-dir", REPO, "--runtime-env-json", runtime_env, "--",
+              sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", out,
+              "--score", demo_set["test"], "--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4",
+              "--no-pretrained", "--batch-size", "8", "--rows-per-part", "4", "--precision", "fp32",
+              "--wait-for-actors", "240"]
+    t0 = time.time()
+    proc = subprocess.run(submit, env=autoscaling_head["env"], capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    print(f"job on the autoscaling cluster: {time.time() - t0:.0f} s")
+    print("\n".join(line for line in log.splitlines() if "actors" in line or "device" in line))
+    assert proc.returncode == 0 and "succeeded" in log, log[-4000:]
+    assert "scored 12 of 12 rows, 0 failed" in log
+    assert "device cuda (no GPU up now; the autoscaler's node types can add 2" in log
+    assert "RAYANOM_FAKE_GPUS=1: GPUs asked for, model on CPU" in log
+    # The head has no CPU and no GPU: every actor that ran, ran on a node the autoscaler started (one or both of the
+    # two it may start, depending on how soon the second node comes up for so small a job).
+    import re
+
+    for pool in ("BankFeatures", "PartScorer"):
+        assert re.search(pool + r": [12] of 2 actors \(1 CPU, 1 GPU each\) ran, on [12] node\(s\)", log), log[-4000:]
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(os.path.join(out, "scores"))
+    assert sorted(scores.column("row_index").to_pylist()) == list(range(12))
