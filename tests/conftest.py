@@ -52,3 +52,23 @@ def free_ports(n):
     for s in socks:
         s.close()
     return ports
+
+
+def kill_ray_of(temp_dir: str) -> None:
+    """Stop a private Ray head (and the nodes it started) without ``ray stop``, which kills every Ray on the machine,
+    this test session's own included: SIGKILL every process whose command line names its temp dir (the raylets,
+    GCS, dashboard, autoscaler); their workers exit with their raylet."""
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass

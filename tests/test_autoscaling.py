@@ -3,11 +3,10 @@
 The simulated cluster is Ray's ``fake_multinode`` node provider (what ``ray.cluster_utils.AutoscalingCluster`` uses),
 started by hand: that class reads an ``example.yaml`` the wheel lacks, and its start and shutdown run
 ``ray stop --force``, which kills every Ray on the machine (the suite's own included). Here the head gets a private
-temp dir and free ports, and is stopped by killing only the processes of that temp dir.
+temp dir and free ports, and is stopped by killing only the processes of that temp dir (``conftest.kill_ray_of``).
 """
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from conftest import free_ports
+from conftest import free_ports, kill_ray_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,23 +76,6 @@ def test_node_types_add_up_from_the_autoscaler_config(tmp_path, monkeypatch):
     assert autoscaler_max_resources() is None
 
 
-def _kill_tree_of(marker: str) -> None:
-    """SIGKILL every process whose command line names ``marker`` (the head's private temp dir): the head's and the
-    simulated nodes' Ray processes; their workers exit with their raylet."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 @pytest.fixture
 def autoscaling_head():
     """A head with no CPUs for tasks and a GPU worker type starting at zero nodes (2 CPUs and 1 simulated GPU each, at
@@ -129,7 +111,7 @@ def autoscaling_head():
         assert proc.returncode == 0, proc.stderr[-3000:]
         yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray_cli, "config": path}
     finally:
-        _kill_tree_of(temp)
+        kill_ray_of(temp)
         time.sleep(1)
         import shutil
 
@@ -144,9 +126,12 @@ def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, 
     out = str(tmp_path / "run")
     runtime_env = ('{"env_vars": {"RAYANOM_FAKE_GPUS": "1", "RAYANOM_CLUSTER_CONFIG": "%s"}}'
                    % autoscaling_head["config"])
+    # No --working-dir here (test_cluster.py's job test covers it): the simulated nodes share this machine's disk and
+    # the head's temp dir, so one node's runtime-env agent deleting its copy of the package deletes the others' too
+    # (seen as a FileNotFoundError for the current directory). The job runs from the repository as installed.
     submit = [autoscaling_head["ray"], "job", "submit", "--address", autoscaling_head["address"],
-              "--working-dir", REPO, "--runtime-env-json", runtime_env, "--",
-              sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", out,
+              "--runtime-env-json", runtime_env, "--",
+              sys.executable, os.path.join(REPO, "jobs", "fit.py"), "--model", "dfkde", "--index", demo_set["index"], "--out", out,
               "--score", demo_set["test"], "--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4",
               "--no-pretrained", "--batch-size", "8", "--rows-per-part", "4", "--precision", "fp32",
               "--wait-for-actors", "240"]
