@@ -135,6 +135,17 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     return run
 
 
+def start_ray_for_tasks() -> None:
+    """Ray for a job of small tasks only (no actors): connect to ``RAY_ADDRESS`` when set, else an embedded Ray."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING)
+
+
 def output_lease(output: str):
     """The lease of a scores directory for this job (``parts.Lease``): a second job on it is refused."""
     import uuid
@@ -203,10 +214,20 @@ def print_summary(summary: dict) -> None:
             + (f", image AUROC {auroc:.4f} ({summary['n_normal']} normal, {summary['n_anomalous']} anomalous)"
                if auroc is not None else ""))
     print(line)
+    t = summary.get("threshold")
+    from rayanom.decide import NO_THRESHOLD
+
+    print(f"decisions: is_anomalous = anomaly_score >= {t['value']:.6g} ({t['source']})" if t else
+          f"decisions: {NO_THRESHOLD}")
     print(f"scores: {summary['output']}")
 
 
 REPORT_FILES = ("metrics.json", "report.png", "heatmaps", "boxes", "regions")
+
+
+def add_threshold_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--threshold", type=float, default=None, metavar="VALUE",
+                        help="decide is_anomalous = anomaly_score >= VALUE " + what)
 
 
 def add_report_flags(parser: argparse.ArgumentParser, where: str, pictures_default: str, evaluate_default: str) -> None:
@@ -240,9 +261,10 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int, boxes: 
 
 
 def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int, boxes: int = 0,
-                 region_rows: bool = False) -> None:
-    """Into ``report_dir``: metrics.json + report.png (--evaluate), heat maps (--heatmaps N), box overlays
-    (--boxes N), one row per region (--region-rows)."""
+                 region_rows: bool = False, decision: float | None = None) -> None:
+    """Into ``report_dir``: metrics.json + report.png (--evaluate; with ``decision``, the threshold the scores were
+    decided with, the metrics at it too), heat maps (--heatmaps N), box overlays (--boxes N), one row per region
+    (--region-rows)."""
     from rayanom import maps
     from rayanom.artifact import prepare_output_dir
     from rayanom.data import resolve_filesystem
@@ -252,10 +274,14 @@ def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int
         return
     prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
     if evaluate:
-        metrics = evaluate_scores(scores_dir, report_dir)
+        metrics = evaluate_scores(scores_dir, report_dir, decision=decision)
         f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
         t = "n/a" if metrics["threshold"] is None else f"{metrics['threshold']:.6g}"
         print(f"report: {report_dir}/report.png, metrics.json (F1 {f1} at threshold {t})")
+        at = metrics.get("decision")
+        if at:
+            print(f"at the decision threshold {decision:.6g}: F1 {at['f1']:.4f}, precision {at['precision']:.4f}, "
+                  f"recall {at['recall']:.4f} ({at['rows']} rows)")
     for sub, count, suffix, write in (("heatmaps", heatmaps, ".png", maps.write_heatmaps),
                                       ("boxes", boxes, ".png", maps.write_box_overlays),
                                       ("regions", int(region_rows), ".parquet", None)):

@@ -29,6 +29,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX",
                    help="score this index with the fitted model in the same job (default: none; the demo's test set)")
+    _cli.add_threshold_flag(p, "(stored beside the model, OUT/model/threshold.json; default: the F1-adaptive "
+                               "threshold of the labelled 'val' rows of the --score index, when it has some)")
     _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
     m = p.add_argument_group("model, all (stored in the artifact)")
     m.add_argument("--max-training-points", type=int, default=40_000,
@@ -150,9 +152,22 @@ def _fit_and_score(args, config, train_info, score_info, index, source, artifact
                                       artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
                                       args.max_failed_fraction)
     if score_info is not None:
-        summary = pipeline.score(score_info, artifact, scores_dir, run, overwrite=args.overwrite, job=lease.job)
+        import dataclasses
+
+        from rayanom.decide import Threshold, load_threshold, save_threshold, settle
+
+        fingerprint = pipeline.artifact_fingerprint(artifact)
+        stored = load_threshold(model_dir, fingerprint)
+        used = Threshold(args.threshold) if args.threshold is not None else stored
+        summary = pipeline.score(score_info, artifact, scores_dir, run, overwrite=args.overwrite, job=lease.job,
+                                 threshold=used)
+        t = settle(scores_dir, used, args.threshold)
+        if t is not None and t != stored:
+            save_threshold(model_dir, t, fingerprint)
+        summary["threshold"] = dataclasses.asdict(t) if t else None
         _cli.print_summary(summary)
-        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
+        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows,
+                          decision=t.value if t else None)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
                                                   args.max_failed_fraction)
     return code
@@ -162,10 +177,10 @@ def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision:
     """The artifact in ``model_dir`` if it was fitted from exactly these inputs (fitting is idempotent: reuse it) and,
     unless ``precision`` is auto, in that precision; None when there is none or ``overwrite``; an error when it holds
     another model."""
-    from rayanom.artifact import CONFIG_FILE, HEAD_FILE, Artifact, check_output_dir
+    from rayanom.artifact import CONFIG_FILE, MODEL_FILES, Artifact, check_output_dir
     from rayanom.config import UserError
 
-    existing = check_output_dir(model_dir, {CONFIG_FILE, HEAD_FILE}.__contains__, overwrite=True)
+    existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
     if overwrite or CONFIG_FILE not in existing:
         return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)
     try:

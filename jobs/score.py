@@ -11,6 +11,7 @@ anomalous), anomaly_probability and error (null when scored). One output row per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import _cli
 
@@ -33,6 +34,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="score again the rows of complete parts that failed (storage errors whose retries ran out, "
                         "...), leaving every other row as it was")
+    _cli.add_threshold_flag(p, "for this run (default: the threshold stored beside the model, MODEL_DIR/"
+                               "threshold.json, when there is one)")
     _cli.add_report_flags(p, "OUT-report", "0", "no")
     _cli.add_run_flags(p)
     return p
@@ -66,11 +69,17 @@ def main(args: argparse.Namespace) -> int:
     with _cli.output_lease(args.out) as lease:  # one job per output, refused before Ray starts
         run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
         _cli.check_index_values(index)
+        from rayanom.decide import Threshold, load_threshold, settle
+
+        used = (Threshold(args.threshold) if args.threshold is not None else
+                load_threshold(args.model, pipeline.artifact_fingerprint(artifact)))
         summary = pipeline.score(index, artifact, args.out, run, overwrite=args.overwrite, job=lease.job,
-                                 retry_failed=args.retry_failed, weights=weights)
+                                 retry_failed=args.retry_failed, weights=weights, threshold=used)
+        t = settle(args.out, used, args.threshold)
+        summary["threshold"] = dataclasses.asdict(t) if t else None
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
-                      args.region_rows)
+                      args.region_rows, decision=t.value if t else None)
     return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 
 from rayanom.config import ModelConfig, UserError, config_from_dict, config_to_dict
 from rayanom.data import resolve_filesystem
+from rayanom.decide import THRESHOLD_FILE
 from rayanom.heads import DfmHead, KdeHead
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ FORMAT = "rayanom-artifact"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
+MODEL_FILES = frozenset({CONFIG_FILE, HEAD_FILE, THRESHOLD_FILE})  # the threshold lives beside the model (decide)
 
 
 @dataclass
@@ -50,8 +52,10 @@ class Artifact:
         """Write ``config.json`` and ``head.safetensors`` into the directory ``uri`` (local or object store)."""
         from safetensors.numpy import save
 
-        prepare_output_dir(uri, {CONFIG_FILE, HEAD_FILE}.__contains__, overwrite)
+        existing = prepare_output_dir(uri, MODEL_FILES.__contains__, overwrite)
         fs, path = resolve_filesystem(uri)
+        if THRESHOLD_FILE in existing:  # chosen for the model this one replaces
+            fs.delete_file(f"{path}/{THRESHOLD_FILE}")
         with fs.open_output_stream(f"{path}/{HEAD_FILE}") as f:
             f.write(save({k: np.ascontiguousarray(v) for k, v in self.head.to_state().items()}))
         with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:

@@ -1,6 +1,8 @@
 """A generated demo image set: textured discs ("parts") on a background, and the same parts with visible defects.
 
-Used by the embedded default of the jobs (no ``--index``) and by the tests. Deterministic for a given seed.
+Written as an MVTec AD category (``train/good``, ``test/<good or defect>``, ``ground_truth/<defect>/<name>_mask.png``)
+and indexed through ``rayanom.folders``, the way a user's folders are. Used by the embedded default of the jobs (no
+``--index``) and by the tests. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -32,49 +34,56 @@ def _part(rng: np.random.Generator, size: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """The part with a defect of ``kind``, and the defect's mask (255 where it is drawn)."""
     size = img.size[0]
-    draw = ImageDraw.Draw(img)
+    mask = Image.new("L", img.size, 0)
+    draws = [(ImageDraw.Draw(img), None), (ImageDraw.Draw(mask), 255)]
     c = size / 2
     ang = rng.uniform(0, 2 * np.pi)
     px, py = c + np.cos(ang) * size * 0.18, c + np.sin(ang) * size * 0.18
     s = size * rng.uniform(0.11, 0.15)
-    if kind == "scratch":
-        dx, dy = np.cos(ang + 1.57) * s * 1.3, np.sin(ang + 1.57) * s * 1.3
-        draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=(20, 20, 25), width=max(6, size // 14))
-    elif kind == "stain":
-        draw.ellipse([px - s, py - s * 0.7, px + s, py + s * 0.7], fill=(170, 60, 30))
-    elif kind == "hole":
-        draw.ellipse([px - s * 0.7, py - s * 0.7, px + s * 0.7, py + s * 0.7], fill=(5, 5, 5))
-    else:  # crack: a bright zig-zag
+    if kind == "crack":  # a bright zig-zag
         pts = [(px + rng.uniform(-s, s), py + rng.uniform(-s, s)) for _ in range(6)]
-        draw.line(pts, fill=(250, 250, 235), width=max(5, size // 18))
-    return img
+    for draw, white in draws:
+        if kind == "scratch":
+            dx, dy = np.cos(ang + 1.57) * s * 1.3, np.sin(ang + 1.57) * s * 1.3
+            draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=white or (20, 20, 25), width=max(6, size // 14))
+        elif kind == "stain":
+            draw.ellipse([px - s, py - s * 0.7, px + s, py + s * 0.7], fill=white or (170, 60, 30))
+        elif kind == "hole":
+            draw.ellipse([px - s * 0.7, py - s * 0.7, px + s * 0.7, py + s * 0.7], fill=white or (5, 5, 5))
+        else:
+            draw.line(pts, fill=white or (250, 250, 235), width=max(5, size // 18))
+    return img, mask
 
 
 def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_anomalous: int = 30,
               size: int = 320, seed: int = 0) -> str:
-    """Write PNGs under ``root``, the index ``root/index.parquet`` (path, label, split, defect) and its test rows
-    alone as ``root/test.parquet``; return the index path."""
+    """Write PNGs as the MVTec AD category ``root/parts``, its index ``root/index.parquet`` (``folders.mvtec_index``:
+    path, label, split, defect_type, mask_path; the files it skipped in ``index.parquet.skipped.tsv``) and its test
+    rows alone as ``root/test.parquet``; return the index path."""
+    from rayanom.folders import mvtec_index, write_index
+
     rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    rows: dict[str, list] = {"path": [], "label": [], "split": [], "defect": []}
+    category = os.path.abspath(os.path.join(root, "parts"))
     plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
     plan += [("test", DEFECTS[i % len(DEFECTS)]) for i in range(n_test_anomalous)]
     for i, (split, defect) in enumerate(plan):
         img = _part(rng, size)
+        folder = os.path.join(category, split, defect or "good")
+        os.makedirs(folder, exist_ok=True)
         if defect:
-            img = _defect(img, defect, rng)
-        path = os.path.abspath(os.path.join(root, "images", f"{split}_{i:05d}_{defect or 'good'}.png"))
-        img.save(path)
-        rows["path"].append(path)
-        rows["label"].append(int(defect is not None))
-        rows["split"].append(split)
-        rows["defect"].append(defect or "good")
+            img, mask = _defect(img, defect, rng)
+            os.makedirs(os.path.join(category, "ground_truth", defect), exist_ok=True)
+            mask.save(os.path.join(category, "ground_truth", defect, f"{i:05d}_mask.png"))
+        img.save(os.path.join(folder, f"{i:05d}.png"))
     index = os.path.join(root, "index.parquet")
-    table = pa.table({**rows, "label": pa.array(rows["label"], pa.int64())})
-    pq.write_table(table, index)
-    pq.write_table(table.filter(pa.array(np.asarray(rows["split"]) == "test")), os.path.join(root, "test.parquet"))
+    folder_index = mvtec_index(category)
+    write_index(folder_index, index)
+    table = pq.read_table(index)
+    pq.write_table(table.filter(pa.array(np.asarray(table.column("split").to_pylist()) == "test")),
+                   os.path.join(root, "test.parquet"))
     logger.info("demo set: %d images (%d train, %d test) in %s", len(plan), n_train,
-                n_test_normal + n_test_anomalous, root)
+                n_test_normal + n_test_anomalous, category)
     return index

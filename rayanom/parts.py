@@ -122,6 +122,15 @@ def _without_index(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in _INDEX_KEYS}
 
 
+def read_manifest(output: str) -> dict:
+    """The manifest of the scores directory ``output``; UserError where there is none."""
+    fs, path = resolve_filesystem(output)
+    if fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.NotFound:
+        msg = f"{output!r} holds no scores (no {MANIFEST})"
+        raise UserError(msg)
+    return _read_manifest(fs, path)
+
+
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
     """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
     for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
@@ -207,6 +216,14 @@ def part_problems(output: str, parts: list[int], n_rows: int, rows_per_part: int
         if found != (lo, lo + expect - 1):
             problems[k] = f"{ROW_COL} {found[0]}..{found[1]}, expected {lo}..{lo + expect - 1}"
     return problems
+
+
+def complete_parts(output: str) -> set[int]:
+    """The numbers of the complete parts in ``output`` (none where it does not exist)."""
+    fs, path = resolve_filesystem(output)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return set()
+    return {int(m.group(1)) for i in fs.get_file_info(pafs.FileSelector(path)) if (m := PART_RE.match(i.base_name))}
 
 
 def write_part(output: str, k: int, table: pa.Table, job: str) -> None:

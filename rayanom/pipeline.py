@@ -33,8 +33,8 @@ from rayanom.artifact import Artifact, make_head
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
-    BOX_SCORES_COL, BOXES_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PATH_COL,
-    PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    BOX_SCORES_COL, BOXES_COL, DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL,
+    NORMALIZED_COL, NUM_REGIONS_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
     ReadPolicy, decode_table, error_message, failed_table,
 )
 from rayanom.features import FeatureExtractor, artifact_weights
@@ -391,7 +391,9 @@ class PartScorer:
 
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
                  output: str, job: str, batch_size: int, decode_threads: int = 0,
-                 policy: ReadPolicy = ReadPolicy()) -> None:
+                 policy: ReadPolicy = ReadPolicy(), threshold: dict | None = None) -> None:
+        from rayanom.decide import Threshold
+
         artifact = Artifact.load(model)
         if artifact_fingerprint(artifact) != fingerprint:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
@@ -401,10 +403,12 @@ class PartScorer:
         self.max_batch = batch_size  # lowered by an out-of-memory error
         self.image_size, self.policy = artifact.config.image_size, policy
         self.decoder = _Decoder(artifact.config.image_size, policy, device, decode_threads)
+        self.threshold = Threshold(**threshold) if threshold else None
 
     def score_part(self, part: dict) -> dict[str, int]:
         """Score and write part ``part["part"]``: rows [start, stop) of ``part["index"]`` (``IndexInfo.part_of``);
         with ``part["retry"]`` only the failed rows of the complete part. Returns the part and its row count."""
+        from rayanom.decide import with_decisions
         from rayanom.index import read_rows
         from rayanom.parts import CrashMarker, write_part
 
@@ -424,6 +428,7 @@ class PartScorer:
         if previous is not None:  # the rows retried, back among the others in row order
             kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
             table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
+        table = with_decisions(table, self.threshold)
         # What the part was computed from, kept in its metadata: the sha256 of its index rows.
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                b"rayanom_input_sha256": table_fingerprint(index_rows).encode()})
@@ -441,7 +446,8 @@ class PartScorer:
         fs, path = resolve_filesystem(self.output)
         with fs.open_input_file(f"{path}/{part_name(k)}") as f:
             previous = pq.read_table(f)
-        previous = previous.replace_schema_metadata(None)
+        previous = previous.replace_schema_metadata(None)  # decided again below, with the rest of the part
+        previous = previous.drop_columns([c for c in (DECISION_COL, NORMALIZED_COL) if c in previous.column_names])
         failed = np.flatnonzero(previous.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False))
         return previous, rows.take(pa.array(failed))
 
@@ -513,7 +519,7 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
-          job: str | None = None, retry_failed: bool = False, weights: dict | None = None) -> dict:
+          job: str | None = None, retry_failed: bool = False, weights: dict | None = None, threshold=None) -> dict:
     """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
     ``output``: one row per input row, written by the workers.
 
@@ -523,12 +529,14 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
     are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
     ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
-    other row kept as it was. Returns the summary of ``evaluate.summarize``.
+    other row kept as it was. ``threshold`` (a ``decide.Threshold``, or None) decides ``is_anomalous`` and
+    ``normalized_score``; complete parts decided with another threshold are decided again (``decide.apply_to_parts``),
+    never scored again. Returns the summary of ``evaluate.summarize``, with the threshold.
     """
     import uuid
 
     n, per_part = index.n_rows, run.rows_per_part
-    manifest = {"format": "rayanom-scores", "format_version": 2, "model": artifact_fingerprint(artifact),
+    manifest = {"format": "rayanom-scores", "format_version": 3, "model": artifact_fingerprint(artifact),
                 "index": index.fingerprint, "index_files": list(index.file_fingerprints), "n_rows": n,
                 "rows_per_part": per_part, "precision": run.precision, "n_parts": -(-n // per_part)}
     done = open_parts(output, manifest, overwrite)
@@ -549,7 +557,8 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
         kwargs = {"model": model, "fingerprint": manifest["model"], "weights": weights or artifact.weights,
                   "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
                   "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
-                  "decode_threads": run.decode_threads, "policy": read_policy(run)}
+                  "decode_threads": run.decode_threads, "policy": read_policy(run),
+                  "threshold": dataclasses.asdict(threshold) if threshold else None}
         calls = [({**t, "index": index.part_of(t["start"], t["stop"])},) for t in todo]
         with _pool(PartScorer, kwargs, run, len(todo)) as actors:
             written = list(actors.map_unordered("score_part", calls))
@@ -559,10 +568,17 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
             raise RuntimeError(msg)
         logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
                     n_done / max(time.time() - t0, 1e-9))
+    if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
+        from rayanom.decide import apply_to_parts
+
+        redone = apply_to_parts(output, threshold)
+        if redone:
+            logger.info("score: %d complete parts decided again with this run's threshold", redone)
     summary = summarize(output)
     if summary["rows"] != n:
         msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"
         raise RuntimeError(msg)
+    summary["threshold"] = dataclasses.asdict(threshold) if threshold else None
     return summary
 
 

@@ -215,7 +215,7 @@ def _threshold_source(use_val: bool, n_val: int, n_evaluated: int) -> tuple[str,
     return f"scored set ({n_evaluated} scored rows; {note})", 0
 
 
-def _exact(scores_uri: str) -> tuple[dict, bytes]:
+def _exact(scores_uri: str, decision: float | None = None) -> tuple[dict, bytes]:
     """``evaluate``'s metrics and figure from the score columns held in memory (up to ``EXACT_ROWS`` rows)."""
     cols = read_score_columns(scores_uri)
     scores, labels, ok, val = cols["scores"], cols["labels"], cols["ok"], cols["val"]
@@ -237,10 +237,25 @@ def _exact(scores_uri: str) -> tuple[dict, bytes]:
     metrics.update({"scores": scores_uri, "rows": rows, "scored": int(ok.sum()), "failed": rows - int(ok.sum()),
                     "n_validation": n_val, "auroc_error_bound": 0.0 if metrics["auroc"] is not None else None,
                     "method": "exact"})
+    if decision is not None:
+        metrics["decision"] = decision_metrics(labels[test_ok], scores[test_ok], decision)
     return metrics, _figure_png(*_exact_figure_data(labels[test_ok], scores[test_ok], metrics), metrics)
 
 
-def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS) -> dict:
+def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict | None:
+    """Precision, recall and F1 of the decisions ``score >= threshold`` (None when ``labels`` lacks a class)."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    if not _two_classes(labels):
+        return None
+    pred = (np.asarray(scores) >= threshold).astype(int)
+    return {"threshold": float(threshold), "rows": int(len(labels)), "anomalous": int(pred.sum()),
+            "f1": float(f1_score(labels, pred, zero_division=0)),
+            "precision": float(precision_score(labels, pred, zero_division=0)),
+            "recall": float(recall_score(labels, pred, zero_division=0))}
+
+
+def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decision: float | None = None) -> dict:
     """Metrics and a figure for a scores dataset; writes ``metrics.json`` and ``report.png`` into ``out_dir``.
 
     Rows with ``split == "val"`` (when the column exists and holds such rows) choose the F1-adaptive threshold and
@@ -261,9 +276,13 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS) -> dic
         scores_uri: the parquet dataset written by scoring (directory or file, local path or URI).
         out_dir: output directory (local path or URI), created when missing.
 
+    ``decision``: the threshold the scores were decided with (``decide``); ``decision`` in the metrics then holds
+    precision, recall and F1 at it on the evaluated rows (exact mode only; above ``exact_rows`` it is left out).
+
     Returns:
         The metrics of :func:`compute_metrics` plus ``scores``, ``rows``, ``scored``, ``failed``,
-        ``n_validation`` (rows that chose the threshold), ``method`` and ``auroc_error_bound`` (0 when exact).
+        ``n_validation`` (rows that chose the threshold), ``method``, ``auroc_error_bound`` (0 when exact) and
+        ``decision`` (or None).
 
     Raises:
         ValueError: no ``label`` or ``anomaly_score`` column, or labels outside {0, 1} on scored rows.
@@ -282,7 +301,7 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS) -> dic
                         "n_validation": n_val})
         png = _figure_png(roc, hist, metrics)
     else:
-        metrics, png = _exact(scores_uri)
+        metrics, png = _exact(scores_uri, decision)
 
     fs, path = resolve_filesystem(out_dir)
     fs.create_dir(path, recursive=True)

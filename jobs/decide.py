@@ -1,0 +1,70 @@
+"""Apply a new threshold to existing scores: new decisions and a new report, without scoring again.
+
+    python jobs/decide.py --scores runs/r1/scores --from-val --model runs/r1/model    # F1 on the 'val' rows
+    python jobs/decide.py --scores runs/r1/scores --threshold 12.5 --evaluate
+
+Rewrites is_anomalous and normalized_score of each part decided with another threshold, part by part on the workers
+(never through the driver); anomaly_score and every other column stay as they were. With --model the threshold is
+stored beside that model (MODEL_DIR/threshold.json), which must be the model the scores were made with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _cli
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scores", required=True, help="a scores directory written by score.py or fit.py --score")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--threshold", type=float, metavar="VALUE", help="is_anomalous = anomaly_score >= VALUE")
+    which.add_argument("--from-val", action="store_true",
+                       help="the F1-adaptive threshold of the scores' labelled 'val' rows")
+    p.add_argument("--model", metavar="MODEL_DIR", help="store the threshold beside this model (the scores' own)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="write SCORES-report: metrics.json and report.png, with the metrics at this threshold")
+    p.add_argument("--quiet", action="store_true", help="warnings and the summary only")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from rayanom.config import UserError
+    from rayanom.decide import apply_to_parts, manual_threshold, save_threshold, threshold_from_val
+    from rayanom.parts import read_manifest
+
+    _cli.setup_logging(args.quiet)
+    manifest = read_manifest(args.scores)  # before Ray starts: a directory without scores is refused here
+    if args.model:
+        from rayanom.artifact import Artifact
+        from rayanom.pipeline import artifact_fingerprint
+
+        if artifact_fingerprint(Artifact.load(args.model)) != manifest.get("model"):
+            raise UserError(f"invalid model={args.model!r}: the scores at {args.scores!r} were made with another model")
+    report_dir = args.scores.rstrip("/") + "-report"
+    if args.evaluate:
+        _cli.check_report(None, report_dir, True, 0, 0, False)
+    with _cli.output_lease(args.scores):  # no scoring job may write the parts meanwhile
+        _cli.start_ray_for_tasks()
+        t0 = time.time()
+        if args.from_val:
+            t = threshold_from_val(args.scores)
+            if t is None:
+                raise UserError(f"{args.scores!r} has no labelled 'val' rows holding both classes: pass --threshold")
+        else:
+            t = manual_threshold(args.scores, args.threshold)
+        n = apply_to_parts(args.scores, t)
+        print(f"decisions: is_anomalous = anomaly_score >= {t.value:.6g} ({t.source}); {n} parts decided again in "
+              f"{time.time() - t0:.1f} s")
+    if args.model:
+        save_threshold(args.model, t, manifest["model"])
+        print(f"threshold: {args.model}/threshold.json")
+    _cli.write_report(args.scores, report_dir, args.evaluate, 0, 0, False, decision=t.value)
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run_main(lambda: main(get_args_parser().parse_args()))
