@@ -189,10 +189,14 @@ def test_pretrained_without_network_is_a_clear_error(tmp_path):
     assert "--weights PATH or --no-pretrained" in proc.stdout
 
 
-def test_bf16_is_fast_reads_amx_from_cpuinfo():
-    from rayanom.features import bf16_is_fast
+def test_auto_precision_is_decided_by_measuring_bf16_against_fp32(monkeypatch):
+    """bf16 where it measures >= BF16_MIN_SPEEDUP x fp32 here, not from a CPU-flag list; no bf16 without CUDA."""
+    from rayanom import features
 
-    amx = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
-    assert bf16_is_fast("cpu", amx)
-    assert not bf16_is_fast("cpu", "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")  # no AMX: emulated
-    assert not bf16_is_fast("cpu", "")
+    speedup = features.bf16_speedup("cpu", repeats=2)
+    assert np.isfinite(speedup) and speedup > 0
+    assert features.bf16_speedup("cuda") == 0.0 and not features.bf16_is_fast("cuda")  # this machine has no CUDA
+    for measured, chosen in ((features.BF16_MIN_SPEEDUP - 0.01, False), (features.BF16_MIN_SPEEDUP, True), (0.5, False),
+                             (3.9, True)):
+        monkeypatch.setattr(features, "bf16_speedup", lambda device, m=measured: m)
+        assert features.bf16_is_fast("cpu") is chosen
