@@ -302,9 +302,9 @@ def error_message(e: BaseException) -> str:
 
 
 def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> pa.Table:
-    """The decode stage on an arrow block (a Ray Data CPU task; this module does not import torch, so decode
-    workers start fast): every input column unchanged, plus ``image`` (tensor), the original
-    ``image_height``/``image_width`` and ``error`` (string)."""
+    """The decode stage on an arrow block (run by the actors' decode threads, ``pipeline._Decoder``; this module does
+    not import torch): every input column unchanged, plus ``image`` (tensor), the original ``image_height``/
+    ``image_width`` and ``error`` (string)."""
     paths = table.column(PATH_COL).to_pylist()
     out = decode_batch({PATH_COL: paths}, image_size, policy)
     return _decoded_table(table, out[IMAGE_COL], out[HEIGHT_COL], out[WIDTH_COL], out[ERROR_COL])

@@ -111,7 +111,7 @@ def threshold_from_val(scores_uri: str) -> Threshold | None:
     from rayanom.evaluate import read_score_columns
     from rayanom.report import f1_adaptive_threshold
 
-    cols = read_score_columns(scores_uri, require_labels=False)
+    cols = read_score_columns(scores_uri, require_labels=False, only_val=True)  # the driver holds the val rows only
     if cols["labels"] is None:
         return None
     use = cols["ok"] & cols["val"] & np.isfinite(cols["scores"])

@@ -192,11 +192,13 @@ def _stream(dataset, names: list[str], with_labels: bool):
         yield out
 
 
-def read_score_columns(scores_uri: str, require_labels: bool = True) -> dict[str, np.ndarray | None]:
+def read_score_columns(scores_uri: str, require_labels: bool = True,
+                       only_val: bool = False) -> dict[str, np.ndarray | None]:
     """Score, label, is-scored and is-validation arrays; only these (not the error text) are materialised.
 
     ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the
     report), a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError.
+    ``only_val``: the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset).
     """
     fs, path = resolve_filesystem(scores_uri)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
@@ -214,7 +216,9 @@ def read_score_columns(scores_uri: str, require_labels: bool = True) -> dict[str
         columns["_ok"] = pc.field(ERROR_COL).is_null()
     if SPLIT_COL in names:
         columns["_val"] = pc.field(SPLIT_COL) == VAL_SPLIT
-    table = dataset.to_table(columns=columns)
+    if only_val and SPLIT_COL not in names:
+        return {"scores": np.zeros(0), "labels": None, "ok": np.zeros(0, bool), "val": np.zeros(0, bool)}
+    table = dataset.to_table(columns=columns, filter=(pc.field(SPLIT_COL) == VAL_SPLIT) if only_val else None)
     n = table.num_rows
     score_col = table.column(SCORE_COL)
     ok = score_col.is_valid().to_numpy(zero_copy_only=False)
