@@ -30,7 +30,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--score", metavar="INDEX",
                    help="score this index with the fitted model in the same job (default: none; the demo's test set)")
     _cli.add_threshold_flag(p, "(stored beside the model, OUT/model/threshold.json; default: the F1-adaptive "
-                               "threshold of the labelled 'val' rows of the --score index, when it has some)")
+                               "threshold of the labelled 'val' rows of the --score index, or without --score of "
+                               "the fit index, scored into OUT/val-scores, when it has some)")
     _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
     m = p.add_argument_group("model, all (stored in the artifact)")
     m.add_argument("--max-training-points", type=int, default=40_000,
@@ -170,7 +171,42 @@ def _fit_and_score(args, config, train_info, score_info, index, source, artifact
                           decision=t.value if t else None)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
                                                   args.max_failed_fraction)
+    else:
+        _val_threshold(args, artifact, train_info, run, out)
     return code
+
+
+def _val_threshold(args, artifact, train_info, run, out) -> None:
+    """Without --score: the fit index's own labelled 'val' rows, when it has some, are written as an index
+    (OUT/val-index, on the workers), scored (OUT/val-scores) and their F1-adaptive threshold stored beside the model
+    (--threshold VALUE: that value, with their score range); nothing when a threshold for this model is stored."""
+    import dataclasses
+
+    from rayanom import pipeline
+    from rayanom.decide import Threshold, load_threshold, save_threshold, settle
+    from rayanom.index import describe_index, write_split
+
+    model_dir = _join(out, "model")
+    fingerprint = pipeline.artifact_fingerprint(artifact)
+    stored = load_threshold(model_dir, fingerprint)
+    if stored is not None and args.threshold in (None, stored.value):
+        return
+    val_index, val_scores = _join(out, "val-index"), _join(out, "val-scores")
+    n = write_split(train_info, "val", val_index)
+    if not n:
+        if args.threshold is not None:
+            save_threshold(model_dir, Threshold(args.threshold), fingerprint)
+        return
+    with _cli.output_lease(val_scores) as lease:  # this job's own output: replaced when the model changed
+        used = Threshold(args.threshold) if args.threshold is not None else None
+        summary = pipeline.score(describe_index(val_index), artifact, val_scores, run, overwrite=True, job=lease.job,
+                                 threshold=used)
+        t = settle(val_scores, used, args.threshold)
+    if t is not None:
+        save_threshold(model_dir, t, fingerprint)
+    summary["threshold"] = dataclasses.asdict(t) if t else None
+    print(f"validation rows of the fit index ({n}) scored into {val_scores}:")
+    _cli.print_summary(summary)
 
 
 def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision: str):

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
@@ -224,3 +226,32 @@ def training_band(info: IndexInfo, seed: int, slots: int, lo: float, hi: float,
     band = pa.concat_tables(tables)
     return (n_train, band.column(ROW_COL).to_numpy(), band.column("lower").to_numpy(),
             np.asarray(band.column(PATH_COL).to_pylist(), dtype=object))
+
+
+def _file_split_rows(info: IndexInfo, files: list[int], split: str, out: str) -> int:
+    """A worker's share of ``write_split``: the rows of ``split`` in ``files``, one parquet file each where any."""
+    fs = resolve_filesystem(info.uri)[0]
+    ofs, opath = resolve_filesystem(out)
+    n = 0
+    for i in files:
+        with fs.open_input_file(info.files[i]) as f:
+            table = pq.ParquetFile(f).read()
+        table = table.filter(pc.equal(table.column(SPLIT_COL), split))
+        if table.num_rows:
+            with ofs.open_output_stream(f"{opath}/part-{i:06d}.parquet") as f:
+                pq.write_table(table, f)
+            n += table.num_rows
+    return n
+
+
+def write_split(info: IndexInfo, split: str, out: str, files_per_task: int = 16) -> int:
+    """Write the rows of ``info`` whose ``split`` is ``split`` as a new index (a directory of parquet files, in the
+    index's order) at ``out``, on the workers; returns their number (0, and nothing written, without a ``split``
+    column). Files of an earlier run at ``out`` are replaced."""
+    if SPLIT_COL not in info.columns or not info.files:
+        return 0
+    fs, path = resolve_filesystem(out)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path)
+    fs.create_dir(path, recursive=True)
+    return sum(in_tasks(_file_split_rows, list(range(len(info.files))), files_per_task, info, split, out))

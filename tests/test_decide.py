@@ -132,8 +132,8 @@ def test_the_threshold_is_not_part_of_the_models_identity(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_fit_with_val_rows_then_a_new_threshold(demo_set, tmp_path):
-    """fit.py --score on an index with a val split stores the threshold beside the model and decides every row;
-    decide.py applies another one to the same scores, with a new report, and score.py uses the stored one."""
+    """fit.py on an index with a val split stores the threshold of those rows beside the model; fit.py --score
+    decides every row with it; decide.py applies another one to the same scores, with a new report."""
     from rayanom.folders import mvtec_index, write_index
 
     index = str(tmp_path / "index.parquet")
@@ -142,11 +142,20 @@ def test_fit_with_val_rows_then_a_new_threshold(demo_set, tmp_path):
     small = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained",
              "--batch-size", "8", "--precision", "fp32", "--quiet"]
     run = str(tmp_path / "run")
-    fit = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", index, "--out", run,
-                          "--score", index, *small], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # Without --score: the fit index's own val rows are scored (OUT/val-scores) and choose the threshold.
+    fit = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", index, "--out", run, *small],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert fit.returncode == 0, fit.stderr[-3000:]
     stored = json.load(open(os.path.join(run, "model", "threshold.json")))
-    assert stored["source"].startswith("F1-adaptive on") and "decisions: is_anomalous = anomaly_score >= " in fit.stdout
+    n_val = pq.read_table(index).column("split").to_pylist().count("val")
+    assert stored["source"] == f"F1-adaptive on {n_val} val rows"
+    assert pq.read_table(os.path.join(run, "val-scores")).num_rows == n_val
+    # With --score: the model and its stored threshold are reused, and every scored row is decided with it.
+    fit = subprocess.run([sys.executable, "jobs/fit.py", "--model", "dfkde", "--index", index, "--out", run,
+                          "--score", index, *small], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert fit.returncode == 0 and "model already fitted" in fit.stdout, fit.stderr[-3000:]
+    assert json.load(open(os.path.join(run, "model", "threshold.json"))) == stored
+    assert f"decisions: is_anomalous = anomaly_score >= {stored['value']:.6g} (F1-adaptive" in fit.stdout
     scores = pq.read_table(os.path.join(run, "scores"))
     ok = scores.column("error").is_null().to_numpy(zero_copy_only=False)
     assert scores.column("is_anomalous").is_valid().to_numpy(zero_copy_only=False).tolist() == ok.tolist()
