@@ -235,7 +235,10 @@ def _file_split_rows(info: IndexInfo, files: list[int], split: str, out: str) ->
     n = 0
     for i in files:
         with fs.open_input_file(info.files[i]) as f:
-            table = pq.ParquetFile(f).read()
+            reader = pq.ParquetFile(f)
+            if not pc.any(pc.equal(reader.read(columns=[SPLIT_COL]).column(SPLIT_COL), split)).as_py():
+                continue  # the split column alone shows the file holds none: the rest is never read
+            table = reader.read()
         table = table.filter(pc.equal(table.column(SPLIT_COL), split))
         if table.num_rows:
             with ofs.open_output_stream(f"{opath}/part-{i:06d}.parquet") as f:

@@ -114,7 +114,8 @@ def test_score_accounts_for_every_row(fitted, demo_set, tmp_path):
     assert (summary["rows"], summary["scored"], summary["failed"]) == (n, n - 3, 3)
     scores = pq.read_table(out).sort_by("row_index")
     assert scores.column_names == ["path", "label", "item_id", "weight", "row_index", "anomaly_score",
-                                   "anomaly_probability", "error"]
+                                   "anomaly_probability", "is_anomalous", "normalized_score", "error"]
+    assert scores.column("is_anomalous").null_count == n  # scored without a threshold: no decisions
     assert scores.column("row_index").to_pylist() == list(range(n))
     for name in index.column_names:  # every input column unchanged, types included
         assert scores.column(name).combine_chunks().equals(index.column(name).combine_chunks()), name
