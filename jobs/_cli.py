@@ -20,16 +20,17 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run (speed only; recorded in the artifact's provenance)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     g.add_argument("--num-actors", type=int, default=None,
-                   help="feature/scoring actors (default: one per GPU where there are GPUs; locally on CPU one per "
-                        "core, at most 4; else 1)")
+                   help="feature/scoring actors, the most a pool asks for (default: one per GPU the cluster has or "
+                        "its autoscaler can add; locally on CPU one per core, at most 4; else 1)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="actor device; auto = cuda, one GPU per actor, when the cluster has GPUs up or its "
                         "autoscaler's node types have some, else cpu (default: auto)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="backbone precision. bf16 autocast is 1.6-3.5x faster on CPUs with AMX and on Ampere or "
-                        "newer GPUs and moves scores slightly (demo AUROC within 0.005); fp32 is the parity path. "
-                        "auto: for fit, bf16 where the actors' hardware makes it fast (DFKDE, DFM), else fp32; for "
-                        "scoring, the precision the model was fitted with (default: %(default)s)")
+                   help="backbone precision. bf16 autocast is 1.6-3.5x faster on CPUs with AMX or avx512_bf16 and "
+                        "on Ampere or newer GPUs and moves scores slightly (demo AUROC within 0.005); fp32 is the "
+                        "parity path. auto: for fit, bf16 where it measures at least 1.3x faster than fp32 on the "
+                        "actors' hardware (DFKDE, DFM), else fp32; for scoring, the precision the model was fitted "
+                        "with (default: %(default)s)")
     g.add_argument("--threads-per-actor", type=int, default=None,
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
     g.add_argument("--rows-per-part", type=int, default=4096,
@@ -130,8 +131,8 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
     if precision == "auto":
         precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))
     run = dataclasses.replace(run, precision=precision)
-    logger.info("ray: %s, up to %d actor(s) on %s, %s", "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local",
-                num_actors, device, precision)
+    logger.info("ray: %s, up to %d actor(s) on %s, %s",
+                "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local", num_actors, device, precision)
     return run
 
 

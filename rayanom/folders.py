@@ -8,8 +8,8 @@ Columns: ``path``, ``label`` (0 normal, 1 anomalous), ``split`` (``train``, ``va
 (``good`` for normal images; the folder below ``test``, nested folders joined with ``/``) and ``mask_path`` (null
 where none). Rows are sorted by split (train, val, test) and then path: the order, and so each row's ``row_index``,
 depends only on the files. ``val`` rows are carved from the test rows: in each defect type the share
-``val_fraction`` (rounded half to even, Python's ``round``) of its images with the smallest seeded hash of their path, so the choice does not depend on
-the order of listing and the defect types keep their proportions.
+``val_fraction`` (rounded half to even, Python's ``round``) of its images with the smallest seeded hash of their
+path, so the choice does not depend on the order of listing and the defect types keep their proportions.
 """
 
 from __future__ import annotations

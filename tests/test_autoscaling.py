@@ -131,7 +131,8 @@ def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, 
     # (seen as a FileNotFoundError for the current directory). The job runs from the repository as installed.
     submit = [autoscaling_head["ray"], "job", "submit", "--address", autoscaling_head["address"],
               "--runtime-env-json", runtime_env, "--",
-              sys.executable, os.path.join(REPO, "jobs", "fit.py"), "--model", "dfkde", "--index", demo_set["index"], "--out", out,
+              sys.executable, os.path.join(REPO, "jobs", "fit.py"), "--model", "dfkde", "--index", demo_set["index"],
+              "--out", out,
               "--score", demo_set["test"], "--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4",
               "--no-pretrained", "--batch-size", "8", "--rows-per-part", "4", "--precision", "fp32",
               "--wait-for-actors", "240"]
