@@ -60,11 +60,12 @@ def setup_logging(quiet: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None = None):
+def init_ray(args: argparse.Namespace, config, fitted_precision: str | None = None):
     """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded local Ray.
 
     Returns the RunConfig sized for what Ray offers, with ``--precision auto`` resolved: ``fitted_precision`` when
-    scoring a fitted model, else bf16 when the actors' hardware runs it fast (probed where the actors will run).
+    scoring a fitted model, else bf16 when the actors' hardware runs ``config``'s backbone fast (timed where the
+    actors will run, once per run; the choice is recorded in the artifact and reused when scoring).
     Locally the actors reserve at most all but two logical CPUs, so the index and footer tasks that run beside them
     can always be placed (actors holding every CPU starve tasks, ray.md section 2).
     """
@@ -72,6 +73,7 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
 
     import ray
 
+    model = config.model
     if model == "rkde" and args.precision == "bf16":
         raise UserError("invalid precision='bf16' for rkde: the region model runs in fp32 only (use fp32 or auto)")
     if not args.no_progress_timeout > 0:
@@ -129,7 +131,7 @@ def init_ray(args: argparse.Namespace, model: str, fitted_precision: str | None 
                 if fake_gpus else "")
     precision = args.precision
     if precision == "auto":
-        precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster))
+        precision = fitted_precision or ("fp32" if model == "rkde" else _fast_precision(run, cluster, config))
     run = dataclasses.replace(run, precision=precision)
     logger.info("ray: %s, up to %d actor(s) on %s, %s",
                 "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local", num_actors, device, precision)
@@ -171,17 +173,18 @@ def fitted_precision(artifact) -> str:
     return artifact.provenance.get("run", {}).get("precision", "fp32")
 
 
-def _fast_precision(run, cluster: bool) -> str:
-    """bf16 when it is fast where the actors run: on a cluster a probe task with an actor's resources answers."""
+def _fast_precision(run, cluster: bool, config) -> str:
+    """bf16 when ``config``'s backbone runs fast in it where the actors run: on a cluster a probe task with an actor's
+    resources answers."""
     import ray
 
     from rayanom.features import bf16_is_fast
 
     if not cluster:
-        return "bf16" if bf16_is_fast(run.device) else "fp32"
+        return "bf16" if bf16_is_fast(run.device, config) else "fp32"
     probe = ray.remote(bf16_is_fast).options(num_cpus=run.num_cpus_per_actor, num_gpus=run.num_gpus_per_actor)
     try:
-        fast = ray.get(probe.remote(run.device), timeout=run.start_timeout_s)
+        fast = ray.get(probe.remote(run.device, config), timeout=run.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
         msg = (f"no node could run a task with an actor's resources ({run.num_cpus_per_actor:g} CPU, "
                f"{run.num_gpus_per_actor:g} GPU) in {run.start_timeout_s:.0f} s (--wait-for-actors); pass --precision "

@@ -136,7 +136,7 @@ def _fit_and_score(args, config, train_info, score_info, index, source, artifact
 
     model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
     evaluate, heatmaps, boxes = report
-    run = _cli.init_ray(args, config.model, _cli.fitted_precision(artifact) if artifact else None)
+    run = _cli.init_ray(args, config, _cli.fitted_precision(artifact) if artifact else None)
     if score_info is not None:
         _cli.check_index_values(score_info)
     if artifact is None:

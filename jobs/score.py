@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
 
     weights = pipeline.weights_at(artifact.weights, args.weights, args.detector_weights, args.region_weights)
     with _cli.output_lease(args.out) as lease:  # one job per output, refused before Ray starts
-        run = _cli.init_ray(args, artifact.config.model, _cli.fitted_precision(artifact))
+        run = _cli.init_ray(args, artifact.config, _cli.fitted_precision(artifact))
         _cli.check_index_values(index)
         from rayanom.decide import Threshold, load_threshold, settle
 

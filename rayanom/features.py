@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -176,16 +177,45 @@ def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, backbone: 
     return {k: np.asarray(state[k]) for k in expected}
 
 
+def fp32_without_tf32() -> None:
+    """fp32 means fp32 on CUDA: PyTorch lets cuDNN convolutions use TF32 by default. Through one API, the
+    ``fp32_precision`` settings (torch 2.9+; mixing them with the legacy ``allow_tf32`` flags is an error there), or
+    the legacy flags on an older torch. Process-wide, as these settings are."""
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:  # pragma: no cover - torch < 2.9
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def device_kind(device: str) -> str:
+    """What ``device`` is, for the record: the GPU's name, or the CPU's model name (Linux) or architecture."""
+    import platform
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"cpu: {name or platform.machine() or 'unknown'}"
+
+
 BF16_MIN_SPEEDUP = 1.3  # bf16 is chosen where it measures at least this much faster than fp32
 
 
-def bf16_speedup(device: str, image_size: int = 224, batch: int = 4, repeats: int = 3) -> float:
-    """How many times faster a resnet18 forward runs here in bf16 (autocast + channels_last, the ``bf16`` path) than
-    in fp32 (contiguous NCHW, the ``fp32`` path): the best of ``repeats`` timings of each, interleaved, after one
-    warm-up each (about 0.7 s on 2 CPU cores). Measured, not read from CPU flags: a flag list cannot tell a CPU with
-    AMX from one with ``avx512_bf16`` only (about 3.9x on resnet50 at 256², measured on such an AMD EPYC) or one that
-    emulates bf16 (slower than fp32). The images must be large enough to be representative: on this 2-core Intel with
-    AMX the ratio was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224²."""
+def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int = 224, batch: int = 4,
+                 repeats: int = 3) -> float:
+    """How many times faster ``config``'s backbone (random weights; resnet18 without a config) runs a forward pass here
+    in bf16 (autocast + channels_last, the ``bf16`` path) than in fp32 (contiguous NCHW, the ``fp32`` path): the best
+    of ``repeats`` timings of each, interleaved, after one warm-up each (resnet18 about 0.7 s, resnet50 about 2 s on 2
+    CPU cores). Measured, not read from CPU flags: a flag list cannot tell a CPU with AMX from one with
+    ``avx512_bf16`` only (about 3.9x on resnet50 at 256², measured on such an AMD EPYC) or one that emulates bf16
+    (slower than fp32). The images must be large enough to be representative: on this 2-core Intel with AMX the ratio
+    was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224²."""
     import time
 
     import torchvision
@@ -195,7 +225,8 @@ def bf16_speedup(device: str, image_size: int = 224, batch: int = 4, repeats: in
         return 0.0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = torchvision.models.resnet18(weights=None).eval().to(dev)
+        net = (build_backbone(config)[0] if config is not None else torchvision.models.resnet18(weights=None))
+        net = net.eval().to(dev)
     x = torch.rand(batch, 3, image_size, image_size, device=dev)
     setups = {"fp32": (net, x, False),
               "bf16": (copy.deepcopy(net).to(memory_format=torch.channels_last),
@@ -213,11 +244,13 @@ def bf16_speedup(device: str, image_size: int = 224, batch: int = 4, repeats: in
     return best["fp32"] / best["bf16"]
 
 
-def bf16_is_fast(device: str) -> bool:
-    """Whether ``--precision auto`` picks bf16 on ``device`` here: its measured speed-up (``bf16_speedup``) reaches
-    ``BF16_MIN_SPEEDUP``."""
-    speedup = bf16_speedup(device)
-    logger.info("bf16 measured %.2fx fp32 on %s (bf16 from %.1fx)", speedup, device, BF16_MIN_SPEEDUP)
+def bf16_is_fast(device: str, config: ModelConfig | None = None) -> bool:
+    """Whether ``--precision auto`` picks bf16 on ``device`` here for ``config``'s backbone: its measured speed-up
+    (``bf16_speedup``) reaches ``BF16_MIN_SPEEDUP``."""
+    t0 = time.perf_counter()
+    speedup = bf16_speedup(device, config)
+    logger.info("bf16 measured %.2fx fp32 on %s with %s in %.1f s (bf16 from %.1fx)", speedup, device,
+                config.backbone if config is not None else "resnet18", time.perf_counter() - t0, BF16_MIN_SPEEDUP)
     return speedup >= BF16_MIN_SPEEDUP
 
 
@@ -239,9 +272,8 @@ class FeatureExtractor:
         # same batch gives bit-identical features; a row in another batch may differ in its last bits (the
         # convolutions pick kernels by shape; heads.BATCH_RTOL).
         self.bf16 = precision == "bf16"
-        if self.device.type == "cuda" and not self.bf16:  # fp32 means fp32: PyTorch lets cuDNN use TF32 by default
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        if self.device.type == "cuda" and not self.bf16:
+            fp32_without_tf32()
         self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
         self.pool = config.pooling_kernel_size if config.model == "dfm" else 0
         model, self.order = build_backbone(config)
@@ -249,12 +281,37 @@ class FeatureExtractor:
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        probe = self._forward(np.zeros((1, 3, *config.image_size), dtype=np.float32))
+        probe = self._forward(torch.zeros((1, 3, *config.image_size), device=self.device))
         self.map_shape = tuple(probe.shape[1:])
         self.dim = int(np.prod(self.map_shape))
 
-    def _forward(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
+    def stage(self, images: np.ndarray) -> torch.Tensor:
+        """Images (n, 3, h, w) float32 as the input tensor of :meth:`features`, made ready ahead of the forward pass
+        (``pipeline`` calls this in a decode thread). On a GPU: pinned host memory, copied by a non-blocking copy on a
+        side stream, so the copy overlaps the forward pass in progress; the forward pass's stream waits for it
+        (an event), and the tensor is recorded on that stream for the caching allocator. On a CPU: the array itself."""
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.device.type != "cuda":
+            return x
+        stream = self.__dict__.setdefault("_copy_stream", torch.cuda.Stream(self.device))
+        with torch.cuda.stream(stream):
+            y = x.pin_memory().to(self.device, non_blocking=True)
+            y.copy_done = torch.cuda.Event()
+            y.copy_done.record(stream)
+        return y
+
+    def features(self, images) -> torch.Tensor:
+        """(n, 3, h, w) float32 RGB in [0, 1] (an array, or :meth:`stage`'s tensor) -> (n, dim) float32 features,
+        a tensor on the device (the heads score them there)."""
+        if len(images) == 0:
+            return torch.zeros((0, self.dim), device=self.device)
+        x = images if isinstance(images, torch.Tensor) else self.stage(images)
+        if x.device.type == "cuda" and hasattr(x, "copy_done"):
+            torch.cuda.current_stream(self.device).wait_event(x.copy_done)
+            x.record_stream(torch.cuda.current_stream(self.device))
+        return self._forward(x.to(self.device)).reshape(len(x), -1).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             maps = [m.float() for m in self.model(x)]
@@ -264,7 +321,5 @@ class FeatureExtractor:
             return F.avg_pool2d(f, self.pool) if self.pool > 1 else f
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """(n, 3, h, w) float32 RGB in [0, 1] -> (n, dim) float32 features."""
-        if len(images) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return self._forward(images).reshape(len(images), -1).float().cpu().numpy()
+        """(n, 3, h, w) float32 RGB in [0, 1] -> (n, dim) float32 features, a numpy array."""
+        return self.features(images).cpu().numpy()

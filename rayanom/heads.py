@@ -1,7 +1,8 @@
 """Fitted heads: PCA and the DFKDE head (PCA -> scaling -> Gaussian KDE), and the DFM head.
 
-Fitting is numpy in float64; KDE scoring sums kernels on torch (float32 by default, float64 with ``exact``, any
-device). Nothing mutates its inputs. Sign convention as scikit-learn: ``score_samples`` returns the
+Fitting is numpy in float64. Scoring is torch on the scoring device (the actor's GPU, or its CPU), float32 by default
+and float64 with ``exact``: the features never leave the device and only the scores (and DFM's pooled maps) come back.
+Inputs are numpy arrays or torch tensors. Nothing mutates its inputs. Sign convention as scikit-learn: ``score_samples`` returns the
 log-density (higher = more normal); the jobs write ``anomaly_score = -score_samples``.
 """
 
@@ -25,7 +26,12 @@ ANOMALIB_OFFSET = 12.0
 # AMD CPUs, do; the backbone's convolutions do for a batch of one); in fp32 it agrees within
 # BATCH_RTOL * (1 + |score|) (measured: at most 1e-6).
 BATCH_RTOL = 1e-5
-_ROW_CHUNK = 65536  # feature rows projected at a time when scoring (bounds float64 copies of the input)
+# The float32 heads against float64 (``exact``): |a - b| <= DEVICE_RTOL * (1 + |b|) on the scores, for queries among
+# the training data and somewhat beyond (tests/test_heads.py, tests/test_dfm.py: features of a decaying spectrum, as CNN
+# features have). Far queries keep the same relative accuracy of their (large) distance term.
+DEVICE_RTOL = 1e-5
+_ROW_CHUNK = 65536  # KDE feature rows projected at a time when scoring (bounds the device copies of the input)
+_DFM_ROW_CHUNK = 1024  # DFM rows are wide (C * h' * w' features: 16,384 for resnet50 layer3 at 256^2 pooled by 4)
 
 
 def anomaly_probability(log_density: np.ndarray) -> np.ndarray:
@@ -37,6 +43,30 @@ def anomaly_probability(log_density: np.ndarray) -> np.ndarray:
 
 def _not_fitted(obj: object) -> RuntimeError:
     return RuntimeError(f"{type(obj).__name__} is not fitted; call fit() first")
+
+
+def _dtype(exact: bool):
+    import torch
+
+    return torch.float64 if exact else torch.float32
+
+
+def _as_tensor(x, exact: bool, device):
+    """``x`` (numpy or torch) as a tensor of the scoring dtype on ``device``; a tensor already there is not copied."""
+    import torch
+
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    return t.to(device=device, dtype=_dtype(exact))
+
+
+def _on_device(obj: object, exact: bool, device, arrays: dict) -> dict:
+    """``arrays`` (name -> float64 numpy array, computed once) as tensors of the scoring dtype on ``device``, cached
+    on ``obj`` per (dtype, device): an actor moves its head to the device once, not once a batch."""
+    key = (exact, str(device))
+    cache = obj.__dict__.setdefault("_device_arrays", {})
+    if key not in cache:
+        cache[key] = {name: _as_tensor(a, exact, device) for name, a in arrays.items()}
+    return cache[key]
 
 
 class PCA:
@@ -122,27 +152,34 @@ class GaussianKDE:
         self.__dict__.pop("_tiles", None)  # scoring tiles of an earlier fit
         return self
 
-    def score_samples(self, q: np.ndarray, exact: bool = False, device: str = "cpu") -> np.ndarray:
-        """Log-density at queries ``q`` (m, d) -> (m,); ``exact``: float64 kernel sums; ``device``: a torch device."""
-        if not hasattr(self, "support_"):
-            raise _not_fitted(self)
-        centre, tiles = self._support_tiles(exact, device)
-        y = np.asarray(q, dtype=np.float64) @ self.inv_chol_.T - centre
-        return _log_kernel_sums(y, tiles, exact) + self.log_norm_
-
-    def _support_tiles(self, exact: bool, device: str) -> tuple[np.ndarray, list]:
-        """The support mean, and the support centred on it as augmented (d + 2, tile) matrices [b; -|b|^2/2; 1];
-        cached per dtype and device (scoring calls this once per Ray block)."""
+    def score_samples(self, q, exact: bool = False, device: str = "cpu") -> np.ndarray:
+        """Log-density at queries ``q`` (m, d) -> (m,); ``exact``: float64 throughout; ``device``: a torch device."""
         import torch
 
+        if not hasattr(self, "support_"):
+            raise _not_fitted(self)
+        with torch.inference_mode():
+            return self.log_density(_as_tensor(q, exact, device), exact).cpu().numpy()
+
+    def log_density(self, q, exact: bool):
+        """``score_samples`` on a tensor ``q`` of the scoring dtype, on its device; a float64 tensor back."""
+        t = self._support_tiles(exact, q.device)
+        y = q @ t["inv_chol_t"] - t["centre"]
+        return _log_kernel_sums(y, t["tiles"], exact) + self.log_norm_
+
+    def _support_tiles(self, exact: bool, device) -> dict:
+        """The whitening, the support mean, and the support centred on it as augmented (d + 2, tile) matrices
+        [b; -|b|^2/2; 1], on the device in the scoring dtype; cached (an actor moves them once)."""
         key = (exact, str(device))
         cache = self.__dict__.setdefault("_tiles", {})
         if key not in cache:
             centre = self.support_.mean(axis=0)
             b = self.support_ - centre
-            aug = np.concatenate([b, -0.5 * np.einsum("ij,ij->i", b, b)[:, None], np.ones((len(b), 1))], axis=1)
-            t = torch.from_numpy(aug.T.copy()).to(device=device, dtype=torch.float64 if exact else torch.float32)
-            cache[key] = centre, [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]
+            aug = np.concatenate([b, -0.5 * np.einsum("ij,ij->i", b, b)[:, None], np.ones((len(b), 1))], axis=1).T
+            t = _as_tensor(aug, exact, device)
+            cache[key] = {"inv_chol_t": _as_tensor(self.inv_chol_.T, exact, device),
+                          "centre": _as_tensor(centre, exact, device),
+                          "tiles": [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]}
         return cache[key]
 
 
@@ -150,25 +187,24 @@ _SUPPORT_TILE = 4096  # support points per tile
 _QUERY_TILE = 256  # queries per tile: 256 x 4096 float32 = 4 MiB
 
 
-def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
-    """log sum_j exp(-|y_i - b_j|^2 / 2) for centred whitened queries ``y`` (m, d) and support ``tiles``."""
+def _log_kernel_sums(y, tiles: list, exact: bool):
+    """log sum_j exp(-|y_i - b_j|^2 / 2) for centred whitened queries ``y`` (m, d), a tensor on the tiles' device
+    -> (m,) float64 tensor there. One host sync a query tile (the overflow check), none for the results."""
     import torch
 
     dtype, device = tiles[0].dtype, tiles[0].device
     low, high = (-700.0, 700.0) if exact else (-87.0, 88.0)
-    half_sq = -0.5 * np.einsum("ij,ij->i", y, y)
-    out = np.empty(len(y))
+    half_sq = -0.5 * (y.double() ** 2).sum(dim=1)  # float64: its rounding in ``aug`` cancels in the last line
+    out = torch.empty(len(y), dtype=torch.float64, device=device)
 
     def sum_exp(e):  # in place: clamped (no overflow, no slow denormal exps), exponentiated, summed per row
         return e.clamp_(low, high).exp_().sum(dim=1).double()
 
     with torch.inference_mode():
-        yt = torch.from_numpy(y).to(device=device, dtype=dtype)
         buf = torch.empty(min(_QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
         for s in range(0, len(y), _QUERY_TILE):
-            yb = yt[s:s + _QUERY_TILE]
-            aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device),
-                             torch.from_numpy(half_sq[s:s + _QUERY_TILE, None]).to(device=device, dtype=dtype)], 1)
+            yb, hb = y[s:s + _QUERY_TILE], half_sq[s:s + _QUERY_TILE]
+            aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device), hb[:, None].to(dtype)], 1)
             # Shift: the largest exponent among the first tile's support points; that tile's product is reused.
             e = torch.mm(aug, tiles[0], out=buf[:len(yb), :tiles[0].shape[1]])
             shift = e.max(dim=1).values
@@ -185,8 +221,7 @@ def _log_kernel_sums(y: np.ndarray, tiles: list, exact: bool) -> np.ndarray:
                 acc[bad] = sum(sum_exp(rows @ tile) for tile in tiles)
                 aug[bad] = rows
             # The exponents were y.b - |b|^2/2 + aug[:, -1], and -|y - b|^2/2 = that - aug[:, -1] - |y|^2/2.
-            shift_used = aug[:, -1].double().cpu().numpy()
-            out[s:s + len(yb)] = np.log(acc.cpu().numpy()) - shift_used + half_sq[s:s + len(yb)]
+            out[s:s + len(yb)] = acc.log() - aug[:, -1].double() + hb
     return out
 
 
@@ -221,6 +256,9 @@ class KdeHead:
 
     def fit(self, x: np.ndarray) -> KdeHead:
         """Fit on features ``x`` of shape (n_samples, n_features); needs n_samples > n_components."""
+        import torch
+
+        self.__dict__.pop("_device_arrays", None)  # scoring tensors of an earlier fit
         x = np.asarray(x)
         if x.ndim != 2:
             msg = f"features must be 2-D (n_samples, n_features), got shape {x.shape}"
@@ -243,32 +281,33 @@ class KdeHead:
         if self.max_norm_ == 0.0:
             msg = "all training features are identical: nothing to model (constant images?)"
             raise UserError(msg)
-        self.kde_ = GaussianKDE().fit(self._scale(p))
+        self.kde_ = GaussianKDE().fit(self._scale(torch.from_numpy(p)).numpy())
         return self
 
-    def _scale(self, p: np.ndarray) -> np.ndarray:
-        if self.feature_scaling == "scale":
-            return p / self.max_norm_
-        norms = np.linalg.norm(p, axis=1, keepdims=True)
-        return np.divide(p, norms, out=np.zeros_like(p), where=norms > 0)
+    def score_samples(self, x, exact: bool = False, device: str = "cpu") -> np.ndarray:
+        """Log-density of features ``x`` (m, n_features), numpy or a tensor -> (m,) float64; higher = more normal.
 
-    def score_samples(self, x: np.ndarray, exact: bool = False, device: str = "cpu") -> np.ndarray:
-        """Log-density of features ``x`` (m, n_features) -> (m,); higher = more normal.
+        PCA projection, scaling, whitening and kernel sums run in torch on ``device``: float32 by default (within
+        ``DEVICE_RTOL`` of ``exact=True``, float64 throughout, for queries among the training data), in row chunks."""
+        import torch
 
-        ``exact``/``device``: see :meth:`GaussianKDE.score_samples` (float32 kernel sums by default)."""
         if not hasattr(self, "kde_"):
             raise _not_fitted(self)
-        x = np.asarray(x)
-        return np.concatenate([self.kde_.score_samples(self._scale(self._project(x[s:s + _ROW_CHUNK], exact)), exact,
-                                                       device)
-                               for s in range(0, len(x), _ROW_CHUNK)]) if len(x) else np.zeros(0)
+        if len(x) == 0:
+            return np.zeros(0)
+        t = _on_device(self, exact, device, {"mean": self.pca_.mean_, "components_t": self.pca_.components_.T})
+        with torch.inference_mode():
+            out = [self.kde_.log_density(self._scale((_as_tensor(x[s:s + _ROW_CHUNK], exact, device) - t["mean"])
+                                                       @ t["components_t"]), exact)
+                   for s in range(0, len(x), _ROW_CHUNK)]
+            return torch.cat(out).cpu().numpy()
 
-    def _project(self, x: np.ndarray, exact: bool) -> np.ndarray:
-        """PCA projection: float64 when ``exact``, else float32 (10x faster, error ~1e-7 of the projection's norm,
-        far below the float32 kernel sums')."""
-        dtype = np.float64 if exact else np.float32
-        mean, comps = self.pca_.mean_.astype(dtype), self.pca_.components_.T.astype(dtype)
-        return ((np.asarray(x, dtype=dtype) - mean) @ comps).astype(np.float64)
+    def _scale(self, p):
+        """Projections (a tensor) scaled as ``feature_scaling`` says: by the largest training norm, or to unit norm."""
+        if self.feature_scaling == "scale":
+            return p / self.max_norm_
+        norms = p.norm(dim=1, keepdim=True)
+        return (p / norms).where(norms > 0, p.new_zeros(()))
 
     def to_state(self) -> dict[str, np.ndarray]:
         """Arrays that define the fitted head (for safetensors)."""
@@ -314,6 +353,7 @@ class DfmHead:
 
     def fit(self, x: np.ndarray) -> DfmHead:
         """Fit on features ``x`` of shape (n_samples, n_features)."""
+        self.__dict__.pop("_device_arrays", None)  # scoring tensors of an earlier fit
         x = np.asarray(x)
         if x.ndim != 2 or len(x) < 2:
             msg = f"DFM needs at least 2 training rows of 2-D features, got shape {x.shape}"
@@ -341,28 +381,53 @@ class DfmHead:
         self.sigma_ = np.sqrt(variances)
         return self
 
-    def _parts(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score_with_maps(self, x, exact: bool = False, device: str = "cpu",
+                        map_shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(m, n_features) features, numpy or a tensor -> FRE or NLL (m,) float64, higher = more anomalous, and for FRE
+        with ``map_shape`` = (C, h, w) the anomaly maps (m, h * w) float32: the squared residuals summed over channels.
+
+        In torch on ``device``, float32 by default (within ``DEVICE_RTOL`` of ``exact=True``, float64 throughout, for
+        queries among the training data): only the scores and the pooled maps leave the device."""
+        import torch
+
+        if not hasattr(self, "sigma_"):
+            raise _not_fitted(self)
+        t = _on_device(self, exact, device, {"mean": self.pca_.mean_, "components": self.pca_.components_,
+                                             "sigma": self.sigma_})
+        scores, maps = [], []
+        with torch.inference_mode():
+            for s in range(0, len(x), _DFM_ROW_CHUNK):
+                xc = _as_tensor(x[s:s + _DFM_ROW_CHUNK], exact, device) - t["mean"]
+                z = xc @ t["components"].T
+                if self.score_type == "fre":
+                    r = (xc - z @ t["components"]).square_()
+                    scores.append(r.sum(dim=1, dtype=torch.float64))
+                    if map_shape is not None:
+                        maps.append(r.reshape(len(r), *map_shape).sum(dim=1).reshape(len(r), -1).float())
+                else:
+                    nll = (z / t["sigma"]).square_().sum(dim=1, dtype=torch.float64)
+                    scores.append(nll + 2.0 * float(np.log(self.sigma_).sum()))
+            score = torch.cat(scores).cpu().numpy() if scores else np.zeros(0)
+            if map_shape is None or self.score_type != "fre":
+                return score, None
+            return score, (torch.cat(maps).cpu().numpy() if maps else np.zeros((0, map_shape[1] * map_shape[2]),
+                                                                                np.float32))
+
+    def residuals(self, x: np.ndarray) -> np.ndarray:
+        """Squared reconstruction residuals per feature, (m, n_features), float64 numpy: the FRE map before pooling
+        over channels (for tests and analysis; scoring uses :meth:`score_with_maps`)."""
         if not hasattr(self, "sigma_"):
             raise _not_fitted(self)
         xc = np.asarray(x, dtype=np.float64) - self.pca_.mean_
-        z = xc @ self.pca_.components_.T
-        return xc, z
+        return (xc - (xc @ self.pca_.components_.T) @ self.pca_.components_) ** 2
 
-    def residuals(self, x: np.ndarray) -> np.ndarray:
-        """Squared reconstruction residuals per feature, (m, n_features): the FRE anomaly map before reshaping."""
-        xc, z = self._parts(x)
-        return (xc - z @ self.pca_.components_) ** 2
+    def anomaly_scores(self, x, exact: bool = False, device: str = "cpu") -> np.ndarray:
+        """(m, n_features) -> (m,) FRE or NLL; higher = more anomalous (see :meth:`score_with_maps`)."""
+        return self.score_with_maps(x, exact, device)[0]
 
-    def anomaly_scores(self, x: np.ndarray) -> np.ndarray:
-        """(m, n_features) -> (m,) FRE or NLL; higher = more anomalous."""
-        if self.score_type == "fre":
-            return self.residuals(x).sum(axis=1)
-        _, z = self._parts(x)
-        return ((z / self.sigma_) ** 2).sum(axis=1) + 2.0 * np.log(self.sigma_).sum()
-
-    def score_samples(self, x: np.ndarray) -> np.ndarray:
+    def score_samples(self, x, exact: bool = False, device: str = "cpu") -> np.ndarray:
         """-FRE or -NLL, higher = more normal (scikit-learn's sign)."""
-        return -self.anomaly_scores(x)
+        return -self.anomaly_scores(x, exact, device)
 
     def to_state(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "sigma_"):

@@ -37,7 +37,7 @@ from rayanom.data import (
     NORMALIZED_COL, NUM_REGIONS_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
     ReadPolicy, decode_table, error_message, failed_table,
 )
-from rayanom.features import FeatureExtractor, artifact_weights
+from rayanom.features import FeatureExtractor, artifact_weights, device_kind
 from rayanom.evaluate import summarize
 from rayanom.heads import anomaly_probability
 from rayanom.parts import open_parts, table_fingerprint
@@ -50,7 +50,7 @@ FEATURES_COL = "features"
 
 
 def _images(table: pa.Table) -> np.ndarray:
-    return table.column(IMAGE_COL).combine_chunks().to_numpy()
+    return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()
 
 
 def load_weights(config: ModelConfig, source: dict) -> dict:
@@ -101,18 +101,25 @@ class _Decoder:
     against 38 us with two threads splitting each batch (pure-Python work such as a missing file's error contends for
     the GIL), and the same speed on PNGs. Beside a GPU more threads decode, so the device never waits on them."""
 
-    def __init__(self, image_size: tuple[int, int], policy: ReadPolicy, device: str, threads: int) -> None:
-        self.image_size, self.policy = image_size, policy
+    def __init__(self, image_size: tuple[int, int], policy: ReadPolicy, device: str, threads: int,
+                 stage=None) -> None:
+        self.image_size, self.policy, self.stage = image_size, policy, stage
         self.threads = threads or (1 if device == "cpu" else max(2, (os.cpu_count() or 2) // 2))
         self.pool = ThreadPoolExecutor(self.threads)
 
+    def _decode(self, rows: pa.Table):
+        decoded = decode_table(rows, self.image_size, self.policy)
+        return decoded, (self.stage(decoded) if self.stage else None)
+
     def batches(self, rows: pa.Table, batch_size: int):
+        """Decoded batches, each with ``stage``'s result on it (its input tensor for the device, made in the decode
+        thread: ``Scorer.stage``), or None."""
         cuts = [rows.slice(s, batch_size) for s in range(0, rows.num_rows, batch_size)]
-        pending = deque(self.pool.submit(decode_table, c, self.image_size, self.policy) for c in cuts[:self.threads])
+        pending = deque(self.pool.submit(self._decode, c) for c in cuts[:self.threads])
         for i in range(len(cuts)):
             decoded = pending.popleft().result()
             if i + self.threads < len(cuts):
-                pending.append(self.pool.submit(decode_table, cuts[i + self.threads], self.image_size, self.policy))
+                pending.append(self.pool.submit(self._decode, cuts[i + self.threads]))
             yield decoded
 
 
@@ -134,7 +141,7 @@ class BankFeatures:
         self.decoder = _Decoder(config.image_size, policy, device, decode_threads)
 
     def items(self, rows: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
-        out = [self._batch(decoded, lo, hi) for decoded in self.decoder.batches(rows, self.batch_size)]
+        out = [self._batch(decoded, lo, hi) for decoded, _ in self.decoder.batches(rows, self.batch_size)]
         return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else {}
 
     def _batch(self, table: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
@@ -198,24 +205,32 @@ class Scorer:
         self.config = config
         self.device = device
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def stage(self, table: pa.Table):
+        """The decoded batch's good images as the extractor's input tensor (``FeatureExtractor.stage``: on a GPU a
+        pinned, non-blocking copy under way), with the table it belongs to; None for RKDE. Runs in a decode thread."""
+        if self.config.model == "rkde":
+            return None
+        ok = np.array([e is None for e in table.column(ERROR_COL).to_pylist()], dtype=bool)
+        return table, self.extractor.stage(_images(table)[ok]) if ok.any() else None
+
+    def __call__(self, table: pa.Table, staged=None) -> pa.Table:
+        """Score a decoded batch; ``staged``: :meth:`stage` of this very table, if made ahead."""
         errors = table.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
         _failpoints(table, ok)
         if self.config.model == "rkde":
             return self._regions(table, errors, ok)
         n, m = table.num_rows, int(ok.sum())
-        feats = self.extractor(_images(table)[ok]) if m else np.zeros((0, self.extractor.dim), np.float32)
-        score = np.full(n, np.nan)
+        score, maps = np.full(n, np.nan), None
+        if m:
+            images = staged[1] if staged is not None and staged[0] is table else _images(table)[ok]
+            feats = self.extractor.features(images)  # on the device; the head scores them there
+            if self.config.model == "dfkde":
+                score[ok] = -self.head.score_samples(feats, device=self.device)
+            else:  # DFM: FRE with its maps (channel sums of the squared residuals), or NLL
+                shape = self.extractor.map_shape if self.config.score_type == "fre" else None
+                score[ok], maps = self.head.score_with_maps(feats, device=self.device, map_shape=shape)
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
-        residuals = None
-        if self.config.model == "dfkde":
-            score[ok] = -self.head.score_samples(feats, device=self.device)
-        elif self.config.score_type == "fre" and len(feats):
-            residuals = self.head.residuals(feats)  # once: the FRE is their sum, the anomaly map their channel sum
-            score[ok] = residuals.sum(axis=1)
-        else:
-            score[ok] = self.head.anomaly_scores(feats)
         valid = np.isfinite(score)
         for i in np.flatnonzero(ok & ~valid):
             errors[i] = "ValueError: non-finite anomaly score (non-finite features?)"
@@ -224,48 +239,50 @@ class Scorer:
             prob = anomaly_probability(-score)
             out = out.append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
         elif self.config.score_type == "fre":
-            out = self._with_maps(out, table, residuals, ok, valid)
+            out = self._with_maps(out, table, maps, ok, valid)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
 
     def _regions(self, table: pa.Table, errors: list, ok: np.ndarray) -> pa.Table:
         """RKDE: per image the largest region score (-log density), the largest region probability, the boxes in
-        original pixels with their probabilities. No region: the lowest float64 score, probability 0, no boxes."""
+        original pixels with their probabilities. No region: the lowest float64 score, probability 0, no boxes.
+        Computed over all regions of the batch at once (no Python loop over rows or boxes)."""
         from rayanom.regions import boxes_to_original
 
-        n = table.num_rows
+        n, rows = table.num_rows, np.flatnonzero(ok)
         results = self.extractor(_images(table)[ok]) if ok.any() else []
-        counts = [len(b) for b, _ in results]
-        feats = np.concatenate([f for _, f in results]) if sum(counts) else np.zeros((0, 4096), np.float32)
+        counts = np.zeros(n, np.int64)
+        counts[rows] = [len(b) for b, _ in results]
+        owner = np.repeat(np.arange(n), counts)  # the row of each region
+        feats = np.concatenate([f for _, f in results]) if counts.sum() else np.zeros((0, 4096), np.float32)
         log_density = self.head.score_samples(feats, device=self.device) if len(feats) else np.zeros(0)
-        per_image = np.split(log_density, np.cumsum(counts)[:-1]) if counts else []
-        score, prob = np.full(n, np.nan), np.full(n, np.nan)
-        num, boxes, box_scores = [None] * n, [None] * n, [None] * n
-        heights, widths = table.column(HEIGHT_COL).to_numpy(), table.column(WIDTH_COL).to_numpy()
-        for i, (ld, (b, _)) in zip(np.flatnonzero(ok), zip(per_image, results)):
-            if not np.isfinite(ld).all():
-                errors[i] = "ValueError: non-finite region score (non-finite features?)"
-                continue
-            region_prob = anomaly_probability(ld)
-            score[i] = (-ld).max() if len(ld) else np.finfo(np.float64).min
-            prob[i] = region_prob.max() if len(ld) else 0.0
-            num[i] = len(ld)
-            boxes[i] = boxes_to_original(b, self.config.image_size, original_size=(heights[i], widths[i])).tolist()
-            box_scores[i] = region_prob.tolist()
+        bad = np.bincount(owner, ~np.isfinite(log_density), minlength=n) > 0
+        for i in np.flatnonzero(bad):
+            errors[i] = "ValueError: non-finite region score (non-finite features?)"
         valid = np.array([e is None for e in errors], dtype=bool)
+        region_prob = anomaly_probability(log_density)
+        score, prob = np.full(n, np.finfo(np.float64).min), np.zeros(n)
+        np.maximum.at(score, owner, -log_density)
+        np.maximum.at(prob, owner, region_prob)
+        heights, widths = table.column(HEIGHT_COL).to_numpy(), table.column(WIDTH_COL).to_numpy()
+        boxes = np.concatenate([b for b, _ in results]) if counts.sum() else np.zeros((0, 4), np.float32)
+        boxes = boxes_to_original(boxes, self.config.image_size, original_size=(heights[owner], widths[owner]))
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        per_row = pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel(), pa.float64()), 4)
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
         return (out.append_column(SCORE_COL, pa.array(score, pa.float64(), mask=~valid))
                 .append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
-                .append_column(NUM_REGIONS_COL, pa.array(num, pa.int32()))
-                .append_column(BOXES_COL, pa.array(boxes, pa.list_(pa.list_(pa.float64(), 4))))
-                .append_column(BOX_SCORES_COL, pa.array(box_scores, pa.list_(pa.float64())))
+                .append_column(NUM_REGIONS_COL, pa.array(counts, pa.int32(), mask=~valid))
+                .append_column(BOXES_COL, pa.ListArray.from_arrays(offsets, per_row, mask=pa.array(~valid)))
+                .append_column(BOX_SCORES_COL, pa.ListArray.from_arrays(offsets, pa.array(region_prob, pa.float64()),
+                                                                        mask=pa.array(~valid)))
                 .append_column(ERROR_COL, pa.array(errors, pa.string())))
 
-    def _with_maps(self, out: pa.Table, table: pa.Table, residuals: np.ndarray | None, ok: np.ndarray,
+    def _with_maps(self, out: pa.Table, table: pa.Table, ok_maps: np.ndarray | None, ok: np.ndarray,
                    valid: np.ndarray) -> pa.Table:
-        c, h, w = self.extractor.map_shape
+        _, h, w = self.extractor.map_shape
         maps = np.zeros((table.num_rows, h * w), dtype=np.float32)
-        if residuals is not None:
-            maps[ok] = residuals.reshape(-1, c, h, w).sum(axis=1).reshape(-1, h * w)
+        if ok_maps is not None:
+            maps[ok] = ok_maps
         shapes = [[h, w] if v else None for v in valid]
         return (out.append_column(MAP_COL, pa.array(list(maps), pa.list_(pa.float32()), mask=~valid))
                 .append_column(MAP_SHAPE_COL, pa.array(shapes, pa.list_(pa.int32())))
@@ -399,10 +416,11 @@ class PartScorer:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
             raise RuntimeError(msg)
         self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision)
+        self.device_kind, self.precision = device_kind(device), precision
         self.output, self.job, self.batch_size = output, job, batch_size
         self.max_batch = batch_size  # lowered by an out-of-memory error
         self.image_size, self.policy = artifact.config.image_size, policy
-        self.decoder = _Decoder(artifact.config.image_size, policy, device, decode_threads)
+        self.decoder = _Decoder(artifact.config.image_size, policy, device, decode_threads, self.scorer.stage)
         self.threshold = Threshold(**threshold) if threshold else None
 
     def score_part(self, part: dict) -> dict[str, int]:
@@ -429,9 +447,12 @@ class PartScorer:
             kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
             table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
         table = with_decisions(table, self.threshold)
-        # What the part was computed from, kept in its metadata: the sha256 of its index rows.
+        # What the part was computed from, kept in its metadata: the sha256 of its index rows, and where and how: the
+        # device kind and the precision (GPU fp32 is not batch-invariant: cuDNN picks algorithms per shape).
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               b"rayanom_input_sha256": table_fingerprint(index_rows).encode()})
+                                               b"rayanom_input_sha256": table_fingerprint(index_rows).encode(),
+                                               b"rayanom_device": self.device_kind.encode(),
+                                               b"rayanom_precision": self.precision.encode()})
         write_part(self.output, k, table, self.job)
         marker.clear()
         return {"part": k, "rows": table.num_rows}
@@ -452,7 +473,7 @@ class PartScorer:
         return previous, rows.take(pa.array(failed))
 
     def _batches(self, rows: pa.Table) -> list[pa.Table]:
-        return [self._score(decoded) for decoded in self.decoder.batches(rows, self.batch_size)]
+        return [self._score(decoded, staged) for decoded, staged in self.decoder.batches(rows, self.batch_size)]
 
     def _row_by_row(self, rows: pa.Table, marker, state: dict) -> list[pa.Table]:
         bad, scored = set(state["bad"]), []
@@ -468,14 +489,15 @@ class PartScorer:
             scored.append(self._score(decode_table(row, self.image_size, self.policy)))
         return scored
 
-    def _score(self, decoded: pa.Table) -> pa.Table:
-        """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still
-        raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
+    def _score(self, decoded: pa.Table, staged=None) -> pa.Table:
+        """``Scorer`` on a decoded batch (``staged``: its input tensor made ahead, ``Scorer.stage``); when it raises,
+        the batch in halves down to single rows (the row that still raises alone gets the exception as its
+        ``error``). An out-of-memory error lowers ``max_batch``."""
         n = decoded.num_rows
         if n > self.max_batch:
             return pa.concat_tables([self._score(decoded.slice(s, self.max_batch)) for s in range(0, n, self.max_batch)])
         try:
-            return self.scorer(decoded)
+            return self.scorer(decoded, staged)
         except Exception as e:  # noqa: BLE001 - a model-stage failure is narrowed to its row, the job goes on
             if _is_out_of_memory(e) and n > 1:
                 self.max_batch = max(1, min(self.max_batch, n // 2))
@@ -536,7 +558,9 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     import uuid
 
     n, per_part = index.n_rows, run.rows_per_part
-    manifest = {"format": "rayanom-scores", "format_version": 3, "model": artifact_fingerprint(artifact),
+    # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
+    # so parts of a format-3 run are not resumed into a format-4 one.
+    manifest = {"format": "rayanom-scores", "format_version": 4, "model": artifact_fingerprint(artifact),
                 "index": index.fingerprint, "index_files": list(index.file_fingerprints), "n_rows": n,
                 "rows_per_part": per_part, "precision": run.precision, "n_parts": -(-n // per_part)}
     done = open_parts(output, manifest, overwrite)

@@ -242,12 +242,12 @@ def boxes_to_original(boxes: np.ndarray, frame_size: tuple[int, int] = FRAME_SIZ
 
     x is scaled by ``w / W`` and y by ``h / H`` (anomalib's ``scale_boxes`` swaps the two, B P16). Coordinates are
     continuous pixel edges, as torchvision's, so a box covering original columns [a, b) comes back as x1 = a, x2 = b;
-    they are clipped to [0, w] x [0, h].
+    they are clipped to [0, w] x [0, h]. ``original_size`` may hold arrays, one (h, w) per box: the boxes of many images mapped at once.
     """
-    (fh, fw), (h, w) = frame_size, original_size
-    scale = np.array([w / fw, h / fh, w / fw, h / fh], dtype=np.float64)
+    (fh, fw), (h, w) = frame_size, (np.asarray(v, dtype=np.float64)[..., None] for v in original_size)
+    scale = np.concatenate([w / fw, h / fh, w / fw, h / fh], axis=-1)
     # Clipped to the image: float32 boxes at the frame's edge (360.00001) would otherwise poke out by a hair.
-    return np.clip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, 0, [w, h, w, h])
+    return np.clip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, 0, np.concatenate([w, h, w, h], -1))
 
 
 def _check_options(roi_stage: str, roi_score_threshold: float, min_box_size: float, iou_threshold: float,

@@ -11,7 +11,7 @@ from sklearn.decomposition import PCA as SkPCA
 
 from rayanom.config import DfmConfig, UserError
 from rayanom.features import FeatureExtractor, resolve_weights
-from rayanom.heads import DfmHead
+from rayanom.heads import DEVICE_RTOL, DfmHead
 from rayanom.maps import anomaly_map, upsample
 
 
@@ -49,8 +49,8 @@ def test_fre_is_the_textbook_reconstruction_error():
     _, _, vt = np.linalg.svd(train - mu, full_matrices=False)
     v = vt[: head.pca_.components_.shape[0]].T
     xc = query - mu
-    np.testing.assert_allclose(head.anomaly_scores(query), ((xc - xc @ v @ v.T) ** 2).sum(1), rtol=1e-9)
-    np.testing.assert_allclose(head.residuals(query).sum(1), head.anomaly_scores(query), rtol=1e-12)
+    np.testing.assert_allclose(head.anomaly_scores(query, exact=True), ((xc - xc @ v @ v.T) ** 2).sum(1), rtol=1e-9)
+    np.testing.assert_allclose(head.residuals(query).sum(1), head.anomaly_scores(query, exact=True), rtol=1e-12)
 
 
 @pytest.mark.parametrize("level", [0.5, 0.9, 0.97, 0.999])
@@ -69,7 +69,7 @@ def test_nll_equals_scipy_gaussian_in_pca_space():
     z = (query - mu) @ vt[:8].T
     cov = np.diag(s[:8] ** 2 / len(x))  # anomalib's Gaussian: biased covariance
     ref = -2 * multivariate_normal(np.zeros(8), cov).logpdf(z) - 8 * np.log(2 * np.pi)
-    np.testing.assert_allclose(head.anomaly_scores(query), ref, rtol=1e-9)
+    np.testing.assert_allclose(head.anomaly_scores(query, exact=True), ref, rtol=1e-9)
 
 
 def test_nll_is_centred_on_the_training_mean():
@@ -81,6 +81,26 @@ def test_nll_is_centred_on_the_training_mean():
     at_origin = head.anomaly_scores(np.zeros((1, 20), np.float32))[0]
     typical = np.median(head.anomaly_scores(train))
     assert at_mean < typical < at_origin
+
+
+@pytest.mark.parametrize("score_type", ["fre", "nll"])
+def test_float32_scores_and_maps_within_device_rtol_of_float64(score_type):
+    """The default float32 head against float64 (``exact``) and against numpy: scores within DEVICE_RTOL relative
+    for queries among the training data and beyond it; the maps are the channel sums of numpy's residuals."""
+    c, h, w = 16, 4, 4
+    train, query = _features(400, c * h * w, seed=11), _features(60, c * h * w, seed=12) * 1.5
+    head = DfmHead(0.97, score_type).fit(train)
+    for q in (train[:60], query):
+        fast, maps = head.score_with_maps(q, map_shape=(c, h, w))
+        exact, exact_maps = head.score_with_maps(q, exact=True, map_shape=(c, h, w))
+        np.testing.assert_allclose(fast, exact, rtol=DEVICE_RTOL, atol=DEVICE_RTOL)  # |a - b| <= tol (1 + |b|)
+        if score_type == "fre":
+            ref_maps = head.residuals(q).reshape(-1, c, h, w).sum(1).reshape(-1, h * w)
+            np.testing.assert_allclose(exact_maps, ref_maps, rtol=1e-6)
+            np.testing.assert_allclose(maps, ref_maps, rtol=1e-4, atol=1e-6 * ref_maps.max())
+            np.testing.assert_allclose(fast, ref_maps.sum(1), rtol=DEVICE_RTOL, atol=DEVICE_RTOL)  # |a - b| <= tol (1 + |b|)
+        else:
+            assert maps is None and exact_maps is None
 
 
 def test_degenerate_training_sets():

@@ -195,8 +195,33 @@ def test_auto_precision_is_decided_by_measuring_bf16_against_fp32(monkeypatch):
 
     speedup = features.bf16_speedup("cpu", repeats=2)
     assert np.isfinite(speedup) and speedup > 0
+    # The backbone the run fits (here a resnet18 cut after layer2, random weights), not a stand-in.
+    on_config = features.bf16_speedup("cpu", DfkdeConfig(backbone="resnet18", layers=("layer2",)), image_size=64,
+                                      batch=2, repeats=1)
+    assert np.isfinite(on_config) and on_config > 0
+    with pytest.raises(UserError, match="not in resnet18's feature layers"):
+        features.bf16_speedup("cpu", DfkdeConfig(backbone="resnet18", layers=("layer9",)))
     assert features.bf16_speedup("cuda") == 0.0 and not features.bf16_is_fast("cuda")  # this machine has no CUDA
     for measured, chosen in ((features.BF16_MIN_SPEEDUP - 0.01, False), (features.BF16_MIN_SPEEDUP, True), (0.5, False),
                              (3.9, True)):
-        monkeypatch.setattr(features, "bf16_speedup", lambda device, m=measured: m)
+        monkeypatch.setattr(features, "bf16_speedup", lambda device, config=None, m=measured: m)
         assert features.bf16_is_fast("cpu") is chosen
+
+
+def test_fp32_turns_tf32_off_through_one_api():
+    """fp32 on CUDA is fp32: cuDNN convolutions and CUDA matmuls set to IEEE through the ``fp32_precision`` API alone
+    (mixing it with the legacy ``allow_tf32`` flags raises in torch 2.9+, so no legacy flag is touched)."""
+    import warnings
+
+    from rayanom.features import fp32_without_tf32
+
+    conv, matmul = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    assert conv == "tf32"  # PyTorch's default: what made "fp32" on a GPU not fp32
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fp32_without_tf32()
+            assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = conv, matmul

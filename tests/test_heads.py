@@ -6,7 +6,7 @@ from scipy.stats import gaussian_kde
 from sklearn.decomposition import PCA as SkPCA
 
 from rayanom.config import UserError
-from rayanom.heads import BATCH_RTOL, PCA, GaussianKDE, KdeHead, anomaly_probability
+from rayanom.heads import BATCH_RTOL, DEVICE_RTOL, PCA, GaussianKDE, KdeHead, anomaly_probability
 
 
 def _features(n, d, seed=0):
@@ -44,6 +44,20 @@ def test_kde_head_matches_scipy(scaling, n, d):
     np.testing.assert_allclose(head.score_samples(train[:10]), on_train, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("scaling", ["scale", "norm"])
+def test_float32_head_within_device_rtol_of_float64(scaling):
+    """Projection, scaling, whitening and kernel sums in float32 (the default, on the scoring device) against
+    float64 (``exact``), with a torch tensor as input too (the actor's features stay on its device)."""
+    import torch
+
+    train, query = _features(2000, 256, seed=3), _features(200, 256, seed=4)
+    head = KdeHead(16, scaling).fit(train)
+    for q in (train[:200], query):
+        exact = head.score_samples(q, exact=True)
+        np.testing.assert_allclose(head.score_samples(q), exact, rtol=DEVICE_RTOL, atol=DEVICE_RTOL)  # |a - b| <= tol (1 + |b|)
+        np.testing.assert_array_equal(head.score_samples(torch.from_numpy(q)), head.score_samples(q))
+
+
 def test_gaussian_kde_far_queries_do_not_underflow():
     z = np.random.default_rng(0).normal(size=(200, 4))
     kde = GaussianKDE().fit(z)
@@ -71,7 +85,7 @@ def test_gaussian_kde_tiles_and_shift_fallback(monkeypatch, exact):
     q = np.concatenate([rng.normal(size=(20, 3)), 30.0 + rng.normal(size=(5, 3)) * 0.1, np.full((3, 3), 200.0)])
     ours = GaussianKDE().fit(z).score_samples(q, exact=exact)
     ref = gaussian_kde(z.T).logpdf(q.T)
-    np.testing.assert_allclose(ours, ref, rtol=1e-9) if exact else np.testing.assert_allclose(ours, ref, atol=1e-4)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9) if exact else np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-4)
 
 
 def test_inputs_are_not_mutated():

@@ -21,7 +21,7 @@ from test_hostile import make_hostile
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.index import describe_index
-from rayanom.features import resolve_weights
+from rayanom.features import device_kind, resolve_weights
 from rayanom.index import read_rows
 from rayanom.parts import table_fingerprint
 
@@ -120,8 +120,11 @@ def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
     for name in _parts(outs[0]):  # part by part, rows and values bit for bit
         assert pq.read_table(os.path.join(outs[0], name)).equals(pq.read_table(os.path.join(outs[1], name))), name
     k = 2  # each part's metadata holds the sha256 of the index rows it was computed from
-    meta = pq.read_schema(os.path.join(outs[0], f"part-{k:08d}.parquet")).metadata[b"rayanom_input_sha256"]
-    assert meta.decode() == table_fingerprint(read_rows(info, 4 * k, 4 * k + 4))
+    meta = pq.read_schema(os.path.join(outs[0], f"part-{k:08d}.parquet")).metadata
+    assert meta[b"rayanom_input_sha256"].decode() == table_fingerprint(read_rows(info, 4 * k, 4 * k + 4))
+    # and where and how it was scored: the device kind and the precision
+    assert meta[b"rayanom_device"].decode() == device_kind("cpu") and device_kind("cpu").startswith("cpu: ")
+    assert meta[b"rayanom_precision"] == b"fp32"
 
 
 def test_broken_complete_parts_are_written_again(model, demo_set, tmp_path):
