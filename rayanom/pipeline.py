@@ -109,7 +109,14 @@ class _Decoder:
 
     def _decode(self, rows: pa.Table):
         decoded = decode_table(rows, self.image_size, self.policy)
-        return decoded, (self.stage(decoded) if self.stage else None)
+        if self.stage is None:
+            return decoded, None
+        try:
+            return decoded, self.stage(decoded)
+        except Exception as e:  # noqa: BLE001 - staged again by the forward pass, where a failure stays with its rows
+            logger.warning("staging a batch for the device failed (%s); it is copied in the forward pass",
+                           error_message(e))
+            return decoded, None
 
     def batches(self, rows: pa.Table, batch_size: int):
         """Decoded batches, each with ``stage``'s result on it (its input tensor for the device, made in the decode

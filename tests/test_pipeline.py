@@ -312,3 +312,18 @@ def test_refit_is_skipped_for_the_same_inputs_and_precision(demo_set, tmp_path):
     refit = _job(*flags, "--precision", "bf16", "--overwrite")
     assert refit.returncode == 0 and "fitted dfkde" in refit.stdout, refit.stderr[-2000:]
     assert Artifact.load(str(tmp_path / "r" / "model")).provenance["run"]["precision"] == "bf16"
+
+
+def test_a_batch_whose_staging_fails_is_scored_unstaged(demo_set, caplog):
+    """The decode threads stage each batch for the device; when that raises (a pinned-memory or CUDA error), the
+    batch comes back unstaged with a warning, and the forward pass copies it itself: no batch or row is lost."""
+    rows = with_row_index(read_index(demo_set["index"])).slice(0, 5)
+
+    def broken(table):
+        raise RuntimeError("CUDA error: out of memory (pinned host memory)")
+
+    decoder = pipeline._Decoder(SMALL["image_size"], pipeline.ReadPolicy(), "cpu", 1, stage=broken)
+    with caplog.at_level("WARNING", logger="rayanom.pipeline"):
+        got = list(decoder.batches(rows, 2))
+    assert [t.num_rows for t, _ in got] == [2, 2, 1] and all(staged is None for _, staged in got)
+    assert "staging a batch for the device failed (RuntimeError: CUDA error" in caplog.text
