@@ -237,8 +237,9 @@ def add_threshold_flag(parser: argparse.ArgumentParser, what: str) -> None:
 def add_report_flags(parser: argparse.ArgumentParser, where: str, pictures_default: str, evaluate_default: str) -> None:
     g = parser.add_argument_group(f"report (written to {where})")
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                   help="the scored index has labels: metrics.json (AUROC, F1 at the adaptive threshold) and "
-                        f"report.png (ROC curve, score histograms) (default: {evaluate_default})")
+                   help="the scored index has labels: metrics.json (AUROC, F1 at the adaptive and the decision "
+                        "thresholds, F1Max, average precision, per defect type) and report.png (one page: ROC and PR "
+                        f"curves, score histograms, scores per defect type and its table) (default: {evaluate_default})")
     g.add_argument("--heatmaps", type=int, default=None, metavar="N",
                    help=f"DFM (fre): heat-map overlays of the N most anomalous images (default: {pictures_default})")
     g.add_argument("--boxes", type=int, default=None, metavar="N",
@@ -265,10 +266,10 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int, boxes: 
 
 
 def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int, boxes: int = 0,
-                 region_rows: bool = False, decision: float | None = None) -> None:
+                 region_rows: bool = False, decision: float | None = None, config=None) -> None:
     """Into ``report_dir``: metrics.json + report.png (--evaluate; with ``decision``, the threshold the scores were
-    decided with, the metrics at it too), heat maps (--heatmaps N), box overlays (--boxes N), one row per region
-    (--region-rows)."""
+    decided with, the metrics at it too; with a DFM ``fre`` ``config``, the pixel metrics where the index had masks),
+    heat maps (--heatmaps N), box overlays (--boxes N), one row per region (--region-rows)."""
     from rayanom import maps
     from rayanom.artifact import prepare_output_dir
     from rayanom.data import resolve_filesystem
@@ -278,10 +279,20 @@ def write_report(scores_dir: str, report_dir: str, evaluate: bool, heatmaps: int
         return
     prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
     if evaluate:
-        metrics = evaluate_scores(scores_dir, report_dir, decision=decision)
+        fre = config is not None and config.model == "dfm" and config.score_type == "fre"
+        metrics = evaluate_scores(scores_dir, report_dir, decision=decision,
+                                  pixel_size=config.image_size if fre else None)
         f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
         t = "n/a" if metrics["threshold"] is None else f"{metrics['threshold']:.6g}"
-        print(f"report: {report_dir}/report.png, metrics.json (F1 {f1} at threshold {t})")
+        extra = "".join(f", {name} {metrics[key]:.4f}" for key, name in (("f1_max", "F1Max"),
+                                                                      ("average_precision", "AP"))
+                        if metrics.get(key) is not None)
+        print(f"report: {report_dir}/report.png, metrics.json (F1 {f1} at threshold {t}{extra})")
+        px = metrics.get("pixel")
+        if px and px["pixel_auroc"] is not None:
+            print(f"pixel AUROC {px['pixel_auroc']:.4f}, AUPRO {px['aupro']:.4f} (FPR up to {px['aupro_fpr_limit']:g}) "
+                  f"at {px['evaluation_size'][0]}x{px['evaluation_size'][1]}, {px['images']} images, "
+                  f"{px['regions']} defect regions")
         at = metrics.get("decision")
         if at:
             print(f"at the decision threshold {decision:.6g}: F1 {at['f1']:.4f}, precision {at['precision']:.4f}, "

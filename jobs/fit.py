@@ -168,7 +168,7 @@ def _fit_and_score(args, config, train_info, score_info, index, source, artifact
         summary["threshold"] = dataclasses.asdict(t) if t else None
         _cli.print_summary(summary)
         _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows,
-                          decision=t.value if t else None)
+                          decision=t.value if t else None, config=artifact.config)
         code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
                                                   args.max_failed_fraction)
     else:

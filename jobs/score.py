@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         summary["threshold"] = dataclasses.asdict(t) if t else None
     _cli.print_summary(summary)
     _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
-                      args.region_rows, decision=t.value if t else None)
+                      args.region_rows, decision=t.value if t else None, config=artifact.config)
     return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from rayanom.data import ERROR_COL, LABEL_COL, SCORE_COL, SPLIT_COL, resolve_filesystem
+from rayanom.data import DEFECT_COL, ERROR_COL, LABEL_COL, SCORE_COL, SPLIT_COL, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def _stream(dataset, names: list[str], with_labels: bool):
 
 def read_score_columns(scores_uri: str, require_labels: bool = True,
                        only_val: bool = False) -> dict[str, np.ndarray | None]:
-    """Score, label, is-scored and is-validation arrays; only these (not the error text) are materialised.
+    """Score, label, is-scored and is-validation arrays, and ``defects`` (the ``defect_type`` column dictionary-encoded:
+    (codes, names), codes -1 where null; None without the column); only these (not the error text) are materialised.
 
     ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the
     report), a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError.
@@ -216,8 +217,11 @@ def read_score_columns(scores_uri: str, require_labels: bool = True,
         columns["_ok"] = pc.field(ERROR_COL).is_null()
     if SPLIT_COL in names:
         columns["_val"] = pc.field(SPLIT_COL) == VAL_SPLIT
+    if DEFECT_COL in names:
+        columns[DEFECT_COL] = pc.field(DEFECT_COL)
     if only_val and SPLIT_COL not in names:
-        return {"scores": np.zeros(0), "labels": None, "ok": np.zeros(0, bool), "val": np.zeros(0, bool)}
+        return {"scores": np.zeros(0), "labels": None, "ok": np.zeros(0, bool), "val": np.zeros(0, bool),
+                "defects": None}
     table = dataset.to_table(columns=columns, filter=(pc.field(SPLIT_COL) == VAL_SPLIT) if only_val else None)
     n = table.num_rows
     score_col = table.column(SCORE_COL)
@@ -233,7 +237,12 @@ def read_score_columns(scores_uri: str, require_labels: bool = True,
         if require_labels:
             raise
         labels = None
-    return {"scores": scores, "labels": labels, "ok": ok, "val": val}
+    defects = None
+    if DEFECT_COL in columns:
+        encoded = pc.dictionary_encode(table.column(DEFECT_COL).cast("string")).combine_chunks()
+        defects = (pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64),
+                   encoded.dictionary.to_pylist())
+    return {"scores": scores, "labels": labels, "ok": ok, "val": val, "defects": defects}
 
 
 def _labels(table, ok: np.ndarray, scores_uri: str) -> np.ndarray:

@@ -1,7 +1,12 @@
-"""Report stage: metrics (image AUROC, F1 at the F1-adaptive threshold) and a figure for a scores dataset.
+"""Report stage: the image metrics anomalib reports and a one-page figure for a scores dataset.
 
-Reads the parquet dataset written by scoring (``anomaly_score``, ``error``, ``label``, optionally ``split``) and
-writes ``metrics.json`` and ``report.png`` (ROC curve and score histograms) to an output directory, local or URI.
+Reads the parquet dataset written by scoring (``anomaly_score``, ``error``, ``label``, optionally ``split`` and
+``defect_type``) and writes ``metrics.json`` and ``report.png`` to an output directory, local or URI. Metrics on raw
+scores, as anomalib's image metrics: AUROC, F1Max (the best F1 over every threshold of the evaluated rows), average
+precision (scikit-learn's ``average_precision_score``), F1, precision and recall at the threshold (the F1-adaptive
+one chosen on the val rows, and the decision threshold when the scores were decided), and per defect type: counts,
+the fraction flagged at the threshold (recall for a defect type, the false-positive rate for ``good``) and the score
+quartiles. The page: ROC and PR curves, score histograms with the thresholds, scores per defect type and the table.
 """
 
 from __future__ import annotations
@@ -48,6 +53,34 @@ def f1_adaptive_threshold(labels: np.ndarray, scores: np.ndarray) -> float | Non
     return float(thresholds[int(np.argmax(f1))])
 
 
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """anomalib's F1Max: the largest F1 over the thresholds of the precision-recall curve of these rows (None
+    without both classes)."""
+    from sklearn.metrics import precision_recall_curve
+
+    if not _two_classes(np.asarray(labels)):
+        return None
+    precision, recall, _ = precision_recall_curve(np.asarray(labels).astype(int), np.asarray(scores, np.float64))
+    denom = precision + recall
+    return float(np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0).max())
+
+
+def per_defect_type(labels: np.ndarray, scores: np.ndarray, codes: np.ndarray, names: list[str],
+                    threshold: float | None) -> list[dict]:
+    """One row per defect type (null as ``"(none)"``): label, images, images flagged at ``threshold`` (score >= it)
+    and their fraction (the recall of an anomalous type, the false-positive rate of a normal one), score quartiles."""
+    rows = []
+    for code in np.unique(codes):
+        s, lab = scores[codes == code], labels[codes == code]
+        flagged = int((s >= threshold).sum()) if threshold is not None else None
+        q = np.quantile(s, [0.0, 0.25, 0.5, 0.75, 1.0]).tolist()
+        rows.append({"defect_type": names[code] if code >= 0 else "(none)", "label": int(lab.max()),
+                     "images": int(s.size), "flagged": flagged,
+                     "flagged_fraction": flagged / s.size if flagged is not None else None,
+                     "score_min": q[0], "score_q1": q[1], "score_median": q[2], "score_q3": q[3], "score_max": q[4]})
+    return sorted(rows, key=lambda r: (r["label"], r["defect_type"]))
+
+
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np.ndarray | None = None,
                     threshold_scores: np.ndarray | None = None) -> dict:
     """Image AUROC and precision, recall and F1 at the F1-adaptive threshold.
@@ -59,7 +92,7 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
         threshold_scores: scores of that validation split; given together with ``threshold_labels``.
 
     Returns:
-        ``auroc`` (on raw scores), ``threshold`` (predicted anomalous iff ``score >= threshold``),
+        ``auroc`` (on raw scores), ``f1_max`` and ``average_precision`` (on ``labels``/``scores``), ``threshold`` (predicted anomalous iff ``score >= threshold``),
         ``threshold_source`` (``"validation split"`` or ``"scored set"``), ``f1``, ``precision``, ``recall``
         (on ``labels``/``scores`` at that threshold), ``n_normal`` and ``n_anomalous``. ``auroc`` is None when the
         evaluated set lacks a class; ``threshold`` is None when the set that chooses it lacks a class; ``f1``,
@@ -68,7 +101,7 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
     Raises:
         ValueError: mismatched lengths, or only one of ``threshold_labels``/``threshold_scores`` given.
     """
-    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=np.float64)
@@ -90,10 +123,12 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
 
     metrics = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum()),
                "threshold_source": source, "auroc": None, "threshold": None, "f1": None, "precision": None,
-               "recall": None}
+               "recall": None, "f1_max": None, "average_precision": None}
     evaluable = _two_classes(labels)
     if evaluable:
         metrics["auroc"] = float(roc_auc_score(labels, scores))
+        metrics["average_precision"] = float(average_precision_score(labels, scores))
+        metrics["f1_max"] = f1_max(labels, scores)
     threshold = f1_adaptive_threshold(t_labels, t_scores)
     metrics["threshold"] = threshold
     if evaluable and threshold is not None:
@@ -105,56 +140,134 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
 
 
 def _figure_png(roc: tuple[np.ndarray, np.ndarray] | None, hist: tuple[np.ndarray, np.ndarray, np.ndarray],
-                metrics: dict) -> bytes:
-    """Two panels: the ROC curve (``roc`` = fpr, tpr), and the score histograms of normal and anomalous images
-    (``hist`` = bin edges, normal counts, anomalous counts) with the threshold."""
+                metrics: dict, pr: tuple[np.ndarray, np.ndarray] | None = None,
+                by_type: list[tuple[str, np.ndarray]] | None = None) -> bytes:
+    """One page: the ROC curve (``roc`` = fpr, tpr) and the PR curve (``pr`` = recall, precision); the score
+    histograms of normal and anomalous images (``hist`` = bin edges, normal counts, anomalous counts) with the
+    thresholds; the scores per defect type (``by_type``) and the per-defect table, when the index had defect types."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = metrics.get("per_defect_type") or []
+    fig = plt.figure(figsize=(12, 9.5 + 0.3 * len(rows)))
+    grid = fig.add_gridspec(3, 2, height_ratios=[4, 4, 1 + 0.3 * len(rows)])
     try:
-        if metrics["auroc"] is not None and roc is not None:
-            ax_roc.plot(*roc, color="tab:blue", lw=2, label="ROC")
-            ax_roc.set_title(f"ROC curve (image AUROC = {metrics['auroc']:.4f})")
-        else:
-            ax_roc.set_title("ROC curve (AUROC undefined: needs both classes)")
-        ax_roc.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
-        ax_roc.set_xlim(0, 1)
-        ax_roc.set_ylim(0, 1.02)
-        ax_roc.set_xlabel("false positive rate")
-        ax_roc.set_ylabel("true positive rate")
-        ax_roc.legend(loc="lower right")
+        _roc_panel(fig.add_subplot(grid[0, 0]), roc, metrics)
+        _pr_panel(fig.add_subplot(grid[0, 1]), pr, metrics)
+        _hist_panel(fig.add_subplot(grid[1, 0]), hist, metrics)
+        _defect_panels(fig.add_subplot(grid[1, 1]), fig.add_subplot(grid[2, :]), by_type, rows, metrics)
+        fig.suptitle(_headline(metrics), fontsize="medium")
+    except BaseException:
+        plt.close(fig)
+        raise
+    return png_bytes(fig, 90)
 
-        edges, normal, anomalous = hist
-        for counts, name, color in ((normal, "normal", "tab:green"), (anomalous, "anomalous", "tab:red")):
-            if counts.sum():
-                ax_hist.stairs(counts, edges, fill=True, alpha=0.5, color=color, label=f"{name} (n={counts.sum()})")
-        if metrics["threshold"] is not None:
-            source = metrics["threshold_source"].split(" (")[0]  # "validation split" or "scored set"
-            ax_hist.axvline(metrics["threshold"], color="black", ls="--", lw=1.5,
-                            label=f"threshold = {metrics['threshold']:.4g} ({source})")
-        f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
-        ax_hist.set_title(f"Anomaly scores (F1 at threshold = {f1})")
-        ax_hist.set_xlabel("anomaly score")
-        ax_hist.set_ylabel("images")
-        if ax_hist.get_legend_handles_labels()[0]:
-            ax_hist.legend(loc="upper right", fontsize="small")
+
+def png_bytes(fig, dpi: int) -> bytes:
+    """A matplotlib figure laid out, as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
+        fig.savefig(buf, format="png", dpi=dpi)
+        return buf.getvalue()
     finally:
         plt.close(fig)
-    return buf.getvalue()
+
+
+def _headline(metrics: dict) -> str:
+    """The page's first line: the image metrics, and the pixel metrics when present."""
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    line = (f"image AUROC {num(metrics['auroc'])}, F1Max {num(metrics.get('f1_max'))}, AP "
+            f"{num(metrics.get('average_precision'))}, F1 {num(metrics['f1'])} at the F1 threshold"
+            f" ({metrics['n_normal']} normal, {metrics['n_anomalous']} anomalous images)")
+    pixel = metrics.get("pixel")
+    if pixel and pixel["pixel_auroc"] is not None:
+        h, w = pixel["evaluation_size"]
+        line += (f"\npixel AUROC {num(pixel['pixel_auroc'])} (±{pixel['pixel_auroc_error_bound']:.1g}), AUPRO@"
+                 f"{pixel['aupro_fpr_limit']:g} {num(pixel['aupro'])} (±{pixel['aupro_error_bound']:.1g}) at {h}×{w}, "
+                 f"{pixel['images']} images, {pixel['regions']} defect regions")
+    return line
+
+
+def _roc_panel(ax, roc, metrics: dict) -> None:
+    if metrics["auroc"] is not None and roc is not None:
+        ax.plot(*roc, color="tab:blue", lw=2, label="ROC")
+        ax.set_title(f"ROC curve (image AUROC = {metrics['auroc']:.4f})")
+    else:
+        ax.set_title("ROC curve (AUROC undefined: needs both classes)")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="false positive rate", ylabel="true positive rate")
+    ax.legend(loc="lower right")
+
+
+def _pr_panel(ax, pr, metrics: dict) -> None:
+    if pr is not None and metrics.get("average_precision") is not None:
+        ax.plot(*pr, color="tab:purple", lw=2, drawstyle="steps-post", label="PR")
+        ax.set_title(f"PR curve (AP = {metrics['average_precision']:.4f}, F1Max = {metrics['f1_max']:.4f})")
+        ax.legend(loc="lower left")
+    else:
+        ax.set_title("PR curve (undefined: needs both classes)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision")
+
+
+def _thresholds(metrics: dict) -> list[tuple[float, str, str]]:
+    out = []
+    if metrics["threshold"] is not None:
+        source = metrics["threshold_source"].split(" (")[0]  # "validation split" or "scored set"
+        out.append((metrics["threshold"], f"F1 threshold = {metrics['threshold']:.4g} ({source})", "--"))
+    if metrics.get("decision"):
+        out.append((metrics["decision"]["threshold"], f"decision threshold = {metrics['decision']['threshold']:.4g}",
+                    ":"))
+    return out
+
+
+def _hist_panel(ax, hist, metrics: dict) -> None:
+    edges, normal, anomalous = hist
+    for counts, name, color in ((normal, "normal", "tab:green"), (anomalous, "anomalous", "tab:red")):
+        if counts.sum():
+            ax.stairs(counts, edges, fill=True, alpha=0.5, color=color, label=f"{name} (n={counts.sum()})")
+    for value, label, style in _thresholds(metrics):
+        ax.axvline(value, color="black", ls=style, lw=1.5, label=label)
+    f1 = "n/a" if metrics["f1"] is None else f"{metrics['f1']:.4f}"
+    ax.set(title=f"Anomaly scores (F1 at threshold = {f1})", xlabel="anomaly score", ylabel="images")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small")
+
+
+def _defect_panels(ax, ax_table, by_type, rows: list[dict], metrics: dict) -> None:
+    ax_table.axis("off")
+    if not by_type:
+        ax.axis("off")
+        ax.set_title("no defect types (index without a defect_type column, or over the exact-row limit)")
+        return
+    ax.boxplot([v for _, v in by_type], vert=False, tick_labels=[n for n, _ in by_type])
+    for value, label, style in _thresholds(metrics):
+        ax.axvline(value, color="black", ls=style, lw=1.2, label=label)
+    ax.set(title="scores per defect type", xlabel="anomaly score")
+    header = ["defect type", "label", "images", "flagged", "flagged fraction", "median score"]
+    cells = [[r["defect_type"], r["label"], r["images"], "n/a" if r["flagged"] is None else r["flagged"],
+              "n/a" if r["flagged_fraction"] is None else f"{r['flagged_fraction']:.3f}", f"{r['score_median']:.4g}"]
+             for r in rows]
+    table = ax_table.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="center")
+    table.scale(1, 1.2)
+    ax_table.set_title("per defect type, at the " + ("decision" if metrics.get("decision") else "F1") +
+                       " threshold (flagged fraction: recall of a defect type, false-positive rate of a normal one)",
+                       fontsize="small")
 
 
 def _exact_figure_data(labels: np.ndarray, scores: np.ndarray, metrics: dict):
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
 
     roc = roc_curve(labels, scores)[:2] if metrics["auroc"] is not None else None
+    pr = precision_recall_curve(labels, scores)[1::-1] if metrics["auroc"] is not None else None
     edges = np.histogram_bin_edges(scores, bins=min(50, max(10, int(np.sqrt(max(scores.size, 1))))))
-    return roc, (edges, np.histogram(scores[labels == 0], edges)[0], np.histogram(scores[labels == 1], edges)[0])
+    return roc, (edges, np.histogram(scores[labels == 0], edges)[0], np.histogram(scores[labels == 1], edges)[0]), pr
 
 
 def _best_edge(h: Histograms, validation: bool | None) -> float | None:
@@ -177,6 +290,7 @@ def _histogram_metrics(h: Histograms, validation_rows: int) -> tuple[dict, tuple
     threshold = _best_edge(h, True if use_val else None)
     metrics = {"n_normal": int(c[:, 0].sum()), "n_anomalous": int(c[:, 1].sum()), "auroc": auroc,
                "auroc_error_bound": bound, "threshold": threshold, "f1": None, "precision": None, "recall": None,
+               "f1_max": None, "average_precision": None,
                "threshold_source": "validation split" if use_val else "scored set",
                "method": f"histograms of {h.edges.size + 1} quantile bins per class (over {EXACT_ROWS} rows)"}
     at = h.at_edges(evaluated)
@@ -186,16 +300,23 @@ def _histogram_metrics(h: Histograms, validation_rows: int) -> tuple[dict, tuple
         metrics["precision"] = tp / (tp + fp) if tp + fp else 0.0
         metrics["recall"] = tp / (tp + fn) if tp + fn else 0.0
         metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    roc = None
+    roc = pr = None
     if auroc is not None:
         n0, n1 = c[:, 0].sum(), c[:, 1].sum()
         roc = (np.r_[1.0, at["fp"] / n0, 0.0], np.r_[1.0, at["tp"] / n1, 0.0])
+        # F1Max and average precision with the bin edges (and "everything") as the thresholds: exactly scikit-learn's
+        # values for the scores replaced by their bin's number (ties within a bin count as one threshold).
+        tp, fp = np.r_[n1, at["tp"]][::-1], np.r_[n0, at["fp"]][::-1]  # thresholds from the highest edge down
+        recall, precision = tp / n1, np.divide(tp, tp + fp, out=np.ones(tp.shape), where=tp + fp > 0)
+        metrics["f1_max"] = float((2 * tp / (tp + fp + n1)).max())
+        metrics["average_precision"] = float((np.diff(np.r_[0.0, recall]) * precision).sum())
+        pr = (recall, precision)
     # Display bins: 50 equal widths over the inner edges, each fine bin added to the one its left edge falls in.
     inner = h.edges if h.edges.size else np.zeros(1)
     display = np.linspace(inner[0], inner[-1], 51) if inner[-1] > inner[0] else np.array([inner[0], inner[0] + 1])
     where = np.clip(np.searchsorted(display, np.r_[inner[0], inner], side="right") - 1, 0, display.size - 2)
     counts = [np.bincount(where, weights=c[:, k], minlength=display.size - 1).astype(np.int64) for k in (0, 1)]
-    return metrics, roc, (display, *counts)
+    return metrics, (roc, pr), (display, *counts)
 
 
 def _two_classes_counts(c: np.ndarray) -> bool:
@@ -215,7 +336,7 @@ def _threshold_source(use_val: bool, n_val: int, n_evaluated: int) -> tuple[str,
     return f"scored set ({n_evaluated} scored rows; {note})", 0
 
 
-def _exact(scores_uri: str, decision: float | None = None) -> tuple[dict, bytes]:
+def _exact(scores_uri: str, decision: float | None = None, pixel: dict | None = None) -> tuple[dict, bytes]:
     """``evaluate``'s metrics and figure from the score columns held in memory (up to ``EXACT_ROWS`` rows)."""
     cols = read_score_columns(scores_uri)
     scores, labels, ok, val = cols["scores"], cols["labels"], cols["ok"], cols["val"]
@@ -236,10 +357,19 @@ def _exact(scores_uri: str, decision: float | None = None) -> tuple[dict, bytes]
     metrics["threshold_source"], n_val = _threshold_source(use_val, n_val, int(test_ok.sum()))
     metrics.update({"scores": scores_uri, "rows": rows, "scored": int(ok.sum()), "failed": rows - int(ok.sum()),
                     "n_validation": n_val, "auroc_error_bound": 0.0 if metrics["auroc"] is not None else None,
-                    "method": "exact"})
+                    "method": "exact", "pixel": pixel})
     if decision is not None:
         metrics["decision"] = decision_metrics(labels[test_ok], scores[test_ok], decision)
-    return metrics, _figure_png(*_exact_figure_data(labels[test_ok], scores[test_ok], metrics), metrics)
+    by_type = None
+    if cols["defects"] is not None:
+        codes, names = cols["defects"]
+        at = decision if decision is not None else metrics["threshold"]
+        metrics["per_defect_type"] = per_defect_type(labels[test_ok], scores[test_ok], codes[test_ok], names, at)
+        by_type = [(r["defect_type"], scores[test_ok][codes[test_ok] == (names.index(r["defect_type"])
+                                                                          if r["defect_type"] in names else -1)])
+                   for r in metrics["per_defect_type"]]
+    roc, hist, pr = _exact_figure_data(labels[test_ok], scores[test_ok], metrics)
+    return metrics, _figure_png(roc, hist, metrics, pr, by_type)
 
 
 def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict | None:
@@ -255,7 +385,8 @@ def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -
             "recall": float(recall_score(labels, pred, zero_division=0))}
 
 
-def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decision: float | None = None) -> dict:
+def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decision: float | None = None,
+             pixel_size: tuple[int, int] | None = None) -> dict:
     """Metrics and a figure for a scores dataset; writes ``metrics.json`` and ``report.png`` into ``out_dir``.
 
     Rows with ``split == "val"`` (when the column exists and holds such rows) choose the F1-adaptive threshold and
@@ -278,6 +409,8 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
 
     ``decision``: the threshold the scores were decided with (``decide``); ``decision`` in the metrics then holds
     precision, recall and F1 at it on the evaluated rows (exact mode only; above ``exact_rows`` it is left out).
+    ``pixel_size``: for DFM ``fre`` scores of an index with masks, ``pixel`` in the metrics holds the pixel AUROC and
+    AUPRO at this evaluation resolution (the model's input size; ``pixels.pixel_metrics``, on Ray tasks when Ray runs).
 
     Returns:
         The metrics of :func:`compute_metrics` plus ``scores``, ``rows``, ``scored``, ``failed``,
@@ -287,10 +420,15 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     Raises:
         ValueError: no ``label`` or ``anomaly_score`` column, or labels outside {0, 1} on scored rows.
     """
+    pixel = None
+    if pixel_size is not None:
+        from rayanom.pixels import pixel_metrics
+
+        pixel = pixel_metrics(scores_uri, pixel_size)
     if _count_rows(scores_uri) > exact_rows:
         h = Histograms.from_scores(scores_uri)
         n_val = int(h.select(True).sum())
-        metrics, roc, hist = _histogram_metrics(h, n_val)
+        metrics, (roc, pr), hist = _histogram_metrics(h, n_val)
         use_val = metrics["threshold_source"] == "validation split"
         metrics["threshold_source"], n_val = _threshold_source(
             use_val, n_val, int(h.select(False).sum()) if use_val else h.finite)
@@ -298,10 +436,10 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
             logger.warning("%d scored row(s) of %s have a non-finite score; counted as failed", h.scored - h.finite,
                            scores_uri)
         metrics.update({"scores": scores_uri, "rows": h.rows, "scored": h.finite, "failed": h.rows - h.finite,
-                        "n_validation": n_val})
-        png = _figure_png(roc, hist, metrics)
+                        "n_validation": n_val, "pixel": pixel})
+        png = _figure_png(roc, hist, metrics, pr)
     else:
-        metrics, png = _exact(scores_uri, decision)
+        metrics, png = _exact(scores_uri, decision, pixel)
 
     fs, path = resolve_filesystem(out_dir)
     fs.create_dir(path, recursive=True)

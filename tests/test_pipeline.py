@@ -219,6 +219,21 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
     assert len(files) == 3 and all(open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for f in files)
     best = max(rows, key=lambda r: r["anomaly_score"])
     assert f"_row{best['row_index']}_" in files[0]
+    # Pixel metrics of the report (parts summarised by Ray tasks, merged on the driver) against scikit-learn on the
+    # pixels: each map upsampled to the model's input size, each mask read and resized by nearest neighbour here.
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from rayanom.report import evaluate
+
+    metrics = evaluate(out, str(tmp_path / "report"), pixel_size=(64, 64))
+    maps = np.stack([anomaly_map(r, (64, 64)) for r in rows])
+    pick = np.floor(np.arange(64) * 96 / 64).astype(int)  # torch's "nearest" (anomalib's mask resize): floor(i s)
+    masks = np.stack([np.zeros((64, 64), bool) if r["mask_path"] is None else
+                      (np.asarray(Image.open(r["mask_path"]).convert("L")) > 0)[np.ix_(pick, pick)] for r in rows])
+    px = metrics["pixel"]
+    assert (px["images"], px["left_out"]["no_mask"]) == (12, 0) and px["regions"] >= 6
+    assert abs(px["pixel_auroc"] - roc_auc_score(masks.ravel(), maps.ravel())) <= px["pixel_auroc_error_bound"] + 1e-6
 
 
 @pytest.mark.parametrize("args,message", [

@@ -262,3 +262,68 @@ def test_summary_and_report_above_the_exact_size_use_histograms(tmp_path):
     assert brute_force_f1(labels[v], scores[v], t) <= best_exact + 1e-12
     assert brute_force_f1(labels[v], scores[v], t) >= best_exact - 0.02
     assert (tmp_path / "h" / "report.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_f1max_and_average_precision_against_brute_force_and_sklearn(seed):
+    """F1Max = the best F1 over every distinct score as the threshold (brute force); AP = scikit-learn's, and equal to
+    its definition sum (R_k - R_k-1) P_k written out here over the distinct scores, ties included."""
+    from sklearn.metrics import average_precision_score
+
+    labels, scores = tied_scores(seed)
+    m = compute_metrics(labels, scores)
+    assert m["f1_max"] == pytest.approx(max(brute_force_f1(labels, scores, t) for t in np.unique(scores)), abs=1e-12)
+    assert m["average_precision"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    ap, prev_recall = 0.0, 0.0
+    for t in np.unique(scores)[::-1]:
+        pred = scores >= t
+        recall = (pred & (labels == 1)).sum() / (labels == 1).sum()
+        ap += (recall - prev_recall) * (pred & (labels == 1)).sum() / pred.sum()
+        prev_recall = recall
+    assert m["average_precision"] == pytest.approx(ap, abs=1e-12)
+
+
+def test_histogram_f1max_and_ap_equal_sklearn_on_binned_scores(tmp_path):
+    """Above the exact size: F1Max and AP at the bin edges are exactly scikit-learn's on the scores replaced by their
+    bin number; and within a small distance of the exact values."""
+    from sklearn.metrics import average_precision_score
+
+    from rayanom.evaluate import Histograms
+
+    src, labels, scores, ok, val = large_scores(tmp_path)
+    approx = evaluate(src, str(tmp_path / "h"), exact_rows=1000)
+    exact = evaluate(src, str(tmp_path / "e"))
+    h = Histograms.from_scores(src)
+    test = ok & ~val
+    binned = np.searchsorted(h.edges, scores[test], side="right")
+    assert approx["average_precision"] == pytest.approx(average_precision_score(labels[test], binned), abs=1e-12)
+    best = max(brute_force_f1(labels[test], binned, t) for t in np.unique(binned))
+    assert approx["f1_max"] == pytest.approx(best, abs=1e-12)
+    assert abs(approx["average_precision"] - exact["average_precision"]) < 0.01
+    assert abs(approx["f1_max"] - exact["f1_max"]) < 0.01
+
+
+def test_per_defect_type_table_and_page(tmp_path):
+    """Per defect type: images, images flagged at the threshold and the quartiles, against direct numpy counts; the
+    decision threshold is the one used when given; the page is drawn with the table."""
+    rng = np.random.default_rng(5)
+    n = 200
+    defects = rng.choice(["good", "scratch", "hole"], n, p=[0.5, 0.3, 0.2])
+    labels = (defects != "good").astype(int)
+    scores = rng.normal(0, 1, n) + np.where(defects == "scratch", 1.0, np.where(defects == "hole", 3.0, 0.0))
+    table = pa.table({"anomaly_score": scores, "error": pa.array([None] * n, pa.string()), "label": labels,
+                      "defect_type": defects})
+    src = write_scores(tmp_path / "scores", table, parts=2)
+    for decision in (None, 0.8):
+        m = evaluate(src, str(tmp_path / f"r-{decision}"), decision=decision)
+        t = decision if decision is not None else m["threshold"]
+        rows = {r["defect_type"]: r for r in m["per_defect_type"]}
+        assert set(rows) == {"good", "scratch", "hole"}
+        for name, r in rows.items():
+            s = scores[defects == name]
+            assert (r["images"], r["flagged"], r["label"]) == (s.size, int((s >= t).sum()), int(name != "good"))
+            assert r["flagged_fraction"] == pytest.approx((s >= t).mean())
+            assert r["score_median"] == pytest.approx(np.median(s)) and r["score_max"] == pytest.approx(s.max())
+        data = (tmp_path / f"r-{decision}" / "report.png").read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.size[1] > im.size[0] * 0.8  # the page: curves, histograms, defect panel and table
