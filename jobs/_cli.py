@@ -16,6 +16,12 @@ from collections.abc import Callable
 logger = logging.getLogger("rayanom.jobs")
 
 
+def parser(doc: str, add_help: bool = True) -> argparse.ArgumentParser:
+    """A job's parser: its module docstring as the description, kept as written."""
+    return argparse.ArgumentParser(description=doc, add_help=add_help,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run (speed only; recorded in the artifact's provenance)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
@@ -67,7 +73,7 @@ def init_ray(args: argparse.Namespace, config, fitted_precision: str | None = No
     scoring a fitted model, else bf16 when the actors' hardware runs ``config``'s backbone fast (timed where the
     actors will run, once per run; the choice is recorded in the artifact and reused when scoring).
     Locally the actors reserve at most all but two logical CPUs, so the index and footer tasks that run beside them
-    can always be placed (actors holding every CPU starve tasks, ray.md section 2).
+    can always be placed (actors holding every CPU starve the tasks: the job hangs, as measured on 2 cores).
     """
     from rayanom.config import RunConfig, UserError
 
@@ -80,31 +86,9 @@ def init_ray(args: argparse.Namespace, config, fitted_precision: str | None = No
         raise UserError(f"invalid no_progress_timeout={args.no_progress_timeout}: expected seconds > 0")
     if not args.wait_for_actors > 0:
         raise UserError(f"invalid wait_for_actors={args.wait_for_actors}: expected seconds > 0")
-    from rayanom.pool import autoscaler_max_resources, choose_device
-
     cluster = bool(os.environ.get("RAY_ADDRESS"))
     num_actors = args.num_actors
-    if cluster:
-        ray.init(logging_level=logging.WARNING)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        most = autoscaler_max_resources()
-        try:
-            device, why = choose_device(args.device, gpus, most.get("GPU", 0) if most is not None else None)
-        except UserError:
-            ray.shutdown()
-            raise
-        gpus = max(gpus, (most or {}).get("GPU", 0))
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
-        gpus = 0
-        if args.device != "cpu":
-            import torch
-
-            gpus = torch.cuda.device_count()  # a workstation's GPUs serve the embedded Ray too
-        device = args.device if args.device != "auto" else ("cuda" if gpus else "cpu")
-        why = f"{gpus} GPU(s) on this machine" if args.device == "auto" else f"--device {args.device}"
-        if device == "cuda" and not gpus:
-            raise UserError("invalid device='cuda': this machine has no GPU (use --device cpu or auto)")
+    device, why, gpus = _devices(args.device, cluster)
     if num_actors is None:
         # With GPUs, one actor per GPU the cluster has or its autoscaler can add: the pool asks for them all and
         # works with those that start. Locally on CPU, one actor per core up to 4 (each decodes its own parts,
@@ -136,6 +120,36 @@ def init_ray(args: argparse.Namespace, config, fitted_precision: str | None = No
     logger.info("ray: %s, up to %d actor(s) on %s, %s",
                 "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local", num_actors, device, precision)
     return run
+
+
+def _devices(choice: str, cluster: bool) -> tuple[str, str, float]:
+    """The actors' device for ``--device choice``, why, and the GPUs there are or an autoscaler can add. On a cluster
+    this connects to it (``ray.init``); locally it counts this machine's GPUs (Ray is started by the caller)."""
+    import ray
+
+    from rayanom.config import UserError
+    from rayanom.pool import autoscaler_max_resources, choose_device
+
+    if cluster:
+        ray.init(logging_level=logging.WARNING)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        most = autoscaler_max_resources()
+        try:
+            device, why = choose_device(choice, gpus, most.get("GPU", 0) if most is not None else None)
+        except UserError:
+            ray.shutdown()
+            raise
+        return device, why, max(gpus, (most or {}).get("GPU", 0))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
+    gpus = 0
+    if choice != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()  # a workstation's GPUs serve the embedded Ray too
+    device = choice if choice != "auto" else ("cuda" if gpus else "cpu")
+    if device == "cuda" and not gpus:
+        raise UserError("invalid device='cuda': this machine has no GPU (use --device cpu or auto)")
+    return device, f"{gpus} GPU(s) on this machine" if choice == "auto" else f"--device {choice}", gpus
 
 
 def start_ray_for_tasks() -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 
-import _cli
+if __package__:  # python -m jobs.compare, or the rayanom-* console scripts
+    from . import _cli
+else:  # python jobs/compare.py (the README, ray job submit): jobs/ is the script's own directory
+    import _cli
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.parser(__doc__, add_help)
     p.add_argument("--a", required=True, metavar="SCORES", help="the first (earlier) scores directory")
     p.add_argument("--b", required=True, metavar="SCORES", help="the second (later) scores directory")
     p.add_argument("--out", required=True, help="directory for compare.json and compare.png (local path or URI)")
@@ -47,5 +49,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: flags parsed, the job run, the exit code set (``_cli.run_main``)."""
     _cli.run_main(lambda: main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import _cli
+if __package__:  # python -m jobs.decide, or the rayanom-* console scripts
+    from . import _cli
+else:  # python jobs/decide.py (the README, ray job submit): jobs/ is the script's own directory
+    import _cli
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.parser(__doc__, add_help)
     p.add_argument("--scores", required=True, help="a scores directory written by score.py or fit.py --score")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--threshold", type=float, metavar="VALUE", help="is_anomalous = anomaly_score >= VALUE")
@@ -66,5 +68,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: flags parsed, the job run, the exit code set (``_cli.run_main``)."""
     _cli.run_main(lambda: main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,7 +14,10 @@ import contextlib
 import logging
 import os
 
-import _cli
+if __package__:  # python -m jobs.fit, or the rayanom-* console scripts
+    from . import _cli
+else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's own directory
+    import _cli
 
 logger = logging.getLogger("rayanom.jobs.fit")
 
@@ -22,8 +25,7 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, choices=["dfkde", "dfm", "rkde"], help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
@@ -275,5 +277,10 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: flags parsed, the job run, the exit code set (``_cli.run_main``)."""
     _cli.run_main(lambda: main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import _cli
+if __package__:  # python -m jobs.score, or the rayanom-* console scripts
+    from . import _cli
+else:  # python jobs/score.py (the README, ray job submit): jobs/ is the script's own directory
+    import _cli
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="artifact directory written by fit.py")
     p.add_argument("--index", required=True, help="parquet index with a 'path' column")
     p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
@@ -83,5 +85,10 @@ def main(args: argparse.Namespace) -> int:
     return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: flags parsed, the job run, the exit code set (``_cli.run_main``)."""
     _cli.run_main(lambda: main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

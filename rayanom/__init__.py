@@ -1,3 +1,38 @@
-"""rayanom: image anomaly detection (DFKDE) as a distributed batch job on Ray."""
+"""rayanom: image anomaly detection (DFKDE, DFM, RKDE) as a distributed batch job on Ray.
+
+The public API, imported lazily (``import rayanom`` loads neither torch nor Ray, so the decode workers stay light):
+
+    import ray
+    import rayanom
+
+    ray.init()                                            # the library never starts Ray; the jobs in jobs/ do
+    index = rayanom.describe_index("s3://bucket/index.parquet")      # URIs or local paths, everywhere
+    config = rayanom.DfkdeConfig()
+    weights = rayanom.resolve_weights(config, None, pretrained=True)[1]
+    result = rayanom.fit(index, config, weights, rayanom.RunConfig(num_actors=4))
+    result.artifact.save("s3://bucket/models/m1")
+    rayanom.score(index, rayanom.Artifact.load("s3://bucket/models/m1"), "s3://bucket/scores/run1")
+    rayanom.evaluate("s3://bucket/scores/run1", "s3://bucket/scores/run1-report")   # no Ray needed
+"""
 
 __version__ = "0.1.0"
+
+# name -> module: what ``from rayanom import name`` gives, imported on first use (PEP 562)
+_API = {
+    "fit": "rayanom.pipeline", "score": "rayanom.pipeline", "FitResult": "rayanom.pipeline",
+    "Artifact": "rayanom.artifact",
+    "DfkdeConfig": "rayanom.config", "DfmConfig": "rayanom.config", "RkdeConfig": "rayanom.config",
+    "RunConfig": "rayanom.config", "UserError": "rayanom.config",
+    "describe_index": "rayanom.index", "resolve_weights": "rayanom.features",
+    "evaluate": "rayanom.report", "compare_runs": "rayanom.compare", "Threshold": "rayanom.decide",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    msg = f"module 'rayanom' has no attribute {name!r}"
+    raise AttributeError(msg)

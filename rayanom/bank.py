@@ -1,4 +1,4 @@
-"""Memory bank: a uniform, seeded random subset of at most ``max_training_points`` (K) items (models.md A7).
+"""Memory bank: a uniform, seeded random subset of at most ``max_training_points`` (K) items.
 
 Every bank item (a training image for DFKDE/DFM, a region of one for RKDE) gets a deterministic key u in [0, 1) from
 (row, item, seed); the K decoded items with the smallest keys are a uniform K-subset drawn without replacement,

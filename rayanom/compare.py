@@ -16,7 +16,7 @@ reads the same row range of both runs), flips are counted exactly over every joi
 bounded heap, and Spearman and KS use a uniform sample of at most ``SAMPLE`` rows per run (every k-th row, the same
 rows in every run; exact below that size). The sampling error of Spearman's rho is about 1 / sqrt(sample) and that of
 a KS statistic about 1.36 / sqrt(rows of the type in the sample) at 95 %, both stated in the output. A ``path`` join
-holds both runs' paths and scores (up to ``evaluate.EXACT_ROWS`` rows; more is refused, naming the limit).
+holds both runs' paths and scores (up to ``summary.EXACT_ROWS`` rows; more is refused, naming the limit).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from rayanom.config import UserError
 from rayanom.data import (
     DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, read_bytes, resolve_filesystem,
 )
-from rayanom.evaluate import EXACT_ROWS
+from rayanom.summary import EXACT_ROWS
 from rayanom.report import png_bytes
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DfkdeConfig:
-    """DFKDE: pooled backbone features -> PCA -> scaling -> Gaussian KDE (models.md A1, A3-A7).
+    """DFKDE: pooled backbone features -> PCA -> scaling -> Gaussian KDE.
 
     ``backbone`` defaults to resnet50 (2048-d layer4 features, as the DFKDE description specifies); anomalib's code
     default is resnet18, one flag away. Several ``layers`` are concatenated on the feature axis, in the given order.
@@ -90,7 +90,7 @@ def _check_kde(config) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DfmConfig:
-    """DFM: one backbone layer -> avg-pool -> PCA keeping a variance fraction -> FRE or Gaussian NLL (A1, A4, A8, A9).
+    """DFM: one backbone layer -> avg-pool -> PCA keeping a variance fraction -> FRE or Gaussian NLL.
 
     ``pca_level`` in (0, 1) keeps the smallest number of components reaching that explained-variance fraction
     (scikit-learn's rule); an integer > 1 keeps exactly that many.
@@ -137,8 +137,8 @@ class DfmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RkdeConfig:
-    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region (A2, A5-A7,
-    A10, A12). The image score is the largest region score; boxes are reported in original image pixels."""
+    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region. The image score
+    is the largest region score; boxes are reported in original image pixels."""
 
     roi_stage: Literal["rcnn", "rpn"] = "rcnn"
     roi_score_threshold: float = 0.001

@@ -52,7 +52,7 @@ RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL,
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default bomb limit (0.25 GiB of RGBA); larger images are refused from the header
 
-# ImageNet statistics, as anomalib's default pre-processor (models.md A1/B 1.2).
+# ImageNet statistics: the mean and std anomalib's default pre-processor normalises with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

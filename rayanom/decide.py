@@ -108,7 +108,7 @@ def load_threshold(model_dir: str, model_fingerprint: str) -> Threshold | None:
 def threshold_from_val(scores_uri: str) -> Threshold | None:
     """The F1-adaptive threshold of the labelled ``val`` rows of a scores dataset, and their score range; None when
     those rows do not hold both classes."""
-    from rayanom.evaluate import read_score_columns
+    from rayanom.summary import read_score_columns
     from rayanom.report import f1_adaptive_threshold
 
     cols = read_score_columns(scores_uri, require_labels=False, only_val=True)  # the driver holds the val rows only

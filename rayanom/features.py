@@ -258,8 +258,8 @@ class FeatureExtractor:
     """Backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
 
     DFKDE: global average pool of each layer, concatenated on the feature axis -> (n, sum of channels).
-    DFM: ``avg_pool2d(pooling_kernel_size)`` of its one layer, flattened channel-major (models.md B 2.3) ->
-    (n, C * h' * w'); ``map_shape`` = (C, h', w') gives the layout back for anomaly maps.
+    DFM: ``avg_pool2d(pooling_kernel_size)`` of its one layer, flattened channel-major as anomalib's ``view(n, -1)``
+    -> (n, C * h' * w'); ``map_shape`` = (C, h', w') gives the layout back for anomaly maps.
     The Ray stage classes (``pipeline``) own the batch dicts; this class owns torch.
     """
 

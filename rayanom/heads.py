@@ -17,7 +17,7 @@ from rayanom.config import UserError
 
 logger = logging.getLogger(__name__)
 
-# anomalib's KDEClassifier.compute_probabilities constants (models.md A6): s = 1 / (1 + exp(0.05 (log p - 12))).
+# anomalib's KDEClassifier.compute_probabilities constants: s = 1 / (1 + exp(0.05 (log p - 12))).
 ANOMALIB_STEEPNESS = 0.05
 ANOMALIB_OFFSET = 12.0
 # The batch contract (README "Determinism"): the same rows in the same batches, on the same hardware, library versions
@@ -70,12 +70,13 @@ def _on_device(obj: object, exact: bool, device, arrays: dict) -> dict:
 
 
 class PCA:
-    """Principal components in float64 (models.md A4).
+    """Principal components in float64; the input is never mutated (anomalib's PCA centres it in place).
 
     ``n_components`` is an integer k (exactly k components) or a fraction in (0, 1): the smallest k whose cumulative
-    explained variance reaches it (scikit-learn's rule). Tall data (n > d) is decomposed through the d x d scatter
-    matrix, accumulated in float64 over row chunks; wide data through a float64 thin SVD (whose n x n factor is then
-    smaller than d x d). Never a full-matrices SVD, never an n x n matrix when n > d.
+    explained variance reaches it (scikit-learn's rule; anomalib's DFM keeps one component fewer). Tall data (n > d)
+    is decomposed through the d x d scatter matrix, accumulated in float64 over row chunks; wide data through a
+    float64 thin SVD (whose n x n factor is then smaller than d x d). Never a full-matrices SVD, never an n x n matrix
+    when n > d.
     """
 
     def __init__(self, n_components: int | float = 16) -> None:
@@ -123,9 +124,11 @@ class PCA:
 class GaussianKDE:
     """``scipy.stats.gaussian_kde`` semantics: Scott factor n^(-1/(d+4)) times the full unbiased data covariance.
 
-    No centring of the support points (fixes anomalib P1); log-densities by a shifted log-sum-exp (fixes P7), in
-    tiles of queries x support points on torch (P8); the bandwidth is Cholesky-factorised with a jitter only if
-    needed (P9).
+    No centring of the support points (anomalib centres them but not the queries, which is wrong for ``norm``
+    scaling); log-densities by a shifted log-sum-exp (anomalib's float32 density underflows to 0 far from the
+    support, so its log-density is -inf and far queries tie), in tiles of queries x support points on torch
+    (anomalib loops over the queries in Python); the bandwidth is Cholesky-factorised in float64 with a jitter only if
+    needed (anomalib inverts it in float32, which fails or loses accuracy on a near-singular covariance).
 
     Scoring whitens the queries (identity bandwidth), then sums exp(-|y - b|^2 / 2 - c) over tiles of the support
     with one matrix product per tile (the squared distance expanded, in coordinates centred on the support mean),
@@ -244,7 +247,7 @@ def _cholesky_with_jitter(cov: np.ndarray) -> np.ndarray:
 
 
 class KdeHead:
-    """DFKDE/RKDE head: PCA (k components) -> scaling -> Gaussian KDE (models.md A4-A6).
+    """DFKDE/RKDE head: PCA (k components) -> scaling -> Gaussian KDE.
 
     ``feature_scaling="scale"`` divides by the largest training projection norm (stored); ``"norm"`` makes each
     projection a unit vector.
@@ -339,11 +342,12 @@ class KdeHead:
 
 
 class DfmHead:
-    """DFM head: PCA keeping ``n_components`` (fraction or count) -> FRE or Gaussian NLL (models.md A8, A9).
+    """DFM head: PCA keeping ``n_components`` (fraction or count) -> FRE or Gaussian NLL.
 
     FRE (feature reconstruction error) = squared norm of the residual of the PCA reconstruction, the textbook formula
-    (equal to anomalib's). NLL = Gaussian negative log-likelihood in PCA space, centred on the training mean (fixes
-    anomalib's double centring, P5), without the constant k log 2 pi and the 1/2 factor, as anomalib:
+    (equal to anomalib's). NLL = Gaussian negative log-likelihood in PCA space, centred on the training mean
+    (anomalib subtracts the mean twice, so it measures the uncentred projection x V_k), without the constant
+    k log 2 pi and the 1/2 factor, as anomalib:
     sum((z_i / sigma_i)^2) + 2 sum(log sigma_i), with sigma_i^2 = s_i^2 / n (anomalib's biased variance).
     """
 

@@ -8,8 +8,8 @@ network-input or original resolution) and heat-map overlays; RKDE box overlays a
     anomaly_map(row, (256, 256))                              # network input, as anomalib's anomaly_map
     anomaly_map(row, (row["image_height"], row["image_width"]))  # original image pixels
 
-Upsampling is bilinear with ``align_corners=False``, as anomalib (models.md B 6.2). The map at any resolution is the
-per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
+Upsampling is bilinear with ``align_corners=False``, as anomalib's DFM upsamples its map. The map at any resolution
+is the per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from rayanom.data import (
     ReadPolicy, decode_table, error_message, failed_table,
 )
 from rayanom.features import FeatureExtractor, artifact_weights, device_kind
-from rayanom.evaluate import summarize
+from rayanom.summary import summarize
 from rayanom.heads import anomaly_probability
 from rayanom.parts import open_parts, table_fingerprint
 
@@ -371,13 +371,19 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
               "decode_threads": run.decode_threads, "policy": read_policy(run)}
     with _pool(BankFeatures, kwargs, run, -(-min(n, len(candidates.rows)) // run.batch_size)) as actors:
         bank = collect_bank(candidates, config.seed, k, slots, run_pass)
+    return _fitted(bank, n, t0, index, index_name, config, weights_source, run)
+
+
+def _fitted(bank, n: int, t0: float, index, index_name: str, config: ModelConfig, weights_source: dict,
+            run: RunConfig) -> FitResult:
+    """The head fitted on ``bank`` (``bank.collect_bank``'s), with the artifact's provenance; logs what was read."""
     ids, feats = bank.ids, bank.features
     failures = sorted(bank.failures.items())
     n_ok = bank.n_read - len(failures)
     if failures:
         logger.warning("fit: %d of %d training rows read failed, e.g. row %d: %s", len(failures), bank.n_read,
                        *failures[0])
-    if config.model == "dfm" and n - len(failures) > k:
+    if config.model == "dfm" and n - len(failures) > config.max_training_points:
         logger.warning("fit: DFM fitted on a uniform subset of %d of %d training rows (anomalib uses all of them); "
                        "raise --max-training-points to use more", len(ids), n)
     logger.info("fit: bank of %d x %d features from %d of %d training rows read (%d decoded, %d passes) in %.1f s",
@@ -560,10 +566,8 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
     other row kept as it was. ``threshold`` (a ``decide.Threshold``, or None) decides ``is_anomalous`` and
     ``normalized_score``; complete parts decided with another threshold are decided again (``decide.apply_to_parts``),
-    never scored again. Returns the summary of ``evaluate.summarize``, with the threshold.
+    never scored again. Returns the summary of ``summary.summarize``, with the threshold.
     """
-    import uuid
-
     n, per_part = index.n_rows, run.rows_per_part
     # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
     # so parts of a format-3 run are not resumed into a format-4 one.
@@ -580,25 +584,7 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
                 manifest["n_parts"], len(todo) - len(retry),
                 f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
-        from rayanom.parts import MODEL_COPY
-
-        t0 = time.time()
-        model = f"{output.rstrip('/')}/{MODEL_COPY}"
-        artifact.save(model, overwrite=True)
-        kwargs = {"model": model, "fingerprint": manifest["model"], "weights": weights or artifact.weights,
-                  "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
-                  "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
-                  "decode_threads": run.decode_threads, "policy": read_policy(run),
-                  "threshold": dataclasses.asdict(threshold) if threshold else None}
-        calls = [({**t, "index": index.part_of(t["start"], t["stop"])},) for t in todo]
-        with _pool(PartScorer, kwargs, run, len(todo)) as actors:
-            written = list(actors.map_unordered("score_part", calls))
-        n_done = sum(int(r["rows"]) for r in written)
-        if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
-            msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
-            raise RuntimeError(msg)
-        logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
-                    n_done / max(time.time() - t0, 1e-9))
+        _write_parts(index, artifact, output, run, todo, manifest["model"], job, weights, threshold)
     if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
         from rayanom.decide import apply_to_parts
 
@@ -611,6 +597,32 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
         raise RuntimeError(msg)
     summary["threshold"] = dataclasses.asdict(threshold) if threshold else None
     return summary
+
+
+def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
+                 job: str | None, weights: dict | None, threshold) -> None:
+    """Score the parts ``todo`` on a pool of ``PartScorer`` actors; checks that every part and row was written."""
+    import uuid
+
+    from rayanom.parts import MODEL_COPY
+
+    t0 = time.time()
+    model = f"{output.rstrip('/')}/{MODEL_COPY}"
+    artifact.save(model, overwrite=True)
+    kwargs = {"model": model, "fingerprint": fingerprint, "weights": weights or artifact.weights,
+              "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
+              "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
+              "decode_threads": run.decode_threads, "policy": read_policy(run),
+              "threshold": dataclasses.asdict(threshold) if threshold else None}
+    calls = [({**t, "index": index.part_of(t["start"], t["stop"])},) for t in todo]
+    with _pool(PartScorer, kwargs, run, len(todo)) as actors:
+        written = list(actors.map_unordered("score_part", calls))
+    n_done = sum(int(r["rows"]) for r in written)
+    if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
+        msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
+        raise RuntimeError(msg)
+    logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
+                n_done / max(time.time() - t0, 1e-9))
 
 
 def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:

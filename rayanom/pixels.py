@@ -58,7 +58,7 @@ import numpy as np
 from rayanom.data import (
     ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL, read_bytes, resolve_filesystem,
 )
-from rayanom.evaluate import VAL_SPLIT
+from rayanom.summary import VAL_SPLIT
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Region stage of RKDE: detector boxes in the 240 x 360 network frame, then a 4096-d feature per box.
 
-What anomalib 1.2.0's ``RegionExtractor`` and ``FeatureExtractor`` compute (models.md A2, A10, A12, B 1.3, B 7.1-7.4):
+What anomalib 1.2.0's ``RegionExtractor`` and ``FeatureExtractor`` compute:
 a torchvision Faster R-CNN ResNet-50 FPN (COCO_V1 layout) proposes boxes, ``postprocess`` keeps the large,
 non-overlapping, best-scoring ones, and the AlexNet-style Fast R-CNN trunk gives each box its fc7 activations
 (RoIAlign 6 x 6 at stride 16 -> fc6 -> fc7). Images come in resized to 240 x 360 (H x W), RGB in [0, 1], not
@@ -9,8 +9,8 @@ normalised: both networks normalise internally. Weights are resolved once, on th
 
 Deviations from anomalib 1.2.0, each deliberate:
 
-* P16 fixed: boxes are rescaled with x by the width ratio and y by the height ratio (anomalib's ``scale_boxes`` swaps
-  them). RPN proposals are rescaled from the resized image size, not the padded batch size (anomalib shrinks y by
+* Boxes are rescaled with x by the width ratio and y by the height ratio (anomalib's ``scale_boxes`` swaps them).
+  RPN proposals are rescaled from the resized image size, not the padded batch size (anomalib shrinks y by
   1200/1216 ~ 1.3 %). In the region feature extractor the fix changes nothing at 240 x 360 (both ratios are 2.5).
 * Boxes can be mapped to original image pixels (``boxes_to_original``); anomalib stops at the 240 x 360 frame.
 * RPN stage: every proposal scores 1, so the class-agnostic NMS order is a tie. Here NMS ranks proposals by their
@@ -47,7 +47,7 @@ from rayanom.features import load_state_file
 
 logger = logging.getLogger(__name__)
 
-FRAME_SIZE = (240, 360)  # (H, W) the images are resized to (models.md B 1.3)
+FRAME_SIZE = (240, 360)  # (H, W) the images are resized to, as by anomalib 1.2.0's RKDE transform
 FEATURE_DIM = 4096
 ROI_STAGES = ("rcnn", "rpn")
 COCO_CLASSES = 91  # COCO_V1 detector: 90 classes and background
@@ -56,7 +56,7 @@ EXTRACTOR_SIZE, EXTRACTOR_MAX_SIZE = 600, 1000  # the region extractor's Resize(
 
 def build_detector(roi_stage: Literal["rcnn", "rpn"] = "rcnn", roi_score_threshold: float = 0.001,
                    max_detections_per_image: int = 100) -> FasterRCNN:
-    """Faster R-CNN ResNet-50 FPN, without weights, exactly as anomalib's RegionExtractor configures it (B 7.1).
+    """Faster R-CNN ResNet-50 FPN, without weights, exactly as anomalib's RegionExtractor configures it.
 
     The body of ``fasterrcnn_resnet50_fpn`` on its pretrained path: FrozenBatchNorm2d with eps 0 (torchvision's
     ``overwrite_eps`` for COCO_V1), 3 trainable layers (which only sets ``requires_grad``), 91 classes.
@@ -77,7 +77,7 @@ def build_detector(roi_stage: Literal["rcnn", "rpn"] = "rcnn", roi_score_thresho
 
 
 class RegionFeatureNet(nn.Module):
-    """The AlexNet-style Fast R-CNN region feature extractor (B 7.4), keys as ``rkde_feature_extractor.pth``.
+    """The AlexNet-style Fast R-CNN region feature extractor of anomalib's RKDE, keys as ``rkde_feature_extractor.pth``.
 
     ``features.{0,3,6,8,10}`` are the convolutions and ``classifier.{0,2}`` fc6 and fc7; there is no third max-pool,
     so the trunk's stride is 16.
@@ -112,7 +112,8 @@ class RegionFeatureNet(nn.Module):
 
 
 def _xy_ratios(old_hw: tuple[int, int], new_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(rW, rH, rW, rH) for xyxy boxes, float32 as torchvision computes them: the P16 fix (x by width, y by height)."""
+    """(rW, rH, rW, rH) for xyxy boxes, float32 as torchvision computes them: x by the width ratio and y by the height
+    ratio (anomalib's ``scale_boxes`` swaps them)."""
     ratio = torch.tensor([new_hw[1], new_hw[0]], dtype=torch.float32) / torch.tensor([old_hw[1], old_hw[0]],
                                                                                      dtype=torch.float32)
     return ratio.repeat(2).to(device)
@@ -211,7 +212,8 @@ def _keep(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float | No
 def postprocess(boxes: np.ndarray, scores: np.ndarray, *, score_threshold: float | None = 0.001,
                 min_box_size: float = 25, iou_threshold: float = 0.3,
                 max_detections_per_image: int = 100) -> np.ndarray:
-    """Indices of the regions RKDE keeps among one image's candidates, best score first (B 7.3).
+    """Indices of the regions RKDE keeps among one image's candidates, best score first, as anomalib's
+    ``RegionExtractor`` keeps them.
 
     In order: ``score > score_threshold`` (torchvision's ``box_score_thresh`` rule; None skips it), boxes at least
     ``min_box_size`` wide and high, class-agnostic NMS dropping boxes with IoU > ``iou_threshold`` with a better
@@ -240,7 +242,7 @@ def boxes_to_original(boxes: np.ndarray, frame_size: tuple[int, int] = FRAME_SIZ
                       original_size: tuple[int, int]) -> np.ndarray:
     """Map (k, 4) [x1, y1, x2, y2] boxes from the network frame (H x W) to original image pixels, float64.
 
-    x is scaled by ``w / W`` and y by ``h / H`` (anomalib's ``scale_boxes`` swaps the two, B P16). Coordinates are
+    x is scaled by ``w / W`` and y by ``h / H`` (anomalib's ``scale_boxes`` swaps the two). Coordinates are
     continuous pixel edges, as torchvision's, so a box covering original columns [a, b) comes back as x1 = a, x2 = b;
     they are clipped to [0, w] x [0, h]. ``original_size`` may hold arrays, one (h, w) per box: the boxes of many images mapped at once.
     """
@@ -278,7 +280,7 @@ class RegionModel:
     Args:
         detector_state: from ``detector_state``.
         extractor_state: from ``region_extractor_state``.
-        roi_stage: "rcnn" (detector boxes and class scores) or "rpn" (RPN proposals, B 7.2).
+        roi_stage: "rcnn" (detector boxes and class scores) or "rpn" (RPN proposals).
         roi_score_threshold: minimum box score ("rcnn") or RPN objectness ("rpn").
         min_box_size: minimum box width and height in frame pixels.
         iou_threshold: class-agnostic NMS threshold.
@@ -324,14 +326,15 @@ class RegionModel:
         return [(b.float().cpu().numpy(), f.float().cpu().numpy()) for b, f in zip(boxes, features, strict=True)]
 
     def _candidates(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image, candidate boxes in the input frame and the scores NMS ranks them by (B 7.2)."""
+        """Per image, candidate boxes in the input frame and the scores NMS ranks them by."""
         if self.roi_stage == "rcnn":
             return [(p["boxes"], p["scores"]) for p in self.detector(x)]
         images, _ = self.detector.transform(x)
         proposals, _ = self.detector.rpn(images, self.detector.backbone(images.tensors))
         out = []
         for boxes, size in zip(proposals, images.image_sizes, strict=True):
-            # Already clipped to the resized image by the RPN; rescale from that size, not the padded one (P16).
+            # Already clipped to the resized image by the RPN; rescale from that size, not the padded one (anomalib
+            # rescales from the padded one with swapped ratios: y shrinks by 1200/1216 at 240 x 360).
             boxes = boxes * _xy_ratios(size, x.shape[-2:], boxes.device)
             rank = torch.arange(len(boxes), 0, -1, dtype=boxes.dtype, device=boxes.device)  # RPN order, see top
             out.append((boxes, rank))

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from rayanom.data import resolve_filesystem
-from rayanom.evaluate import EXACT_ROWS, VAL_SPLIT, Histograms, _count_rows, read_score_columns
+from rayanom.summary import EXACT_ROWS, VAL_SPLIT, Histograms, _count_rows, read_score_columns
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +372,22 @@ def _exact(scores_uri: str, decision: float | None = None, pixel: dict | None = 
     return metrics, _figure_png(roc, hist, metrics, pr, by_type)
 
 
+def _histogram(scores_uri: str, pixel: dict | None) -> tuple[dict, bytes]:
+    """``evaluate``'s metrics and figure from streamed histograms (above ``EXACT_ROWS`` rows)."""
+    h = Histograms.from_scores(scores_uri)
+    n_val = int(h.select(True).sum())
+    metrics, (roc, pr), hist = _histogram_metrics(h, n_val)
+    use_val = metrics["threshold_source"] == "validation split"
+    metrics["threshold_source"], n_val = _threshold_source(
+        use_val, n_val, int(h.select(False).sum()) if use_val else h.finite)
+    if h.scored > h.finite:
+        logger.warning("%d scored row(s) of %s have a non-finite score; counted as failed", h.scored - h.finite,
+                       scores_uri)
+    metrics.update({"scores": scores_uri, "rows": h.rows, "scored": h.finite, "failed": h.rows - h.finite,
+                    "n_validation": n_val, "pixel": pixel})
+    return metrics, _figure_png(roc, hist, metrics, pr)
+
+
 def decision_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict | None:
     """Precision, recall and F1 of the decisions ``score >= threshold`` (None when ``labels`` lacks a class)."""
     from sklearn.metrics import f1_score, precision_score, recall_score
@@ -395,10 +411,10 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     one class, the threshold is chosen on, and the metrics reported on, all scored rows, with a warning. Rows with
     an ``error`` or a null or non-finite score count as failed and are left out of the metrics.
 
-    Exact up to ``exact_rows`` rows (``evaluate.EXACT_ROWS``): the score (float64), label (int64) and two booleans
+    Exact up to ``exact_rows`` rows (``summary.EXACT_ROWS``): the score (float64), label (int64) and two booleans
     (scored, validation) are held on the driver, about 18 bytes per row (16-24 with Arrow buffers), 5 million rows
     ~ 120 MB at most, and scikit-learn's ROC/PR curves sort the scores and add a few temporary arrays of the same
-    length. Above, the parts are streamed twice (a million rows at a time) into ``evaluate.Histograms``: the driver
+    length. Above, the parts are streamed twice (a million rows at a time) into ``summary.Histograms``: the driver
     holds O(bins) numbers whatever the number of rows; AUROC comes with ``auroc_error_bound``, the threshold is the
     best bin edge and F1, precision and recall are exact at it. The error text and the split strings are reduced to
     booleans by the parquet scanner in both cases.
@@ -426,18 +442,7 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
 
         pixel = pixel_metrics(scores_uri, pixel_size)
     if _count_rows(scores_uri) > exact_rows:
-        h = Histograms.from_scores(scores_uri)
-        n_val = int(h.select(True).sum())
-        metrics, (roc, pr), hist = _histogram_metrics(h, n_val)
-        use_val = metrics["threshold_source"] == "validation split"
-        metrics["threshold_source"], n_val = _threshold_source(
-            use_val, n_val, int(h.select(False).sum()) if use_val else h.finite)
-        if h.scored > h.finite:
-            logger.warning("%d scored row(s) of %s have a non-finite score; counted as failed", h.scored - h.finite,
-                           scores_uri)
-        metrics.update({"scores": scores_uri, "rows": h.rows, "scored": h.finite, "failed": h.rows - h.finite,
-                        "n_validation": n_val, "pixel": pixel})
-        png = _figure_png(roc, hist, metrics, pr)
+        metrics, png = _histogram(scores_uri, pixel)
     else:
         metrics, png = _exact(scores_uri, decision, pixel)
 

@@ -16,7 +16,8 @@ from ray.cluster_utils import Cluster
 demo_index, demo_test, out_dir = sys.argv[1:4]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 # 3 CPUs a worker: after the loss both scoring actors (1 CPU each) may restart on the surviving node, and a footer
-# task (0.5 CPU) must still fit beside them there (ray.md section 2).
+# task (0.5 CPU) must still fit beside them there (an actor holds its CPU for the whole run, so actors on every CPU
+# leave a task none and the dataset hangs).
 workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
 ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
 from rayanom import pipeline

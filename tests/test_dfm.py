@@ -22,7 +22,7 @@ def _features(n, d, seed=0, mean=5.0):
 
 
 def _anomalib_fre(train, query, k):
-    """anomalib's PCA.fit (float64 thin SVD, float32 V_k and mean) then DFM FRE in float32 (models.md B 3.1, 6.2)."""
+    """anomalib's PCA.fit (float64 thin SVD, float32 V_k and mean) then DFM FRE in float32."""
     x = torch.from_numpy(train.copy())
     mean = x.mean(dim=0)
     x -= mean
@@ -73,8 +73,9 @@ def test_nll_equals_scipy_gaussian_in_pca_space():
 
 
 def test_nll_is_centred_on_the_training_mean():
-    # anomalib's double centring (P5) measures from the origin of the uncentred projection: with a training mean
-    # of 5 everywhere, the origin looked most normal there. Here the training mean is the most normal point.
+    # anomalib's double centring (it subtracts the training mean twice) measures from the origin of the uncentred
+    # projection: with a training mean of 5 everywhere, the origin looked most normal there. Here the training mean
+    # is the most normal point.
     train = _features(300, 20, seed=6, mean=5.0)
     head = DfmHead(6, "nll").fit(train)
     at_mean = head.anomaly_scores(train.mean(0, keepdims=True))[0]

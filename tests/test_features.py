@@ -1,4 +1,5 @@
-"""Backbone features against a direct timm + torchvision computation (models.md B 1.2 / 2.2), and weight files."""
+"""Backbone features against anomalib's resize, normalisation and pooling computed directly with timm + torchvision,
+and weight files."""
 
 import numpy as np
 import pytest

@@ -65,7 +65,7 @@ def test_gaussian_kde_far_queries_do_not_underflow():
     ref = gaussian_kde(z.T).logpdf(far.T)  # scipy also uses logsumexp in logpdf
     for exact, rtol in ((True, 1e-9), (False, 1e-6)):
         ours = kde.score_samples(far, exact=exact)
-        # anomalib's float32 density is exactly 0 here (log = -inf, ties, P7); the shifted sum keeps the ranking.
+        # anomalib's float32 density is exactly 0 here (log = -inf, so they tie); the shifted sum keeps the ranking.
         assert np.isfinite(ours).all() and ours[0] > ours[1] > ours[2]
         np.testing.assert_allclose(ours, ref, rtol=rtol)
 

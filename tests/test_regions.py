@@ -1,4 +1,4 @@
-"""RKDE region stage (rayanom.regions) against a step-by-step anomalib 1.2.0 reference (models.md B 7), P16 fixed.
+"""RKDE region stage (rayanom.regions) against a step-by-step anomalib 1.2.0 reference, its box rescaling fixed.
 
 Speed: torchvision's detector transform resizes every image to a shorter side of 800 (240 x 360 -> 800 x 1200), and
 the RCNN stage runs its box head on 1000 proposals: several seconds per image on 2 CPU cores. Tests that run the
@@ -94,7 +94,7 @@ def _model(states, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the reference: anomalib 1.2.0 region_extractor.py / feature_extractor.py / boxes.py, step by step, P16 fixed
+# the reference: anomalib 1.2.0 region_extractor.py / feature_extractor.py / boxes.py, step by step, box rescaling fixed
 
 
 def _frozen(module):
@@ -112,7 +112,8 @@ def _tensors(state):
 
 
 def scale_boxes(boxes, image_size, new_size, fix_p16):
-    """anomalib.data.utils.boxes.scale_boxes multiplies xyxy by (rH, rW, rH, rW) (P16); fixed: (rW, rH, rW, rH)."""
+    """anomalib.data.utils.boxes.scale_boxes multiplies xyxy by (rH, rW, rH, rW), the ratios swapped; fixed:
+    (rW, rH, rW, rH)."""
     scale = torch.Tensor([*new_size]) / torch.Tensor([*image_size])
     if fix_p16:
         scale = scale.flip(0)
@@ -189,9 +190,9 @@ class AnomalibFeatureExtractor(nn.Module):
 
 
 def _reference(states, images, stage):
-    """anomalib's RkdeModel.forward up to the features, split per image as its validation_step does (P16 fixed).
+    """anomalib's RkdeModel.forward up to the features (box rescaling fixed), split per image as validation_step does.
 
-    Also returns, for the RPN stage, the boxes that anomalib's own rescale gives (P16 not fixed).
+    Also returns, for the RPN stage, the boxes that anomalib's own rescale gives (from the padded size, ratios swapped).
     """
     regions, features = AnomalibRegionExtractor(states[0], stage=stage), AnomalibFeatureExtractor(states[1])
     _small(regions.faster_rcnn)
@@ -257,7 +258,7 @@ def test_postprocess_top_k_by_descending_score():
 
 
 def _frame(image):
-    """anomalib 1.2.0 RKDE resize (B 1.3): bilinear, antialiased, float, to 240 x 360."""
+    """anomalib 1.2.0 RKDE resize: bilinear, antialiased, float, to 240 x 360."""
     x = torch.from_numpy(image)[None, None]
     return F.interpolate(x, size=(240, 360), mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
 
@@ -280,7 +281,7 @@ def test_drawn_rectangle_maps_back_to_where_it_is(size, rect):
     tol = np.array([w / 360, h / 240] * 2) * 1.01
     assert got.dtype == np.float64
     assert np.all(np.abs(got - rect) <= tol), (got, rect)
-    swapped = box * np.array([h / 240, w / 360] * 2)  # anomalib's scale_boxes ratio mix-up (P16)
+    swapped = box * np.array([h / 240, w / 360] * 2)  # anomalib's scale_boxes ratio mix-up: x by the height ratio
     if h * 360 != w * 240:  # same aspect: the mix-up is harmless
         assert not np.all(np.abs(swapped - rect) <= tol)
 
@@ -366,7 +367,7 @@ def test_image_without_regions(states, images):
 
 @pytest.mark.parametrize("stage", ["rcnn", "rpn"])
 def test_parity_with_anomalib_reference(states, images, stage):
-    """anomalib 1.2.0 defaults (threshold 0.001, min size 25, NMS 0.3, 100 per image), P16 fixed."""
+    """anomalib 1.2.0 defaults (threshold 0.001, min size 25, NMS 0.3, 100 per image), box rescaling fixed."""
     before = images.copy()
     ours = _model(states, roi_stage=stage)(images)
     np.testing.assert_array_equal(images, before)
@@ -378,7 +379,7 @@ def test_parity_with_anomalib_reference(states, images, stage):
     print(f"{stage}: {[len(b) for b, _ in ours]} regions, max box diff {box_diff:.3g} px, "
           f"max feature diff {feature_diff:.3g}")
     assert box_diff <= 1e-3 and feature_diff <= 1e-4
-    if unfixed:  # anomalib's own rescale (padded size, swapped ratios) gives other boxes: the P16 fix is pinned
+    if unfixed:  # anomalib's own rescale (padded size, swapped ratios) gives other boxes: the fix is pinned
         assert any(b.shape != u.shape or np.abs(b - u).max() > 1 for (b, _), u in zip(ours, unfixed, strict=True))
 
 

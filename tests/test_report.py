@@ -166,7 +166,7 @@ def test_evaluate_without_label_raises(tmp_path):
 
 
 def test_job_summary_counts_rows_and_auroc_without_requiring_labels(tmp_path):
-    from rayanom.evaluate import summarize
+    from rayanom.summary import summarize
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 40)
@@ -214,7 +214,7 @@ def large_scores(tmp_path, n: int = 6000, seed: int = 5):
 
 @pytest.mark.parametrize("bins", [16, 4096])
 def test_histogram_auroc_is_within_its_stated_bound(tmp_path, bins):
-    from rayanom.evaluate import Histograms
+    from rayanom.summary import Histograms
 
     src, labels, scores, ok, _ = large_scores(tmp_path)
     h = Histograms.from_scores(src, bins=bins, sample=1000)  # a sample smaller than the rows: every k-th row
@@ -232,7 +232,7 @@ def test_histogram_auroc_is_within_its_stated_bound(tmp_path, bins):
 
 
 def test_summary_and_report_above_the_exact_size_use_histograms(tmp_path):
-    from rayanom.evaluate import summarize
+    from rayanom.summary import summarize
 
     src, labels, scores, ok, val = large_scores(tmp_path)
     exact_summary, hist_summary = summarize(src), summarize(src, exact_rows=1000)
@@ -288,7 +288,7 @@ def test_histogram_f1max_and_ap_equal_sklearn_on_binned_scores(tmp_path):
     bin number; and within a small distance of the exact values."""
     from sklearn.metrics import average_precision_score
 
-    from rayanom.evaluate import Histograms
+    from rayanom.summary import Histograms
 
     src, labels, scores, ok, val = large_scores(tmp_path)
     approx = evaluate(src, str(tmp_path / "h"), exact_rows=1000)

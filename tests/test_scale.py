@@ -138,6 +138,6 @@ def test_scoring_driver_holds_no_rows_when_the_index_grows_10x(ray_local, tmp_pa
     # The 18,000 extra rows. Python heap: flat (measured +42 KiB): no row object reaches the driver; the old
     # driver-side path held the index's IPC bytes (1.2 MB here) and ~3-6 KiB of Ray Data bookkeeping per 32-row
     # block. Arrow: only the closing summary's read-back of score, label and flags (measured 126 bytes a row at its
-    # peak, with its casts and copies; evaluate.read_score_columns), where the old path also held the index twice.
+    # peak, with its casts and copies; summary.read_score_columns), where the old path also held the index twice.
     assert heap_l - heap_s < 512 << 10, (heap_s, heap_l)
     assert arrow_l - arrow_s < 18_000 * 192, (arrow_s, arrow_l)

@@ -192,7 +192,7 @@ def test_transient_classification(message, transient):
 def test_summary_counts_failures_per_kind(tmp_path):
     import pyarrow.parquet as pq
 
-    from rayanom.evaluate import failure_kinds
+    from rayanom.summary import failure_kinds
 
     errors = [None, "FileNotFoundError: missing file a", "RetriesExhausted: transient ... OSError: x: y", None,
               "FileNotFoundError: missing file b", "ValueError: not an image"]
