@@ -38,8 +38,9 @@ def steady_rate(scores_dir: str) -> tuple[float, int]:
     rows of the parts finished after the first; and the number of parts."""
     import pyarrow.parquet as pq
 
-    parts = sorted((os.path.getmtime(os.path.join(scores_dir, f)), pq.read_metadata(os.path.join(scores_dir, f)).num_rows)
-                   for f in os.listdir(scores_dir) if f.startswith("part-") and f.endswith(".parquet"))
+    files = [os.path.join(scores_dir, f) for f in os.listdir(scores_dir)
+             if f.startswith("part-") and f.endswith(".parquet")]
+    parts = sorted((os.path.getmtime(f), pq.read_metadata(f).num_rows) for f in files)
     if len(parts) < 3:
         return float("nan"), len(parts)
     return sum(n for _, n in parts[1:]) / (parts[-1][0] - parts[0][0]), len(parts)

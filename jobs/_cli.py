@@ -23,8 +23,12 @@ def parser(doc: str, add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The run flags; their defaults are RunConfig's (written there once)."""
+    from rayanom.config import RunConfig
+
     g = parser.add_argument_group("run (speed only; recorded in the artifact's provenance)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=RunConfig.batch_size,
+                   help="images per forward pass (default: %(default)s)")
     g.add_argument("--num-actors", type=int, default=None,
                    help="feature/scoring actors, the most a pool asks for (default: one per GPU the cluster has or "
                         "its autoscaler can add; locally on CPU one per core, at most 4; else 1)")
@@ -39,18 +43,18 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "with (default: %(default)s)")
     g.add_argument("--threads-per-actor", type=int, default=None,
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
-    g.add_argument("--rows-per-part", type=int, default=4096,
+    g.add_argument("--rows-per-part", type=int, default=RunConfig.rows_per_part,
                    help="output rows per parquet part, the unit an interrupted job resumes from (default: %(default)s)")
-    g.add_argument("--io-retries", type=int, default=40,
+    g.add_argument("--io-retries", type=int, default=RunConfig.io_retries,
                    help="retries of a transient storage error (throttling, 5xx, timeouts, dropped connections) per "
                         "request, with jittered exponential backoff from 0.05 s up to 5 s (default: %(default)s)")
-    g.add_argument("--max-file-bytes", type=int, default=256 * 2**20,
+    g.add_argument("--max-file-bytes", type=int, default=RunConfig.max_file_bytes,
                    help="image files larger than this are refused from their size, before reading (default: "
                         "%(default)s, 256 MiB)")
-    g.add_argument("--no-progress-timeout", type=float, default=1800.0, metavar="SECONDS",
+    g.add_argument("--no-progress-timeout", type=float, default=RunConfig.no_progress_s, metavar="SECONDS",
                    help="end the job with an error when no actor call (a part, a chunk of training rows) finishes "
                         "for this long, locally or on a cluster (default: %(default)s)")
-    g.add_argument("--wait-for-actors", type=float, default=600.0, metavar="SECONDS",
+    g.add_argument("--wait-for-actors", type=float, default=RunConfig.start_timeout_s, metavar="SECONDS",
                    help="end the job with an error when no actor could start for this long (on an autoscaling "
                         "cluster, the time to start a node) (default: %(default)s)")
     g.add_argument("--max-failed-fraction", type=float, default=0.01,
@@ -253,7 +257,8 @@ def add_report_flags(parser: argparse.ArgumentParser, where: str, pictures_defau
     g.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
                    help="the scored index has labels: metrics.json (AUROC, F1 at the adaptive and the decision "
                         "thresholds, F1Max, average precision, per defect type) and report.png (one page: ROC and PR "
-                        f"curves, score histograms, scores per defect type and its table) (default: {evaluate_default})")
+                        "curves, score histograms, scores per defect type and its table) "
+                        f"(default: {evaluate_default})")
     g.add_argument("--heatmaps", type=int, default=None, metavar="N",
                    help=f"DFM (fre): heat-map overlays of the N most anomalous images (default: {pictures_default})")
     g.add_argument("--boxes", type=int, default=None, metavar="N",

@@ -25,8 +25,10 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from rayanom.config import CONFIG_CLASSES, DfkdeConfig
+
     p = _cli.parser(__doc__, add_help)
-    p.add_argument("--model", required=True, choices=["dfkde", "dfm", "rkde"], help="model to fit")
+    p.add_argument("--model", required=True, choices=list(CONFIG_CLASSES), help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX",
@@ -36,40 +38,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "the fit index, scored into OUT/val-scores, when it has some)")
     _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
     m = p.add_argument_group("model, all (stored in the artifact)")
-    m.add_argument("--max-training-points", type=int, default=40_000,
+    m.add_argument("--max-training-points", type=int, default=DfkdeConfig.max_training_points,
                    help="memory bank cap, images (DFKDE, DFM) or regions (RKDE) (default: %(default)s)")
-    m.add_argument("--seed", type=int, default=0, help="bank sampling and random-weight seed (default: %(default)s)")
-    b = p.add_argument_group("model, dfkde and dfm")
-    b.add_argument("--backbone", default=None, help="timm CNN name, optionally with a tag (default: resnet50)")
-    b.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
-                   help="network input: SIZE or HEIGHT WIDTH (default: 256 256; RKDE: fixed 240 360)")
-    b.add_argument("--weights", metavar="PATH",
-                   help="timm state dict (.safetensors, or .pth read with weights_only=True), local or a URI; every "
-                        "actor reads it, so on a cluster a path every node can read (default: none)")
-    b.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                   help="timm pretrained weights (needs network or the HF cache); default: yes with --index, "
-                        "no for the demo (random weights seeded with --seed)")
-    k = p.add_argument_group("model, dfkde and rkde")
-    k.add_argument("--n-pca-components", type=int, default=None, help="default: 16")
-    k.add_argument("--feature-scaling", choices=["scale", "norm"], default=None, help="default: scale")
-    k.add_argument("--layers", nargs="+", default=None, help="dfkde: feature layers, concatenated (default: layer4)")
-    f = p.add_argument_group("model, dfm only")
-    f.add_argument("--layer", default=None, help="feature layer (default: layer3)")
-    f.add_argument("--pooling-kernel-size", type=int, default=None, help="average-pooling kernel (default: 4)")
-    f.add_argument("--pca-level", type=_pca_level, default=None,
-                   help="variance fraction in (0, 1), or an integer number of components > 1 (default: 0.97)")
-    f.add_argument("--score-type", choices=["fre", "nll"], default=None, help="default: fre")
-    r = p.add_argument_group("model, rkde only")
-    r.add_argument("--roi-stage", choices=["rcnn", "rpn"], default=None, help="default: rcnn")
-    r.add_argument("--roi-score-threshold", type=float, default=None, help="default: 0.001")
-    r.add_argument("--min-box-size", type=int, default=None, help="pixels of the 240x360 frame (default: 25)")
-    r.add_argument("--iou-threshold", type=float, default=None, help="class-agnostic NMS (default: 0.3)")
-    r.add_argument("--max-detections-per-image", type=int, default=None, help="default: 100")
-    r.add_argument("--detector-weights", metavar="PATH",
-                   help="torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout (default: seeded random)")
-    r.add_argument("--region-weights", metavar="PATH",
-                   help="region feature extractor state dict, layout of anomalib's rkde_feature_extractor.pth "
-                        "(default: seeded random)")
+    m.add_argument("--seed", type=int, default=DfkdeConfig.seed,
+                   help="bank sampling and random-weight seed (default: %(default)s)")
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for name, models in model_flags().items():
+        if models not in groups:
+            names = ", ".join(models[:-1]) + " and " + models[-1] if len(models) > 1 else models[0]
+            groups[models] = p.add_argument_group(f"model, {names} (stored in the artifact)")
+        if name in FIELD_FLAGS:
+            kwargs, what = FIELD_FLAGS[name]
+            groups[models].add_argument("--" + name.replace("_", "-"), default=None,
+                                        help=f"{what} ({default_of(name)})", **kwargs)
+        else:
+            kwargs, what = WEIGHT_FLAG_HELP[name]
+            groups[models].add_argument("--" + name.replace("_", "-"), help=what, **kwargs)
     _cli.add_run_flags(p)
     return p
 
@@ -235,14 +219,81 @@ def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision:
                     "pass --overwrite to replace it")
 
 
-MODEL_FLAGS = {  # flag -> the models it applies to
-    "backbone": ("dfkde", "dfm"), "image_size": ("dfkde", "dfm"), "weights": ("dfkde", "dfm"),
-    "pretrained": ("dfkde", "dfm"), "layers": ("dfkde",), "n_pca_components": ("dfkde", "rkde"),
-    "feature_scaling": ("dfkde", "rkde"), "layer": ("dfm",), "pooling_kernel_size": ("dfm",), "pca_level": ("dfm",),
-    "score_type": ("dfm",), "roi_stage": ("rkde",), "roi_score_threshold": ("rkde",), "min_box_size": ("rkde",),
-    "iou_threshold": ("rkde",), "max_detections_per_image": ("rkde",), "detector_weights": ("rkde",),
-    "region_weights": ("rkde",)}
-NOT_CONFIG = ("weights", "pretrained", "detector_weights", "region_weights")  # where weights come from, not fields
+def _pca_level(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+# The model flags: each config field (the dataclasses hold the defaults) -> argparse keywords and what it is.
+FIELD_FLAGS = {
+    "backbone": ({}, "timm CNN name, optionally with a tag"),
+    "layers": ({"nargs": "+"}, "feature layers, concatenated on the feature axis"),
+    "image_size": ({"type": int, "nargs": "+", "metavar": "PX"},
+                   "network input: SIZE or HEIGHT WIDTH (RKDE's is fixed)"),
+    "n_pca_components": ({"type": int}, "PCA components"),
+    "feature_scaling": ({"choices": ["scale", "norm"]}, "projections divided by the largest training norm, or unit"),
+    "layer": ({}, "feature layer"),
+    "pooling_kernel_size": ({"type": int}, "average-pooling kernel"),
+    "pca_level": ({"type": _pca_level},
+                  "variance fraction in (0, 1), or an integer number of components > 1"),
+    "score_type": ({"choices": ["fre", "nll"]}, "feature reconstruction error (with anomaly maps) or Gaussian NLL"),
+    "roi_stage": ({"choices": ["rcnn", "rpn"]}, "regions from the detector's boxes or from the RPN's proposals"),
+    "roi_score_threshold": ({"type": float}, "lowest candidate score kept"),
+    "min_box_size": ({"type": int}, "smallest box side, pixels of the 240x360 frame"),
+    "iou_threshold": ({"type": float}, "class-agnostic NMS"),
+    "max_detections_per_image": ({"type": int}, "regions kept per image"),
+}
+WEIGHT_FLAG_HELP = {
+    "weights": ({"metavar": "PATH"}, "timm state dict (.safetensors, or .pth read with weights_only=True), local or a "
+                "URI; every actor reads it, so on a cluster a path every node can read (default: none)"),
+    "pretrained": ({"action": argparse.BooleanOptionalAction, "default": None},
+                   "timm pretrained weights (needs network or the HF cache); default: yes with --index, no for the "
+                   "demo (random weights seeded with --seed)"),
+    "detector_weights": ({"metavar": "PATH"}, "torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout "
+                         "(default: seeded random)"),
+    "region_weights": ({"metavar": "PATH"}, "region feature extractor state dict, layout of anomalib's "
+                       "rkde_feature_extractor.pth (default: seeded random)"),
+}
+# Flags that say where the weights come from (not config fields), and the models they apply to.
+WEIGHT_FLAGS = {"weights": ("dfkde", "dfm"), "pretrained": ("dfkde", "dfm"), "detector_weights": ("rkde",),
+                "region_weights": ("rkde",)}
+COMMON = ("max_training_points", "seed")  # fields every model has, with one flag default
+
+
+def model_flags() -> dict[str, tuple[str, ...]]:
+    """Flag -> the models it applies to: each config dataclass's fields (the one list of them), and WEIGHT_FLAGS."""
+    import dataclasses
+
+    from rayanom.config import CONFIG_CLASSES
+
+    out: dict[str, tuple[str, ...]] = {}
+    for model, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            if f.init and f.name not in COMMON:
+                out[f.name] = (*out.get(f.name, ()), model)
+    return {**out, **WEIGHT_FLAGS}
+
+
+def default_of(name: str) -> str:
+    """``default: ...`` for a model flag, read from the config dataclasses (per model where they differ)."""
+    import dataclasses
+
+    from rayanom.config import CONFIG_CLASSES
+
+    shown = {}
+    for model, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            if f.name == name and f.init:
+                v = f.default
+                shown[model] = " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    if len(set(shown.values())) == 1:
+        return f"default: {next(iter(shown.values()))}"
+    by_value: dict[str, list[str]] = {}
+    for model, v in shown.items():
+        by_value.setdefault(v, []).append(model)
+    return "default: " + ", ".join(f"{v} ({', '.join(models)})" for v, models in by_value.items())
 
 
 def build_config(args: argparse.Namespace):
@@ -250,7 +301,7 @@ def build_config(args: argparse.Namespace):
     from rayanom.config import CONFIG_CLASSES, UserError
 
     kwargs = {"max_training_points": args.max_training_points, "seed": args.seed}
-    for name, models in MODEL_FLAGS.items():
+    for name, models in model_flags().items():
         value = getattr(args, name)
         if value is None:
             continue
@@ -261,16 +312,9 @@ def build_config(args: argparse.Namespace):
             if len(value) not in (1, 2):
                 raise UserError(f"invalid image_size={value}: expected SIZE or HEIGHT WIDTH")
             value = (value[0], value[-1])
-        if name not in NOT_CONFIG:
+        if name not in WEIGHT_FLAGS:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
     return CONFIG_CLASSES[args.model](**kwargs)
-
-
-def _pca_level(text: str) -> float | int:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
 
 
 def _join(base: str, name: str) -> str:

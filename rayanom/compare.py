@@ -63,7 +63,8 @@ def _dataset(uri: str):
 
 def _read(dataset, lo: int | None = None, hi: int | None = None) -> dict[str, np.ndarray]:
     """The comparison's columns as numpy (rows ``lo <= row_index < hi`` when given, sorted by ``row_index``): score
-    (NaN where null or failed), decision (-1 where null), normalized (NaN where null), path, defect (None where null)."""
+    (NaN where null or failed), decision (-1 where null), normalized (NaN where null), path, defect (None where
+    null)."""
     names = dataset.schema.names
     cols = [c for c in _COLUMNS if c in names]
     where = None if lo is None else (pc.field(ROW_COL) >= lo) & (pc.field(ROW_COL) < hi)

@@ -2,8 +2,8 @@
 
 Fitting is numpy in float64. Scoring is torch on the scoring device (the actor's GPU, or its CPU), float32 by default
 and float64 with ``exact``: the features never leave the device and only the scores (and DFM's pooled maps) come back.
-Inputs are numpy arrays or torch tensors. Nothing mutates its inputs. Sign convention as scikit-learn: ``score_samples`` returns the
-log-density (higher = more normal); the jobs write ``anomaly_score = -score_samples``.
+Inputs are numpy arrays or torch tensors. Nothing mutates its inputs. Sign convention as scikit-learn:
+``score_samples`` returns the log-density (higher = more normal); the jobs write ``anomaly_score = -score_samples``.
 """
 
 from __future__ import annotations
@@ -180,9 +180,9 @@ class GaussianKDE:
             b = self.support_ - centre
             aug = np.concatenate([b, -0.5 * np.einsum("ij,ij->i", b, b)[:, None], np.ones((len(b), 1))], axis=1).T
             t = _as_tensor(aug, exact, device)
+            tiles = [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]
             cache[key] = {"inv_chol_t": _as_tensor(self.inv_chol_.T, exact, device),
-                          "centre": _as_tensor(centre, exact, device),
-                          "tiles": [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]}
+                          "centre": _as_tensor(centre, exact, device), "tiles": tiles}
         return cache[key]
 
 

@@ -244,7 +244,8 @@ def boxes_to_original(boxes: np.ndarray, frame_size: tuple[int, int] = FRAME_SIZ
 
     x is scaled by ``w / W`` and y by ``h / H`` (anomalib's ``scale_boxes`` swaps the two). Coordinates are
     continuous pixel edges, as torchvision's, so a box covering original columns [a, b) comes back as x1 = a, x2 = b;
-    they are clipped to [0, w] x [0, h]. ``original_size`` may hold arrays, one (h, w) per box: the boxes of many images mapped at once.
+    they are clipped to [0, w] x [0, h]. ``original_size`` may hold arrays, one (h, w) per box: the boxes of many
+    images mapped at once.
     """
     (fh, fw), (h, w) = frame_size, (np.asarray(v, dtype=np.float64)[..., None] for v in original_size)
     scale = np.concatenate([w / fw, h / fh, w / fw, h / fh], axis=-1)

@@ -92,7 +92,8 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
         threshold_scores: scores of that validation split; given together with ``threshold_labels``.
 
     Returns:
-        ``auroc`` (on raw scores), ``f1_max`` and ``average_precision`` (on ``labels``/``scores``), ``threshold`` (predicted anomalous iff ``score >= threshold``),
+        ``auroc`` (on raw scores), ``f1_max`` and ``average_precision`` (on ``labels``/``scores``), ``threshold``
+        (predicted anomalous iff ``score >= threshold``),
         ``threshold_source`` (``"validation split"`` or ``"scored set"``), ``f1``, ``precision``, ``recall``
         (on ``labels``/``scores`` at that threshold), ``n_normal`` and ``n_anomalous``. ``auroc`` is None when the
         evaluated set lacks a class; ``threshold`` is None when the set that chooses it lacks a class; ``f1``,
@@ -190,8 +191,8 @@ def _headline(metrics: dict) -> str:
     if pixel and pixel["pixel_auroc"] is not None:
         h, w = pixel["evaluation_size"]
         line += (f"\npixel AUROC {num(pixel['pixel_auroc'])} (±{pixel['pixel_auroc_error_bound']:.1g}), AUPRO@"
-                 f"{pixel['aupro_fpr_limit']:g} {num(pixel['aupro'])} (±{pixel['aupro_error_bound']:.1g}) at {h}×{w}, "
-                 f"{pixel['images']} images, {pixel['regions']} defect regions")
+                 f"{pixel['aupro_fpr_limit']:g} {num(pixel['aupro'])} (±{pixel['aupro_error_bound']:.1g}) "
+                 f"at {h}×{w}, {pixel['images']} images, {pixel['regions']} defect regions")
     return line
 
 

@@ -54,7 +54,8 @@ def test_float32_head_within_device_rtol_of_float64(scaling):
     head = KdeHead(16, scaling).fit(train)
     for q in (train[:200], query):
         exact = head.score_samples(q, exact=True)
-        np.testing.assert_allclose(head.score_samples(q), exact, rtol=DEVICE_RTOL, atol=DEVICE_RTOL)  # |a - b| <= tol (1 + |b|)
+        # |a - b| <= tol (1 + |b|)
+        np.testing.assert_allclose(head.score_samples(q), exact, rtol=DEVICE_RTOL, atol=DEVICE_RTOL)
         np.testing.assert_array_equal(head.score_samples(torch.from_numpy(q)), head.score_samples(q))
 
 

@@ -74,7 +74,8 @@ def test_public_api_is_light_and_complete():
     # After every module is loaded, no name of the API may be shadowed by a submodule of the same name.
     code = ("import sys, types, rayanom; assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy'; "
             "import rayanom.pipeline, rayanom.report, rayanom.compare, rayanom.pixels, rayanom.decide; "
-            "print([n for n in rayanom.__all__ if isinstance(getattr(rayanom, n, None), (type(None), types.ModuleType))])")
+            "print([n for n in rayanom.__all__ "
+            "       if isinstance(getattr(rayanom, n, None), (type(None), types.ModuleType))])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
@@ -97,3 +98,30 @@ def test_jobs_run_as_scripts_modules_and_console_scripts(tmp_path):
                 [str(bin_dir / "rayanom-compare")]):
         proc = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "invalid top=-1" in proc.stderr, (cmd, proc.stderr[-2000:])
+
+
+def test_every_default_is_the_dataclasses():
+    """Every config field has a flag whose help shows the dataclass's default (per model where they differ), and
+    the run flags default to RunConfig's: the defaults are written once, in rayanom.config."""
+    import dataclasses
+
+    from rayanom.config import CONFIG_CLASSES, RunConfig
+    from rayanom_jobs import fit
+
+    actions = {a.dest: a for a in fit.get_args_parser()._actions}
+    for model, cls in CONFIG_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            action = actions[f.name]
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+            if f.name in fit.COMMON:
+                assert action.default == f.default, (model, f.name)
+            else:
+                assert action.default is None and shown in action.help, (model, f.name, action.help)
+                assert model in fit.model_flags()[f.name]
+    run_flags = {"batch_size": "batch_size", "rows_per_part": "rows_per_part", "io_retries": "io_retries",
+                 "max_file_bytes": "max_file_bytes", "no_progress_timeout": "no_progress_s",
+                 "wait_for_actors": "start_timeout_s"}
+    for dest, field in run_flags.items():
+        assert actions[dest].default == getattr(RunConfig(), field), dest
