@@ -35,12 +35,15 @@ def anomaly_map(row: dict, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def upsample(pooled: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of an (h, w) map to ``size`` = (height, width)."""
+    """Bilinear (align_corners=False) resize of an (h, w) map, or a stack (n, h, w) of maps in one call, to ``size``
+    = (height, width); float32."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    t = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
+    stack = t.reshape(-1, 1, *t.shape[-2:])
+    out = F.interpolate(stack, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    return out.reshape(*t.shape[:-2], *out.shape[-2:]).numpy()
 
 
 def _jet(v: np.ndarray) -> np.ndarray:

@@ -205,19 +205,16 @@ def pixel_summary(maps: np.ndarray, masks: np.ndarray) -> PixelSummary:
 
 def evaluation_maps(rows: list[dict], size: tuple[int, int]) -> np.ndarray:
     """The maps of scored DFM ``fre`` rows at ``size`` (the model's input size), (n, H, W) float32: bilinear,
-    ``align_corners=False``; the same numbers as ``rayanom.maps.upsample`` row by row, upsampled in one call."""
-    import torch
-    import torch.nn.functional as F
+    ``align_corners=False`` (``rayanom.maps.upsample``), the rows of one pooled shape upsampled in one call."""
+    from rayanom.maps import upsample
 
     height, width = (int(s) for s in size)
     out = np.empty((len(rows), height, width), dtype=np.float32)
     shapes = [tuple(int(d) for d in r[MAP_SHAPE_COL]) for r in rows]
     for shape in set(shapes):
         pick = [i for i, s in enumerate(shapes) if s == shape]
-        pooled = np.stack([np.asarray(rows[i][MAP_COL], dtype=np.float32).reshape(shape) for i in pick])
-        up = F.interpolate(torch.from_numpy(pooled)[:, None], size=(height, width), mode="bilinear",
-                           align_corners=False)
-        out[pick] = up[:, 0].numpy()
+        out[pick] = upsample(np.stack([np.asarray(rows[i][MAP_COL], dtype=np.float32).reshape(shape) for i in pick]),
+                             (height, width))
     return out
 
 
