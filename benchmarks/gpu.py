@@ -642,21 +642,12 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def header(env: Env) -> str:
-    import platform
-
     import torch
     import torchvision
 
-    if env.device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-        except OSError:
-            name = ""
-        name = name or platform.machine()
-    return (f"device {env.device} ({name}), {env.cpus} CPUs; torch {torch.__version__}, torchvision "
+    from rayanom.features import device_kind
+
+    return (f"device {device_kind(env.device)}, {env.cpus} CPUs; torch {torch.__version__}, torchvision "
             f"{torchvision.__version__}; precision {env.precision} (rkde fp32); batch {env.batch}; "
             f"ray importable: {_ray_importable()}")
 
