@@ -114,46 +114,38 @@ def write_index(path: str, files: list[str], n: int):
 
 def model_config(name: str, args: argparse.Namespace):
     """Each model's defaults (``rayanom.config``), with ``--backbone``/``--image-size`` for DFKDE and DFM."""
-    from rayanom.config import CONFIG_CLASSES
+    from rayanom.models import spec
 
     if name == "rkde":
-        return CONFIG_CLASSES[name]()
+        return spec(name).config()
     kwargs = {"image_size": (args.image_size, args.image_size)}
     if args.backbone:
         kwargs["backbone"] = args.backbone
-    return CONFIG_CLASSES[name](**kwargs)
+    return spec(name).config(**kwargs)
 
 
 def _fit_extractor(config, device: str, precision: str):
     """The feature stage with seeded random weights, and the weight source an artifact records for them."""
-    if config.model == "rkde":
-        from rayanom.regions import RegionModel, rkde_weights
+    from rayanom.models import spec_of
 
-        states, source = rkde_weights(config, None, None)
-        extractor = RegionModel(states["detector"], states["region"], roi_stage=config.roi_stage,
-                                roi_score_threshold=config.roi_score_threshold, min_box_size=config.min_box_size,
-                                iou_threshold=config.iou_threshold,
-                                max_detections_per_image=config.max_detections_per_image, device=device)
-        return extractor, source
-    from rayanom.features import FeatureExtractor, resolve_weights
-
-    state, source = resolve_weights(config, None, False)
-    return FeatureExtractor(config, state, device, 0, precision), source
+    state, source = spec_of(config).weights(config, {}, False)
+    return spec_of(config).extractor(config, state, device, 0, precision), source
 
 
 def fit_artifact(config, paths: list[str], device: str, precision: str, batch: int):
     """An artifact as ``pipeline.fit`` makes one: the head fitted on the features of ``paths`` (regions for RKDE)."""
-    from rayanom.artifact import Artifact, make_head
+    from rayanom.artifact import Artifact
     from rayanom.data import decode_batch
+    from rayanom.models import spec_of
 
     t = time.perf_counter()
     extractor, source = _fit_extractor(config, device, precision)
     feats = []
     for s in range(0, len(paths), batch):
-        out = extractor(decode_batch({"path": paths[s:s + batch]}, config.image_size)["image"])
-        feats.extend([f for _, f in out] if config.model == "rkde" else [out])
+        feats.append(spec_of(config).items(extractor, decode_batch({"path": paths[s:s + batch]},
+                                                                   config.image_size)["image"])[1])
     feats = np.concatenate(feats)
-    head = make_head(config).fit(feats)
+    head = spec_of(config).head(config).fit(feats)
     del extractor
     _empty_cache(device)
     logger.info("%s: head fitted on %d x %d features of %d images in %.1f s", config.model, *feats.shape, len(paths),

@@ -183,13 +183,13 @@ def compare_scores(labels: np.ndarray, s32: np.ndarray, s16: np.ndarray) -> dict
 
 def quality(config, extr: dict, demo: dict, batch: int) -> dict:
     """Fit the config's head on each precision's train features, score the test split, compare the two."""
-    from rayanom.artifact import make_head
+    from rayanom.models import spec_of
 
     feats, scores, timing = {}, {}, {}
     for p, e in extr.items():
         t0 = time.perf_counter()
         feats[p] = {s: features(e, demo[s], batch) for s in ("train", "test")}
-        head = make_head(config).fit(feats[p]["train"])
+        head = spec_of(config).head(config).fit(feats[p]["train"])
         if config.model == "dfkde":
             scores[p] = -head.score_samples(feats[p]["test"])
         else:

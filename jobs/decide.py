@@ -36,7 +36,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from rayanom.config import UserError
     from rayanom.decide import apply_to_parts, manual_threshold, save_threshold, threshold_from_val
-    from rayanom.parts import read_manifest
+    from rayanom.launch import start_ray_for_tasks
+    from rayanom.parts import Lease, read_manifest
+    from rayanom.report import check_report, write_report
 
     _cli.setup_logging(args.quiet)
     manifest = read_manifest(args.scores)  # before Ray starts: a directory without scores is refused here
@@ -48,9 +50,9 @@ def main(args: argparse.Namespace) -> int:
             raise UserError(f"invalid model={args.model!r}: the scores at {args.scores!r} were made with another model")
     report_dir = args.scores.rstrip("/") + "-report"
     if args.evaluate:
-        _cli.check_report(None, report_dir, True, 0, 0, False)
-    with _cli.output_lease(args.scores):  # no scoring job may write the parts meanwhile
-        _cli.start_ray_for_tasks()
+        check_report(None, report_dir, True)
+    with Lease(args.scores):  # no scoring job may write the parts meanwhile
+        start_ray_for_tasks()
         t0 = time.time()
         if args.from_val:
             t = threshold_from_val(args.scores)
@@ -64,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     if args.model:
         save_threshold(args.model, t, manifest["model"])
         print(f"threshold: {args.model}/threshold.json")
-    _cli.write_report(args.scores, report_dir, args.evaluate, 0, 0, False, decision=t.value)
+    _cli.print_report(write_report(args.scores, report_dir, args.evaluate, decision=t.value), t.value)
     return 0
 
 

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import os
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 
 if __package__:  # python -m jobs.fit, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's own directory
     import _cli
 
-logger = logging.getLogger("rayanom.jobs.fit")
-
-DEMO_ROOT = os.path.join("runs", "demo-data")
-
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.config import CONFIG_CLASSES, DfkdeConfig
+    from rayanom.models import SPECS
 
     p = _cli.parser(__doc__, add_help)
-    p.add_argument("--model", required=True, choices=list(CONFIG_CLASSES), help="model to fit")
+    p.add_argument("--model", required=True, choices=list(SPECS), help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
     p.add_argument("--out", help="run directory (default: runs/<model>-demo for the demo; required with --index)")
     p.add_argument("--score", metavar="INDEX",
@@ -36,289 +34,206 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _cli.add_threshold_flag(p, "(stored beside the model, OUT/model/threshold.json; default: the F1-adaptive "
                                "threshold of the labelled 'val' rows of the --score index, or without --score of "
                                "the fit index, scored into OUT/val-scores, when it has some)")
-    _cli.add_report_flags(p, "OUT/report", "8 for the DFM/RKDE demo, else 0", "yes for the demo")
-    m = p.add_argument_group("model, all (stored in the artifact)")
-    m.add_argument("--max-training-points", type=int, default=DfkdeConfig.max_training_points,
-                   help="memory bank cap, images (DFKDE, DFM) or regions (RKDE) (default: %(default)s)")
-    m.add_argument("--seed", type=int, default=DfkdeConfig.seed,
-                   help="bank sampling and random-weight seed (default: %(default)s)")
+    _cli.add_report_flags(p, "OUT/report", "8 for the demo of a model with maps or boxes, else 0", "yes for the demo")
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
-    for name, models in model_flags().items():
+    for name, (models, kwargs, about) in model_flags().items():
         if models not in groups:
-            names = ", ".join(models[:-1]) + " and " + models[-1] if len(models) > 1 else models[0]
+            names = "all" if models == tuple(SPECS) else ", ".join(models[:-1]) + " and " + models[-1] \
+                if len(models) > 1 else models[0]
             groups[models] = p.add_argument_group(f"model, {names} (stored in the artifact)")
-        if name in FIELD_FLAGS:
-            kwargs, what = FIELD_FLAGS[name]
-            groups[models].add_argument("--" + name.replace("_", "-"), default=None,
-                                        help=f"{what} ({default_of(name)})", **kwargs)
-        else:
-            kwargs, what = WEIGHT_FLAG_HELP[name]
-            groups[models].add_argument("--" + name.replace("_", "-"), help=what, **kwargs)
+        groups[models].add_argument("--" + name.replace("_", "-"), help=about, **kwargs)
     _cli.add_run_flags(p)
     return p
 
 
-def main(args: argparse.Namespace) -> int:
+@dataclass
+class Plan:
+    """What a fit job does, from its flags: the demo's defaults filled in."""
+
+    index: str
+    score_index: str | None
+    out: str
+    download: bool  # timm's pretrained weights unless --weights or --no-pretrained (never for the demo)
+    evaluate: bool
+    heatmaps: int
+    boxes: int
+
+    def at(self, name: str) -> str:
+        return self.out.rstrip("/") + "/" + name
+
+
+def plan(args: argparse.Namespace, spec, config) -> Plan:
+    """The embedded default (no --index): the model's demo set, fit and score, the report and its pictures (heat
+    maps or box overlays of 8 images where ``config``'s outputs hold anomaly maps or boxes)."""
     from rayanom.config import UserError
+    from rayanom.data import BOXES_COL, MAP_COL
+
+    if args.index is not None:
+        if args.out is None:
+            raise UserError("invalid out=None: --out RUN_DIR is required with --index")
+        return Plan(args.index, args.score, args.out, True, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0)
+    from rayanom.demo import demo_set
+
+    index, test = demo_set(spec)
+    columns = spec.columns(config)
+    pictures = {flag: 8 if value is None and column in columns else value or 0
+                for flag, value, column in (("heatmaps", args.heatmaps, MAP_COL), ("boxes", args.boxes, BOXES_COL))}
+    return Plan(index, args.score or test, args.out or f"runs/{spec.name}-demo", False, args.evaluate is not False,
+                **pictures)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rayanom import pipeline
+    from rayanom.artifact import fitted_before
+    from rayanom.config import UserError
+    from rayanom.index import check_values, describe_index
+    from rayanom.models import spec
+    from rayanom.parts import Lease, check_parts_dir, has_parts
+    from rayanom.report import check_report
 
     _cli.setup_logging(args.quiet)
     config = build_config(args)
-    index, score_index, out, pretrained = args.index, args.score, args.out, args.pretrained
-    heatmaps, boxes, evaluate = args.heatmaps or 0, args.boxes or 0, bool(args.evaluate)
-    if index is None:
-        from rayanom.demo import make_demo
-
-        # RKDE runs a Faster R-CNN at 800 x 1200 per image (~3 s on a 2-core CPU): a smaller demo set for it.
-        root = DEMO_ROOT + "-rkde" if config.model == "rkde" else DEMO_ROOT
-        index = os.path.join(root, "index.parquet")
-        if not os.path.exists(index):
-            sizes = {"n_train": 30, "n_test_normal": 10, "n_test_anomalous": 10} if config.model == "rkde" else {}
-            make_demo(root, seed=0, **sizes)
-        score_index = score_index or os.path.join(root, "test.parquet")
-        out = out or os.path.join("runs", f"{args.model}-demo")
-        pretrained = bool(pretrained)
-        heatmaps = 8 if args.heatmaps is None and config.model == "dfm" else heatmaps
-        boxes = 8 if args.boxes is None and config.model == "rkde" else boxes
-        evaluate = args.evaluate is not False
-    elif out is None:
-        raise UserError("invalid out=None: --out RUN_DIR is required with --index")
-    if pretrained is None:
-        pretrained = not args.weights
-    model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
-
-    # Everything a user can get wrong in flags and outputs is checked here, before Ray starts.
-    # The index's schema is read from its footers here; its values (labels) and training rows are checked by the
-    # workers once Ray has started, before any output is written.
-    from rayanom import pipeline
-    from rayanom.index import describe_index
-    from rayanom.features import resolve_weights
-    from rayanom.parts import check_parts_dir, has_parts
-
-    train_info = describe_index(index)
-    score_info = describe_index(score_index) if score_index else None
-    if score_index:
-        check_parts_dir(scores_dir)
-        _cli.check_report(config, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows)
-    elif evaluate or heatmaps or boxes or args.region_rows:
+    model = spec(args.model)
+    job = plan(args, model, config)
+    # Everything a user can get wrong in flags and outputs is checked here, before Ray starts. The index's schema is
+    # read from its footers here; its values (labels) and training rows are checked by the workers once Ray has
+    # started, before any output is written.
+    train_info = describe_index(job.index)
+    score_info = describe_index(job.score_index) if job.score_index else None
+    if score_info is not None:
+        check_parts_dir(job.at("scores"))
+        check_report(config, job.at("report"), job.evaluate, job.heatmaps, job.boxes, args.region_rows)
+    elif job.evaluate or job.heatmaps or job.boxes or args.region_rows:
         raise UserError("invalid --evaluate/--heatmaps/--boxes/--region-rows: they report on scores; add --score")
-    if config.model == "rkde":
-        from rayanom.regions import rkde_weights
-
-        _, source = rkde_weights(config, args.detector_weights, args.region_weights)
-    else:  # read and checked here; each actor loads its own from the source (pipeline.load_weights)
-        _, source = resolve_weights(config, args.weights, pretrained)
+    # The weights are read and checked here; each actor loads its own from the source (pipeline.load_weights).
+    _, source = model.weights(config, {k: getattr(args, k) for k in model.weight_flags}, job.download)
     fingerprint = pipeline.fit_fingerprint(train_info, config, source)
-    artifact = _fitted_before(model_dir, fingerprint, args.overwrite, args.precision)
-    if artifact is None and score_index and not args.overwrite and has_parts(scores_dir):
-        raise UserError(f"output {scores_dir!r} holds scores of an earlier model; pass --overwrite to replace them")
-    with contextlib.ExitStack() as stack:
-        lease = stack.enter_context(_cli.output_lease(scores_dir)) if score_info is not None else None
-        return _fit_and_score(args, config, train_info, score_info, index, source, artifact, lease, out,
-                              (evaluate, heatmaps, boxes))
+    artifact = fitted_before(job.at("model"), fingerprint, args.overwrite, args.precision)
+    if artifact is None and score_info is not None and not args.overwrite and has_parts(job.at("scores")):
+        raise UserError(f"output {job.at('scores')!r} holds scores of an earlier model; pass --overwrite to replace "
+                        "them")
+    with contextlib.ExitStack() as stack:  # one job per scores directory, refused before Ray starts
+        lease = stack.enter_context(Lease(job.at("scores"))) if score_info is not None else None
+        run = _cli.start_ray(args, config, artifact.precision if artifact else None)
+        if score_info is not None:
+            check_values(score_info)  # on the workers, before any output is written
+        if artifact is None:
+            artifact = _fit(job, train_info, config, source, run)
+        else:
+            print("model already fitted with these settings, index and weights: reused")
+        print(f"model: {job.at('model')}")
+        code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],  # of the rows read
+                                          artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
+                                          args.max_failed_fraction)
+        return _score(args, job, artifact, score_info, train_info, run, lease) or code
 
 
-def _fit_and_score(args, config, train_info, score_info, index, source, artifact, lease, out, report) -> int:
+def _fit(job: Plan, train_info, config, source: dict, run):
     from rayanom import pipeline
 
-    model_dir, scores_dir = _join(out, "model"), _join(out, "scores")
-    evaluate, heatmaps, boxes = report
-    run = _cli.init_ray(args, config, _cli.fitted_precision(artifact) if artifact else None)
-    if score_info is not None:
-        _cli.check_index_values(score_info)
-    if artifact is None:
-        result = pipeline.fit(train_info, config, source, run, index_name=index)
-        artifact = result.artifact
-        artifact.save(model_dir, overwrite=True)  # occupied directories were refused above
-        print(f"fitted {args.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
-              f"({result.n_failed} failed; {result.n_train} in the index), bank {artifact.provenance['n_bank_rows']} x "
-              f"{artifact.provenance['feature_dim']}")
-    else:
-        print("model already fitted with these settings, index and weights: reused")
-    print(f"model: {model_dir}")
-    code = _cli.check_failed_fraction("training", artifact.provenance["n_failed_rows"],  # of the rows read
-                                      artifact.provenance.get("n_read_rows", artifact.provenance["n_train_rows"]),
-                                      args.max_failed_fraction)
-    if score_info is not None:
-        import dataclasses
-
-        from rayanom.decide import Threshold, load_threshold, save_threshold, settle
-
-        fingerprint = pipeline.artifact_fingerprint(artifact)
-        stored = load_threshold(model_dir, fingerprint)
-        used = Threshold(args.threshold) if args.threshold is not None else stored
-        summary = pipeline.score(score_info, artifact, scores_dir, run, overwrite=args.overwrite, job=lease.job,
-                                 threshold=used)
-        t = settle(scores_dir, used, args.threshold)
-        if t is not None and t != stored:
-            save_threshold(model_dir, t, fingerprint)
-        summary["threshold"] = dataclasses.asdict(t) if t else None
-        _cli.print_summary(summary)
-        _cli.write_report(scores_dir, _join(out, "report"), evaluate, heatmaps, boxes, args.region_rows,
-                          decision=t.value if t else None, config=artifact.config)
-        code = code or _cli.check_failed_fraction("scored", summary["failed"], summary["rows"],
-                                                  args.max_failed_fraction)
-    else:
-        _val_threshold(args, artifact, train_info, run, out)
-    return code
+    result = pipeline.fit(train_info, config, source, run, index_name=job.index)
+    result.artifact.save(job.at("model"), overwrite=True)  # occupied directories were refused before Ray started
+    print(f"fitted {config.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
+          f"({result.n_failed} failed; {result.n_train} in the index), bank {result.artifact.provenance['n_bank_rows']}"
+          f" x {result.artifact.provenance['feature_dim']}")
+    return result.artifact
 
 
-def _val_threshold(args, artifact, train_info, run, out) -> None:
-    """Without --score: the fit index's own labelled 'val' rows, when it has some, are written as an index
-    (OUT/val-index, on the workers), scored (OUT/val-scores) and their F1-adaptive threshold stored beside the model
-    (--threshold VALUE: that value, with their score range); nothing when a threshold for this model is stored."""
-    import dataclasses
+def _score(args, job: Plan, artifact, score_info, train_info, run, lease) -> int:
+    """The --score index scored, decided and reported; without one, the threshold from the fit index's val rows."""
+    from rayanom.decide import score_and_decide, threshold_from_fit_index
+    from rayanom.report import write_report
 
-    from rayanom import pipeline
-    from rayanom.decide import Threshold, load_threshold, save_threshold, settle
-    from rayanom.index import describe_index, write_split
-
-    model_dir = _join(out, "model")
-    fingerprint = pipeline.artifact_fingerprint(artifact)
-    stored = load_threshold(model_dir, fingerprint)
-    if stored is not None and args.threshold in (None, stored.value):
-        return
-    val_index, val_scores = _join(out, "val-index"), _join(out, "val-scores")
-    n = write_split(train_info, "val", val_index)
-    if not n:
-        if args.threshold is not None:
-            save_threshold(model_dir, Threshold(args.threshold), fingerprint)
-        return
-    with _cli.output_lease(val_scores) as lease:  # this job's own output: replaced when the model changed
-        used = Threshold(args.threshold) if args.threshold is not None else None
-        summary = pipeline.score(describe_index(val_index), artifact, val_scores, run, overwrite=True, job=lease.job,
-                                 threshold=used)
-        t = settle(val_scores, used, args.threshold)
-    if t is not None:
-        save_threshold(model_dir, t, fingerprint)
-    summary["threshold"] = dataclasses.asdict(t) if t else None
-    print(f"validation rows of the fit index ({n}) scored into {val_scores}:")
+    if score_info is None:
+        n, summary = threshold_from_fit_index(train_info, artifact, job.at("model"), job.at("val-index"),
+                                              job.at("val-scores"), run, args.threshold)
+        if summary is not None:
+            print(f"validation rows of the fit index ({n}) scored into {job.at('val-scores')}:")
+            _cli.print_summary(summary)
+        return 0
+    summary = score_and_decide(score_info, artifact, job.at("scores"), run, job.at("model"), args.threshold,
+                               store=True, overwrite=args.overwrite, job=lease.job)
     _cli.print_summary(summary)
+    decision = summary["threshold"]["value"] if summary["threshold"] else None
+    _cli.print_report(write_report(job.at("scores"), job.at("report"), job.evaluate, job.heatmaps, job.boxes,
+                                   args.region_rows, decision=decision, config=artifact.config), decision)
+    return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 
-def _fitted_before(model_dir: str, fingerprint: str, overwrite: bool, precision: str):
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (fitting is idempotent: reuse it) and,
-    unless ``precision`` is auto, in that precision; None when there is none or ``overwrite``; an error when it holds
-    another model."""
-    from rayanom.artifact import CONFIG_FILE, MODEL_FILES, Artifact, check_output_dir
-    from rayanom.config import UserError
+def model_flags() -> dict[str, tuple[tuple[str, ...], dict, str]]:
+    """Flag -> (the models it applies to, argparse keywords, help): each model's config fields (their types, their
+    descriptions and their defaults, per model where they differ) and its weight flags (``ModelSpec.weight_flags``)."""
+    from rayanom.models import SPECS
 
-    existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
-    if overwrite or CONFIG_FILE not in existing:
-        return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)
-    try:
-        artifact = Artifact.load(model_dir)
-    except UserError:
-        artifact = None
-    if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
-        fitted = _cli.fitted_precision(artifact)
-        if precision in ("auto", fitted):
-            return artifact
-        raise UserError(f"output {model_dir!r} holds this model fitted in {fitted}; pass --overwrite to refit it in "
-                        f"{precision} (or --precision auto to reuse it)")
-    raise UserError(f"output {model_dir!r} holds a model fitted with other settings, index or weights; "
-                    "pass --overwrite to replace it")
+    out: dict[str, tuple[tuple[str, ...], dict, str]] = {}
+    for name, model in SPECS.items():
+        hints = typing.get_type_hints(model.config)
+        for f in dataclasses.fields(model.config):
+            if f.init:
+                about = f"{f.metadata.get('help', f.name.replace('_', ' '))} ({default_of(f.name)})"
+                models = (*out[f.name][0], name) if f.name in out else (name,)
+                out[f.name] = (models, {"default": None, **_flag_kwargs(hints[f.name])}, about)
+        for flag, (kwargs, about) in model.weight_flags.items():
+            models = (*out[flag][0], name) if flag in out else (name,)
+            out[flag] = (models, kwargs, about)
+    return out
 
 
-def _pca_level(text: str) -> float | int:
+def _flag_kwargs(hint) -> dict:
+    """argparse keywords for a config field of type ``hint``: choices for a Literal, several values for a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return {"choices": list(args)}
+    if origin is tuple:
+        return {"nargs": "+", "type": args[0]}
+    if origin in (typing.Union, types.UnionType):  # float | int: an integer when it reads as one
+        return {"type": _int_or_float}
+    return {"type": hint}
+
+
+def _int_or_float(text: str) -> float | int:
     try:
         return int(text)
     except ValueError:
         return float(text)
 
 
-# The model flags: each config field (the dataclasses hold the defaults) -> argparse keywords and what it is.
-FIELD_FLAGS = {
-    "backbone": ({}, "timm CNN name, optionally with a tag"),
-    "layers": ({"nargs": "+"}, "feature layers, concatenated on the feature axis"),
-    "image_size": ({"type": int, "nargs": "+", "metavar": "PX"},
-                   "network input: SIZE or HEIGHT WIDTH (RKDE's is fixed)"),
-    "n_pca_components": ({"type": int}, "PCA components"),
-    "feature_scaling": ({"choices": ["scale", "norm"]}, "projections divided by the largest training norm, or unit"),
-    "layer": ({}, "feature layer"),
-    "pooling_kernel_size": ({"type": int}, "average-pooling kernel"),
-    "pca_level": ({"type": _pca_level},
-                  "variance fraction in (0, 1), or an integer number of components > 1"),
-    "score_type": ({"choices": ["fre", "nll"]}, "feature reconstruction error (with anomaly maps) or Gaussian NLL"),
-    "roi_stage": ({"choices": ["rcnn", "rpn"]}, "regions from the detector's boxes or from the RPN's proposals"),
-    "roi_score_threshold": ({"type": float}, "lowest candidate score kept"),
-    "min_box_size": ({"type": int}, "smallest box side, pixels of the 240x360 frame"),
-    "iou_threshold": ({"type": float}, "class-agnostic NMS"),
-    "max_detections_per_image": ({"type": int}, "regions kept per image"),
-}
-WEIGHT_FLAG_HELP = {
-    "weights": ({"metavar": "PATH"}, "timm state dict (.safetensors, or .pth read with weights_only=True), local or a "
-                "URI; every actor reads it, so on a cluster a path every node can read (default: none)"),
-    "pretrained": ({"action": argparse.BooleanOptionalAction, "default": None},
-                   "timm pretrained weights (needs network or the HF cache); default: yes with --index, no for the "
-                   "demo (random weights seeded with --seed)"),
-    "detector_weights": ({"metavar": "PATH"}, "torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout "
-                         "(default: seeded random)"),
-    "region_weights": ({"metavar": "PATH"}, "region feature extractor state dict, layout of anomalib's "
-                       "rkde_feature_extractor.pth (default: seeded random)"),
-}
-# Flags that say where the weights come from (not config fields), and the models they apply to.
-WEIGHT_FLAGS = {"weights": ("dfkde", "dfm"), "pretrained": ("dfkde", "dfm"), "detector_weights": ("rkde",),
-                "region_weights": ("rkde",)}
-COMMON = ("max_training_points", "seed")  # fields every model has, with one flag default
-
-
-def model_flags() -> dict[str, tuple[str, ...]]:
-    """Flag -> the models it applies to: each config dataclass's fields (the one list of them), and WEIGHT_FLAGS."""
-    import dataclasses
-
-    from rayanom.config import CONFIG_CLASSES
-
-    out: dict[str, tuple[str, ...]] = {}
-    for model, cls in CONFIG_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            if f.init and f.name not in COMMON:
-                out[f.name] = (*out.get(f.name, ()), model)
-    return {**out, **WEIGHT_FLAGS}
-
-
 def default_of(name: str) -> str:
     """``default: ...`` for a model flag, read from the config dataclasses (per model where they differ)."""
-    import dataclasses
+    from rayanom.models import SPECS
 
-    from rayanom.config import CONFIG_CLASSES
-
-    shown = {}
-    for model, cls in CONFIG_CLASSES.items():
-        for f in dataclasses.fields(cls):
-            if f.name == name and f.init:
-                v = f.default
-                shown[model] = " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    if len(set(shown.values())) == 1:
-        return f"default: {next(iter(shown.values()))}"
     by_value: dict[str, list[str]] = {}
-    for model, v in shown.items():
-        by_value.setdefault(v, []).append(model)
+    for model in SPECS.values():
+        for f in dataclasses.fields(model.config):
+            if f.name == name and f.init:
+                v = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
+                by_value.setdefault(v, []).append(model.name)
+    if len(by_value) == 1:
+        return f"default: {next(iter(by_value))}"
     return "default: " + ", ".join(f"{v} ({', '.join(models)})" for v, models in by_value.items())
 
 
 def build_config(args: argparse.Namespace):
     """The model config from the flags; a flag of another model is an error, not silently ignored."""
-    from rayanom.config import CONFIG_CLASSES, UserError
+    from rayanom.config import UserError
+    from rayanom.models import spec
 
-    kwargs = {"max_training_points": args.max_training_points, "seed": args.seed}
-    for name, models in model_flags().items():
+    model = spec(args.model)
+    kwargs = {}
+    for name, (models, _, _) in model_flags().items():
         value = getattr(args, name)
-        if value is None:
+        if value is None or (name in model.weight_flags and args.model in models):
             continue
         if args.model not in models:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"invalid {flag}: it applies to --model {' or '.join(models)}, not {args.model}")
-        if name == "image_size":
-            if len(value) not in (1, 2):
-                raise UserError(f"invalid image_size={value}: expected SIZE or HEIGHT WIDTH")
-            value = (value[0], value[-1])
-        if name not in WEIGHT_FLAGS:
-            kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return CONFIG_CLASSES[args.model](**kwargs)
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+        kwargs[name] = tuple(value) if isinstance(value, list) else value
+    size = kwargs.get("image_size")
+    if size is not None:  # SIZE or HEIGHT WIDTH
+        if len(size) not in (1, 2):
+            raise UserError(f"invalid image_size={list(size)}: expected SIZE or HEIGHT WIDTH")
+        kwargs["image_size"] = (size[0], size[-1])
+    return model.config(**kwargs)
 
 
 def cli() -> None:

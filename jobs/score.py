@@ -11,7 +11,6 @@ anomalous), anomaly_probability and error (null when scored). One output row per
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 if __package__:  # python -m jobs.score, or the rayanom-* console scripts
     from . import _cli
@@ -20,19 +19,18 @@ else:  # python jobs/score.py (the README, ray job submit): jobs/ is the script'
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from rayanom.models import SPECS
+
     p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, metavar="MODEL_DIR", help="artifact directory written by fit.py")
     p.add_argument("--index", required=True, help="parquet index with a 'path' column")
     p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
-    p.add_argument("--weights", metavar="PATH",
-                   help="where the actors find the backbone weights file, if not at the path the model recorded "
-                        "(its sha256 must match) (default: the recorded path)")
-    p.add_argument("--detector-weights", metavar="PATH",
-                   help="RKDE: where the actors find the detector weights file (its sha256 must match) "
-                        "(default: the recorded path)")
-    p.add_argument("--region-weights", metavar="PATH",
-                   help="RKDE: where the actors find the region extractor weights file (its sha256 must match) "
-                        "(default: the recorded path)")
+    # The weight files of every model: --weights (a timm backbone), RKDE's --detector-weights and --region-weights.
+    for flag in dict.fromkeys(f for spec in SPECS.values() for f in spec.weight_files):
+        models = ", ".join(spec.name for spec in SPECS.values() if flag in spec.weight_files)
+        p.add_argument("--" + flag.replace("_", "-"), metavar="PATH",
+                       help=f"{models}: where the actors find this weights file, if not at the path the model "
+                            "recorded (its sha256 must match) (default: the recorded path)")
     p.add_argument("--retry-failed", action="store_true",
                    help="score again the rows of complete parts that failed (storage errors whose retries ran out, "
                         "...), leaving every other row as it was")
@@ -45,43 +43,39 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from rayanom.artifact import Artifact
-    from rayanom.features import artifact_weights
-    from rayanom.index import describe_index
-    from rayanom.parts import check_parts_dir
+    from rayanom.config import UserError
+    from rayanom.decide import score_and_decide
+    from rayanom.index import check_values, describe_index
+    from rayanom.models import SPECS, spec_of
+    from rayanom.parts import Lease, check_parts_dir
+    from rayanom.report import check_report, write_report
 
     _cli.setup_logging(args.quiet)
     # Everything a user can get wrong is checked here, before Ray starts (the index's schema from its footers) or,
     # for the label values, by a first pass on the workers before any output is written.
     artifact = Artifact.load(args.model)
+    model = spec_of(artifact.config)
     index = describe_index(args.index)
     check_parts_dir(args.out)
     report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet parts only
-    _cli.check_report(artifact.config, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
-                      args.region_rows)
-    if artifact.config.model == "rkde":
-        from rayanom.regions import rkde_artifact_weights
-
-        rkde_artifact_weights(artifact.config, artifact.weights, args.detector_weights, args.region_weights)
-    else:
-        artifact_weights(artifact.config, artifact.weights, args.weights)  # checked here; each actor loads its own
-
-    from rayanom import pipeline
-
-    weights = pipeline.weights_at(artifact.weights, args.weights, args.detector_weights, args.region_weights)
-    with _cli.output_lease(args.out) as lease:  # one job per output, refused before Ray starts
-        run = _cli.init_ray(args, artifact.config, _cli.fitted_precision(artifact))
-        _cli.check_index_values(index)
-        from rayanom.decide import Threshold, load_threshold, settle
-
-        used = (Threshold(args.threshold) if args.threshold is not None else
-                load_threshold(args.model, pipeline.artifact_fingerprint(artifact)))
-        summary = pipeline.score(index, artifact, args.out, run, overwrite=args.overwrite, job=lease.job,
-                                 retry_failed=args.retry_failed, weights=weights, threshold=used)
-        t = settle(args.out, used, args.threshold)
-        summary["threshold"] = dataclasses.asdict(t) if t else None
+    check_report(artifact.config, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
+                 args.region_rows)
+    files = {f: getattr(args, f) for s in SPECS.values() for f in s.weight_files if getattr(args, f)}
+    wrong = sorted(set(files) - set(model.weight_files))
+    if wrong:
+        raise UserError(f"invalid --{wrong[0].replace('_', '-')}: the model is {artifact.config.model}, whose weight "
+                        f"files are {['--' + f.replace('_', '-') for f in model.weight_files]}")
+    model.load_weights(artifact.config, artifact.weights, files)  # checked here; each actor loads its own
+    with Lease(args.out) as lease:  # one job per output, refused before Ray starts
+        run = _cli.start_ray(args, artifact.config, artifact.precision)
+        check_values(index)
+        summary = score_and_decide(index, artifact, args.out, run, args.model, args.threshold,
+                                   overwrite=args.overwrite, job=lease.job, retry_failed=args.retry_failed,
+                                   files=files)
     _cli.print_summary(summary)
-    _cli.write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
-                      args.region_rows, decision=t.value if t else None, config=artifact.config)
+    decision = summary["threshold"]["value"] if summary["threshold"] else None
+    _cli.print_report(write_report(args.out, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
+                                   args.region_rows, decision=decision, config=artifact.config), decision)
     return _cli.check_failed_fraction("scored", summary["failed"], summary["rows"], args.max_failed_fraction)
 
 

@@ -2,14 +2,13 @@
 
 The public API, imported lazily (``import rayanom`` loads neither torch nor Ray, so the decode workers stay light):
 
-    import ray
     import rayanom
 
-    ray.init()                                            # the library never starts Ray; the jobs in jobs/ do
-    index = rayanom.describe_index("s3://bucket/index.parquet")      # URIs or local paths, everywhere
     config = rayanom.DfkdeConfig()
+    run = rayanom.start_ray(config)                       # fit and score never start Ray; the jobs call this
+    index = rayanom.describe_index("s3://bucket/index.parquet")      # URIs or local paths, everywhere
     weights = rayanom.resolve_weights(config, None, pretrained=True)[1]
-    result = rayanom.fit(index, config, weights, rayanom.RunConfig(num_actors=4))
+    result = rayanom.fit(index, config, weights, run)
     result.artifact.save("s3://bucket/models/m1")
     rayanom.score(index, rayanom.Artifact.load("s3://bucket/models/m1"), "s3://bucket/scores/run1")
     rayanom.evaluate("s3://bucket/scores/run1", "s3://bucket/scores/run1-report")   # no Ray needed
@@ -22,7 +21,7 @@ _API = {
     "fit": "rayanom.pipeline", "score": "rayanom.pipeline", "FitResult": "rayanom.pipeline",
     "Artifact": "rayanom.artifact",
     "DfkdeConfig": "rayanom.config", "DfmConfig": "rayanom.config", "RkdeConfig": "rayanom.config",
-    "RunConfig": "rayanom.config", "UserError": "rayanom.config",
+    "RunConfig": "rayanom.config", "UserError": "rayanom.config", "start_ray": "rayanom.launch",
     "describe_index": "rayanom.index", "resolve_weights": "rayanom.features",
     "evaluate": "rayanom.report", "compare_runs": "rayanom.compare", "Threshold": "rayanom.decide",
 }

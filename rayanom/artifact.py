@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
-from rayanom.config import ModelConfig, UserError, config_from_dict, config_to_dict
-from rayanom.data import resolve_filesystem
+from rayanom.config import ModelConfig, UserError, config_to_dict
+from rayanom.data import check_output_dir, prepare_output_dir, resolve_filesystem
 from rayanom.decide import THRESHOLD_FILE
-from rayanom.heads import DfmHead, KdeHead
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +31,7 @@ class Artifact:
     """A fitted model: its config, its head, where its backbone weights come from, and how it was made."""
 
     config: ModelConfig
-    head: KdeHead | DfmHead
+    head: Any  # the model's head (``models.ModelSpec.head``)
     weights: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -57,15 +54,27 @@ class Artifact:
         if THRESHOLD_FILE in existing:  # chosen for the model this one replaces
             fs.delete_file(f"{path}/{THRESHOLD_FILE}")
         with fs.open_output_stream(f"{path}/{HEAD_FILE}") as f:
-            f.write(save({k: np.ascontiguousarray(v) for k, v in self.head.to_state().items()}))
+            f.write(save({k: np.ascontiguousarray(v) for k, v in self.head.to_arrays().items()}))
         with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:
             f.write(json.dumps(self.to_json(), indent=2, sort_keys=True).encode())
         logger.info("model artifact written to %s", uri)
 
+    @property
+    def precision(self) -> str:
+        """The precision the model was fitted in (fp32 for models that do not record one). Part of the model's
+        identity: bf16 moves the bank features and so the head, and scoring in another precision moves the scores.
+        A refit in another precision is another model (``reusable``), scoring defaults to it, and a scores directory
+        records the precision it was scored in (``pipeline.score``'s manifest)."""
+        return self.provenance.get("run", {}).get("precision", "fp32")
+
     @classmethod
-    def load(cls, uri: str) -> Artifact:
-        """Read and validate an artifact; a wrong format, version, model or a damaged file is a clear error."""
+    def load(cls, uri: str, spec=None) -> Artifact:
+        """Read and validate an artifact; a wrong format, version, model or a damaged file is a clear error.
+        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it
+        with their arguments); else found by name."""
         from safetensors.numpy import load
+
+        from rayanom.models import config_from_dict, head_from_arrays
 
         fs, path = resolve_filesystem(uri)
         try:
@@ -83,65 +92,35 @@ class Artifact:
             msg = (f"invalid model={uri!r}: format_version={meta.get('format_version')!r}, this rayanom reads "
                    f"format_version {FORMAT_VERSION}")
             raise UserError(msg)
-        config = config_from_dict(meta.get("config"))
+        config = config_from_dict(meta.get("config"), spec)
         try:
-            state = load(head_bytes)
+            arrays = load(head_bytes)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
             msg = f"invalid model={uri!r}: {HEAD_FILE} is damaged ({type(e).__name__}: {e})"
             raise UserError(msg) from e
-        head = head_from_state(config, state, uri)
+        head = head_from_arrays(config, arrays, uri, spec)
         return cls(config=config, head=head, weights=meta.get("weights", {}), provenance=meta.get("provenance", {}))
 
 
-def head_from_state(config: ModelConfig, state: dict[str, np.ndarray], uri: str = "model") -> KdeHead | DfmHead:
-    """Rebuild the head of ``config.model`` from its arrays, checking names and shapes."""
-    if config.model == "dfm":
-        need = {"pca_mean": 1, "pca_components": 2, "sigma": 1}
-    else:
-        need = {"pca_mean": 1, "pca_components": 2, "max_norm": 1, "kde_inv_chol": 2, "kde_support": 2,
-                "kde_log_norm": 1}
-    bad = [k for k, ndim in need.items() if k not in state or state[k].ndim != ndim]
-    if bad:
-        msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
+def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,
+                  precision: str = "auto") -> Artifact | None:
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (``pipeline.fit_fingerprint``:
+    fitting is idempotent, reuse it) and, unless ``precision`` is auto, in that precision (``Artifact.precision``: a
+    model fitted in another one is another model); None when there is none or ``overwrite``; an error when the
+    directory holds another model."""
+    existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
+    if overwrite or CONFIG_FILE not in existing:
+        return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)
+    try:
+        artifact = Artifact.load(model_dir)
+    except UserError:
+        artifact = None
+    if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
+        if precision in ("auto", artifact.precision):
+            return artifact
+        msg = (f"output {model_dir!r} holds this model fitted in {artifact.precision}; pass --overwrite to refit it in "
+               f"{precision} (or --precision auto to reuse it)")
         raise UserError(msg)
-    if config.model == "dfm":
-        return DfmHead.from_state(state, config.pca_level, config.score_type)
-    return KdeHead.from_state(state, config.n_pca_components, config.feature_scaling)
-
-
-def make_head(config: ModelConfig) -> KdeHead | DfmHead:
-    """An unfitted head for ``config``."""
-    if config.model == "dfm":
-        return DfmHead(config.pca_level, config.score_type)
-    return KdeHead(config.n_pca_components, config.feature_scaling)
-
-
-def check_output_dir(uri: str, is_ours: Callable[[str], bool], overwrite: bool) -> list[str]:
-    """Names of our files already in the directory ``uri`` (local or object store); nothing is created.
-
-    Refuses a file, a directory holding files that are not ours, and one holding ours unless ``overwrite``.
-    """
-    fs, path = resolve_filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        msg = f"output {uri!r} is a file, expected a directory"
-        raise UserError(msg)
-    if info.type != pafs.FileType.Directory:
-        return []
-    existing = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
-    foreign = [name for name in existing if not is_ours(name)]
-    if foreign:
-        msg = f"output {uri!r} holds other files {foreign[:5]}; choose an empty or new directory"
-        raise UserError(msg)
-    if existing and not overwrite:
-        msg = f"output {uri!r} already holds {existing[:5]}; pass --overwrite to replace them"
-        raise UserError(msg)
-    return existing
-
-
-def prepare_output_dir(uri: str, is_ours: Callable[[str], bool], overwrite: bool) -> list[str]:
-    """:func:`check_output_dir`, then create the directory."""
-    existing = check_output_dir(uri, is_ours, overwrite)
-    fs, path = resolve_filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    return existing
+    msg = (f"output {model_dir!r} holds a model fitted with other settings, index or weights; pass --overwrite to "
+           "replace it")
+    raise UserError(msg)

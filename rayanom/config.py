@@ -12,23 +12,38 @@ from typing import Any, Literal
 
 from rayanom.bank import REGION_ID_STRIDE
 
-MODELS = ("dfkde", "dfm", "rkde")
 FEATURE_SCALINGS = ("scale", "norm")
 SCORE_TYPES = ("fre", "nll")
+ROI_STAGES = ("rcnn", "rpn")
+RKDE_FRAME = (240, 360)  # (H, W): RKDE's detector and region extractor work on images resized to it, as anomalib's
+MAX_TRAINING_POINTS = 40_000  # the memory bank cap of every model: images, or regions (RKDE)
 
 
 class UserError(ValueError):
     """A bad flag, config, index or artifact: the jobs print its message and exit with code 2, no traceback."""
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
+def fail(name: str, value: Any, allowed: str) -> None:
     msg = f"invalid {name}={value!r}: expected {allowed}"
     raise UserError(msg)
 
 
+def _field(default: Any, about: str):
+    """A config field with its description: the fit job's flag shows it, with the default."""
+    return field(default=default, metadata={"help": about})
+
+
+_BACKBONE = "timm CNN name, optionally with a tag"
+_IMAGE_SIZE = "network input: SIZE or HEIGHT WIDTH"
+_BANK = "memory bank cap: images, or regions for a model that banks regions"
+_SEED = "bank sampling and random-weight seed"
+_PCA = "PCA components"
+_SCALING = "projections divided by the largest training norm, or unit"
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(name, value, f"an integer >= {low}")
+        fail(name, value, f"an integer >= {low}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,22 +54,22 @@ class DfkdeConfig:
     default is resnet18, one flag away. Several ``layers`` are concatenated on the feature axis, in the given order.
     """
 
-    backbone: str = "resnet50"
-    layers: tuple[str, ...] = ("layer4",)
-    image_size: tuple[int, int] = (256, 256)
-    n_pca_components: int = 16
-    feature_scaling: Literal["scale", "norm"] = "scale"
-    max_training_points: int = 40_000
-    seed: int = 0
+    backbone: str = _field("resnet50", _BACKBONE)
+    layers: tuple[str, ...] = _field(("layer4",), "feature layers, concatenated on the feature axis")
+    image_size: tuple[int, int] = _field((256, 256), _IMAGE_SIZE)
+    n_pca_components: int = _field(16, _PCA)
+    feature_scaling: Literal["scale", "norm"] = _field("scale", _SCALING)
+    max_training_points: int = _field(MAX_TRAINING_POINTS, _BANK)
+    seed: int = _field(0, _SEED)
     model: str = field(default="dfkde", init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_common(self))
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
         if not isinstance(layers, tuple) or not layers or not all(isinstance(x, str) and x for x in layers):
-            _fail("layers", self.layers, "one or more layer names such as 'layer4'")
+            fail("layers", self.layers, "one or more layer names such as 'layer4'")
         if len(set(layers)) != len(layers):
-            _fail("layers", self.layers, "distinct layer names")
+            fail("layers", self.layers, "distinct layer names")
         object.__setattr__(self, "layers", layers)
         _check_kde(self)
 
@@ -66,10 +81,10 @@ class DfkdeConfig:
 
 def _check_common(config) -> tuple[int, int]:
     if not isinstance(config.backbone, str) or not config.backbone:
-        _fail("backbone", config.backbone, "a timm model name such as 'resnet50'")
+        fail("backbone", config.backbone, "a timm model name such as 'resnet50'")
     size = tuple(config.image_size) if isinstance(config.image_size, (list, tuple)) else config.image_size
     if not isinstance(size, tuple) or len(size) != 2:
-        _fail("image_size", config.image_size, "(height, width), two integers >= 32")
+        fail("image_size", config.image_size, "(height, width), two integers >= 32")
     for s in size:
         _check_int("image_size", s, 32)
     _check_int("max_training_points", config.max_training_points, 2)
@@ -81,10 +96,10 @@ def _check_kde(config) -> None:
     """The KDE head's settings (DFKDE, RKDE): PCA components, scaling, and a bank cap above the component count."""
     _check_int("n_pca_components", config.n_pca_components, 1)
     if config.feature_scaling not in FEATURE_SCALINGS:
-        _fail("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
+        fail("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
     _check_int("max_training_points", config.max_training_points, 2)
     if config.max_training_points <= config.n_pca_components:
-        _fail("max_training_points", config.max_training_points,
+        fail("max_training_points", config.max_training_points,
               f"more than n_pca_components={config.n_pca_components} (the KDE needs a full-rank covariance)")
 
 
@@ -96,20 +111,21 @@ class DfmConfig:
     (scikit-learn's rule); an integer > 1 keeps exactly that many.
     """
 
-    backbone: str = "resnet50"
-    layer: str = "layer3"
-    pooling_kernel_size: int = 4
-    pca_level: float | int = 0.97
-    score_type: Literal["fre", "nll"] = "fre"
-    image_size: tuple[int, int] = (256, 256)
-    max_training_points: int = 40_000
-    seed: int = 0
+    backbone: str = _field("resnet50", _BACKBONE)
+    layer: str = _field("layer3", "feature layer")
+    pooling_kernel_size: int = _field(4, "average-pooling kernel")
+    pca_level: float | int = _field(0.97, "variance fraction in (0, 1), or an integer number of components > 1")
+    score_type: Literal["fre", "nll"] = _field("fre", "feature reconstruction error (with anomaly maps) or Gaussian "
+                                                      "NLL")
+    image_size: tuple[int, int] = _field((256, 256), _IMAGE_SIZE)
+    max_training_points: int = _field(MAX_TRAINING_POINTS, _BANK)
+    seed: int = _field(0, _SEED)
     model: str = field(default="dfm", init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_common(self))
         if not isinstance(self.layer, str) or not self.layer:
-            _fail("layer", self.layer, "one layer name such as 'layer3'")
+            fail("layer", self.layer, "one layer name such as 'layer3'")
         _check_int("pooling_kernel_size", self.pooling_kernel_size, 1)
         level = self.pca_level
         if isinstance(level, float) and level.is_integer() and level > 1:
@@ -118,11 +134,11 @@ class DfmConfig:
         fraction = isinstance(level, float) and 0 < level < 1
         integer = isinstance(level, int) and not isinstance(level, bool) and level > 1
         if not (fraction or integer):
-            _fail("pca_level", self.pca_level, "a variance fraction in (0, 1) or an integer number of components > 1")
+            fail("pca_level", self.pca_level, "a variance fraction in (0, 1) or an integer number of components > 1")
         if self.score_type not in SCORE_TYPES:
-            _fail("score_type", self.score_type, f"one of {list(SCORE_TYPES)}")
+            fail("score_type", self.score_type, f"one of {list(SCORE_TYPES)}")
         if self.max_training_points < self.min_training_rows:
-            _fail("max_training_points", self.max_training_points, f"at least {self.min_training_rows} for "
+            fail("max_training_points", self.max_training_points, f"at least {self.min_training_rows} for "
                   f"pca_level={self.pca_level}")
 
     @property
@@ -140,33 +156,35 @@ class RkdeConfig:
     """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region. The image score
     is the largest region score; boxes are reported in original image pixels."""
 
-    roi_stage: Literal["rcnn", "rpn"] = "rcnn"
-    roi_score_threshold: float = 0.001
-    min_box_size: int = 25
-    iou_threshold: float = 0.3
-    max_detections_per_image: int = 100
-    n_pca_components: int = 16
-    feature_scaling: Literal["scale", "norm"] = "scale"
-    image_size: tuple[int, int] = (240, 360)
-    max_training_points: int = 40_000
-    seed: int = 0
+    roi_stage: Literal["rcnn", "rpn"] = _field("rcnn", "regions from the detector's boxes or from the RPN's "
+                                                       "proposals")
+    roi_score_threshold: float = _field(0.001, "lowest candidate score kept")
+    min_box_size: int = _field(25, "smallest box side, pixels of the RKDE frame")
+    iou_threshold: float = _field(0.3, "class-agnostic NMS")
+    max_detections_per_image: int = _field(100, "regions kept per image")
+    n_pca_components: int = _field(16, _PCA)
+    feature_scaling: Literal["scale", "norm"] = _field("scale", _SCALING)
+    image_size: tuple[int, int] = _field(RKDE_FRAME, f"{_IMAGE_SIZE}; fixed for RKDE")
+    max_training_points: int = _field(MAX_TRAINING_POINTS, _BANK)
+    seed: int = _field(0, _SEED)
     model: str = field(default="rkde", init=False)
 
     def __post_init__(self) -> None:
         size = tuple(self.image_size) if isinstance(self.image_size, (list, tuple)) else self.image_size
-        if size != (240, 360):
-            _fail("image_size", self.image_size, "(240, 360): RKDE's detector and region extractor work on that frame")
+        if size != RKDE_FRAME:
+            fail("image_size", self.image_size, f"{RKDE_FRAME}: RKDE's detector and region extractor work on that "
+                 "frame")
         object.__setattr__(self, "image_size", size)
-        if self.roi_stage not in ("rcnn", "rpn"):
-            _fail("roi_stage", self.roi_stage, "one of ['rcnn', 'rpn']")
+        if self.roi_stage not in ROI_STAGES:
+            fail("roi_stage", self.roi_stage, f"one of {list(ROI_STAGES)}")
         for name in ("roi_score_threshold", "iou_threshold"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                _fail(name, v, "a number in [0, 1]")
+                fail(name, v, "a number in [0, 1]")
         _check_int("min_box_size", self.min_box_size, 0)
         _check_int("max_detections_per_image", self.max_detections_per_image, 1)
         if self.max_detections_per_image > REGION_ID_STRIDE:
-            _fail("max_detections_per_image", self.max_detections_per_image, f"at most {REGION_ID_STRIDE} (bank ids)")
+            fail("max_detections_per_image", self.max_detections_per_image, f"at most {REGION_ID_STRIDE} (bank ids)")
         _check_kde(self)
         _check_int("seed", self.seed, 0)
 
@@ -177,7 +195,6 @@ class RkdeConfig:
 
 
 ModelConfig = DfkdeConfig | DfmConfig | RkdeConfig
-CONFIG_CLASSES = {"dfkde": DfkdeConfig, "dfm": DfmConfig, "rkde": RkdeConfig}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,34 +226,18 @@ class RunConfig:
         for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                _fail(name, v, "a number >= 0")
+                fail(name, v, "a number >= 0")
         if self.device not in ("cpu", "cuda"):
-            _fail("device", self.device, "'cpu' or 'cuda'")
+            fail("device", self.device, "'cpu' or 'cuda'")
         if self.precision not in ("fp32", "bf16"):
-            _fail("precision", self.precision, "'fp32' or 'bf16'")
+            fail("precision", self.precision, "'fp32' or 'bf16'")
         for name in ("no_progress_s", "start_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                _fail(name, v, "seconds > 0")
+                fail(name, v, "seconds > 0")
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict of a model config, with the ``model`` tag."""
     d = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys and unknown models are errors naming the valid ones."""
-    if not isinstance(d, dict):
-        _fail("config", d, "a JSON object")
-    model = d.get("model")
-    if model not in MODELS:
-        _fail("model", model, f"one of {list(MODELS)}")
-    cls = CONFIG_CLASSES[model]
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(d) - names - {"model"})
-    if unknown:
-        _fail("config keys", unknown, f"keys among {sorted(names)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "model"}
-    return cls(**kwargs)

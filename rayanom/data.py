@@ -14,6 +14,7 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -74,6 +75,37 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 @lru_cache(maxsize=64)
 def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def check_output_dir(uri: str, is_ours: Callable[[str], bool], overwrite: bool) -> list[str]:
+    """Names of our files already in the directory ``uri`` (local or object store); nothing is created.
+
+    Refuses a file, a directory holding files that are not ours, and one holding ours unless ``overwrite``.
+    """
+    fs, path = resolve_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        msg = f"output {uri!r} is a file, expected a directory"
+        raise UserError(msg)
+    if info.type != pafs.FileType.Directory:
+        return []
+    existing = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+    foreign = [name for name in existing if not is_ours(name)]
+    if foreign:
+        msg = f"output {uri!r} holds other files {foreign[:5]}; choose an empty or new directory"
+        raise UserError(msg)
+    if existing and not overwrite:
+        msg = f"output {uri!r} already holds {existing[:5]}; pass --overwrite to replace them"
+        raise UserError(msg)
+    return existing
+
+
+def prepare_output_dir(uri: str, is_ours: Callable[[str], bool], overwrite: bool) -> list[str]:
+    """:func:`check_output_dir`, then create the directory."""
+    existing = check_output_dir(uri, is_ours, overwrite)
+    fs, path = resolve_filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    return existing
 
 
 def read_index(uri: str) -> pa.Table:

@@ -177,3 +177,47 @@ def settle(scores_uri: str, used: Threshold | None, manual: float | None = None)
 
 NO_THRESHOLD = ("no threshold: is_anomalous and normalized_score are null (score an index with labelled 'val' rows "
                 "holding both classes, or pass --threshold VALUE)")
+
+
+def score_and_decide(index, artifact, output: str, run, model_dir: str | None = None, manual: float | None = None,
+                     store: bool = False, **kwargs) -> dict:
+    """``pipeline.score`` with its decisions settled. Scored with ``manual`` (a threshold value for this run), else
+    the threshold stored beside this very model in ``model_dir``; then ``settle``d (with neither, the F1-adaptive
+    threshold of the labelled ``val`` rows). With ``store`` the settled threshold is stored beside the model when it
+    changed. Returns the summary, its ``threshold`` the settled one."""
+    from rayanom.pipeline import artifact_fingerprint, score
+
+    fingerprint = artifact_fingerprint(artifact)
+    stored = load_threshold(model_dir, fingerprint) if model_dir else None
+    used = Threshold(manual) if manual is not None else stored
+    summary = score(index, artifact, output, run, threshold=used, **kwargs)
+    t = settle(output, used, manual)
+    if store and t is not None and t != stored:
+        save_threshold(model_dir, t, fingerprint)
+    summary["threshold"] = asdict(t) if t else None
+    return summary
+
+
+def threshold_from_fit_index(index, artifact, model_dir: str, val_index: str, val_scores: str, run,
+                             manual: float | None = None) -> tuple[int, dict | None]:
+    """A fit without an index to score: the fit index's own labelled ``val`` rows, when it has some, are written as
+    an index (``val_index``, on the workers), scored (``val_scores``) and their F1-adaptive threshold stored beside
+    the model (``manual``: that value, with their score range); nothing when a threshold for this model is stored
+    (and ``manual`` is None or its value). Returns the number of val rows and their scores' summary (or None)."""
+    from rayanom.index import describe_index, write_split
+    from rayanom.parts import Lease
+    from rayanom.pipeline import artifact_fingerprint
+
+    fingerprint = artifact_fingerprint(artifact)
+    stored = load_threshold(model_dir, fingerprint)
+    if stored is not None and manual in (None, stored.value):
+        return 0, None
+    n = write_split(index, "val", val_index)
+    if not n:
+        if manual is not None:
+            save_threshold(model_dir, Threshold(manual), fingerprint)
+        return 0, None
+    with Lease(val_scores) as lease:  # this job's own output: replaced when the model changed
+        summary = score_and_decide(describe_index(val_index), artifact, val_scores, run, model_dir, manual, True,
+                                   overwrite=True, job=lease.job)
+    return n, summary

@@ -1,4 +1,4 @@
-"""A generated demo image set: textured discs ("parts") on a background, and the same parts with visible defects.
+"""A generated demo image set: textured discs on a background, and the same discs with visible defects.
 
 Written as an MVTec AD category (``train/good``, ``test/<good or defect>``, ``ground_truth/<defect>/<name>_mask.png``)
 and indexed through ``rayanom.folders``, the way a user's folders are. Used by the embedded default of the jobs (no
@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 DEFECTS = ("scratch", "stain", "hole", "crack")
 
 
-def _part(rng: np.random.Generator, size: int) -> Image.Image:
-    """A normal part: a grey disc with fine concentric texture, small pose/lighting jitter, sensor noise."""
+def _disc(rng: np.random.Generator, size: int) -> Image.Image:
+    """A normal disc: grey, with fine concentric texture, small pose/lighting jitter, sensor noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cx, cy = size / 2 + rng.normal(0, size * 0.01, 2)
     r = np.hypot(xx - cx, yy - cy)
@@ -35,7 +35,7 @@ def _part(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    """The part with a defect of ``kind``, and the defect's mask (255 where it is drawn)."""
+    """The disc with a defect of ``kind``, and the defect's mask (255 where it is drawn)."""
     size = img.size[0]
     mask = Image.new("L", img.size, 0)
     draws = [(ImageDraw.Draw(img), None), (ImageDraw.Draw(mask), 255)]
@@ -60,17 +60,17 @@ def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
 
 def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_anomalous: int = 30,
               size: int = 320, seed: int = 0) -> str:
-    """Write PNGs as the MVTec AD category ``root/parts``, its index ``root/index.parquet`` (``folders.mvtec_index``:
+    """Write PNGs as the MVTec AD category ``root/discs``, its index ``root/index.parquet`` (``folders.mvtec_index``:
     path, label, split, defect_type, mask_path; the files it skipped in ``index.parquet.skipped.tsv``) and its test
     rows alone as ``root/test.parquet``; return the index path."""
     from rayanom.folders import mvtec_index, write_index
 
     rng = np.random.default_rng(seed)
-    category = os.path.abspath(os.path.join(root, "parts"))
+    category = os.path.abspath(os.path.join(root, "discs"))
     plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
     plan += [("test", DEFECTS[i % len(DEFECTS)]) for i in range(n_test_anomalous)]
     for i, (split, defect) in enumerate(plan):
-        img = _part(rng, size)
+        img = _disc(rng, size)
         folder = os.path.join(category, split, defect or "good")
         os.makedirs(folder, exist_ok=True)
         if defect:
@@ -87,3 +87,16 @@ def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_ano
     logger.info("demo set: %d images (%d train, %d test) in %s", len(plan), n_train,
                 n_test_normal + n_test_anomalous, category)
     return index
+
+
+DEMO_ROOT = os.path.join("runs", "demo-data")
+
+
+def demo_set(spec) -> tuple[str, str]:
+    """The demo set for a model (``models.ModelSpec``), generated on first use under ``runs/``: the index to fit on
+    and the test index. A model with smaller ``demo_sizes`` (a slow one) gets its own, smaller set."""
+    root = f"{DEMO_ROOT}-{spec.name}" if spec.demo_sizes else DEMO_ROOT
+    index = os.path.join(root, "index.parquet")
+    if not os.path.exists(index):
+        make_demo(root, seed=0, **spec.demo_sizes)
+    return index, os.path.join(root, "test.parquet")

@@ -107,10 +107,7 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
     kind = source.get("kind")
     if kind == "file":
         state, got = resolve_weights(config, weights or source["path"], False)
-        if got["sha256"] != source["sha256"]:
-            msg = (f"invalid weights={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the model "
-                   f"was fitted with ({source['sha256'][:12]}...)")
-            raise UserError(msg)
+        same_file(got, source, "weights")
         return state
     if weights:
         msg = f"invalid weights={weights!r}: this model was fitted with {kind} weights, not a file"
@@ -124,6 +121,14 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
         return resolve_weights(config, None, False)[0]
     msg = f"invalid artifact: unknown weight source {source!r}; expected kind 'file', 'timm' or 'random'"
     raise UserError(msg)
+
+
+def same_file(got: dict, recorded: dict, flag: str) -> None:
+    """The weights file read (``got``: path and sha256) is the one the model recorded, else an error naming it."""
+    if got["sha256"] != recorded["sha256"]:
+        msg = (f"invalid {flag}={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the model was "
+               f"fitted with ({recorded['sha256'][:12]}...)")
+        raise UserError(msg)
 
 
 def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.ndarray], str]:
@@ -275,7 +280,7 @@ class FeatureExtractor:
         if self.device.type == "cuda" and not self.bf16:
             fp32_without_tf32()
         self.memory_format = torch.channels_last if self.bf16 else torch.contiguous_format
-        self.pool = config.pooling_kernel_size if config.model == "dfm" else 0
+        self.pool = getattr(config, "pooling_kernel_size", 0)  # DFM pools its one layer; else global average pool
         model, self.order = build_backbone(config)
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
         self.model = model.eval().to(self.device, memory_format=self.memory_format)

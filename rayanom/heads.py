@@ -253,6 +253,9 @@ class KdeHead:
     projection a unit vector.
     """
 
+    ARRAYS = {"pca_mean": 1, "pca_components": 2, "max_norm": 1, "kde_inv_chol": 2, "kde_support": 2,
+             "kde_log_norm": 1}  # the arrays of to_arrays, and their ranks
+
     def __init__(self, n_components: int = 16, feature_scaling: str = "scale") -> None:
         self.n_components = n_components
         self.feature_scaling = feature_scaling
@@ -312,7 +315,7 @@ class KdeHead:
         norms = p.norm(dim=1, keepdim=True)
         return (p / norms).where(norms > 0, p.new_zeros(()))
 
-    def to_state(self) -> dict[str, np.ndarray]:
+    def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays that define the fitted head (for safetensors)."""
         if not hasattr(self, "kde_"):
             raise _not_fitted(self)
@@ -325,20 +328,23 @@ class KdeHead:
             "kde_log_norm": np.array([self.kde_.log_norm_]),
         }
 
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], n_components: int, feature_scaling: str) -> KdeHead:
-        """Rebuild a fitted head from :meth:`to_state` arrays; gives bit-identical scores."""
-        head = cls(n_components, feature_scaling)
-        head.pca_ = PCA(n_components)
-        head.pca_.mean_ = state["pca_mean"]
-        head.pca_.components_ = state["pca_components"]
-        head.max_norm_ = float(state["max_norm"][0])
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> KdeHead:
+        """This head, fitted from :meth:`to_arrays` arrays (names and ranks in ``ARRAYS``): bit-identical scores."""
+        self.__dict__.pop("_device_arrays", None)
+        self.pca_ = PCA(self.n_components)
+        self.pca_.mean_ = arrays["pca_mean"]
+        self.pca_.components_ = arrays["pca_components"]
+        self.max_norm_ = float(arrays["max_norm"][0])
         kde = GaussianKDE()
-        kde.inv_chol_ = state["kde_inv_chol"]
-        kde.support_ = state["kde_support"]
-        kde.log_norm_ = float(state["kde_log_norm"][0])
-        head.kde_ = kde
-        return head
+        kde.inv_chol_ = arrays["kde_inv_chol"]
+        kde.support_ = arrays["kde_support"]
+        kde.log_norm_ = float(arrays["kde_log_norm"][0])
+        self.kde_ = kde
+        return self
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_components: int, feature_scaling: str) -> KdeHead:
+        return cls(n_components, feature_scaling).load_arrays(arrays)
 
 
 class DfmHead:
@@ -350,6 +356,8 @@ class DfmHead:
     k log 2 pi and the 1/2 factor, as anomalib:
     sum((z_i / sigma_i)^2) + 2 sum(log sigma_i), with sigma_i^2 = s_i^2 / n (anomalib's biased variance).
     """
+
+    ARRAYS = {"pca_mean": 1, "pca_components": 2, "sigma": 1}  # the arrays of to_arrays, and their ranks
 
     def __init__(self, n_components: int | float = 0.97, score_type: str = "fre") -> None:
         self.n_components = n_components
@@ -433,16 +441,20 @@ class DfmHead:
         """-FRE or -NLL, higher = more normal (scikit-learn's sign)."""
         return -self.anomaly_scores(x, exact, device)
 
-    def to_state(self) -> dict[str, np.ndarray]:
+    def to_arrays(self) -> dict[str, np.ndarray]:
         if not hasattr(self, "sigma_"):
             raise _not_fitted(self)
         return {"pca_mean": self.pca_.mean_, "pca_components": self.pca_.components_, "sigma": self.sigma_}
 
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> DfmHead:
+        """This head, fitted from :meth:`to_arrays` arrays (names and ranks in ``ARRAYS``)."""
+        self.__dict__.pop("_device_arrays", None)
+        self.pca_ = PCA(self.n_components)
+        self.pca_.mean_ = arrays["pca_mean"]
+        self.pca_.components_ = arrays["pca_components"]
+        self.sigma_ = arrays["sigma"]
+        return self
+
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], n_components: int | float, score_type: str) -> DfmHead:
-        head = cls(n_components, score_type)
-        head.pca_ = PCA(n_components)
-        head.pca_.mean_ = state["pca_mean"]
-        head.pca_.components_ = state["pca_components"]
-        head.sigma_ = state["sigma"]
-        return head
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_components: int | float, score_type: str) -> DfmHead:
+        return cls(n_components, score_type).load_arrays(arrays)

@@ -165,6 +165,13 @@ def index_value_errors(info: IndexInfo, files_per_task: int = 16) -> str | None:
     return errors[0] if errors else None
 
 
+def check_values(info: IndexInfo) -> None:
+    """``index_value_errors`` as a ``UserError`` (the jobs: exit 2 naming the problem, before any output)."""
+    error = index_value_errors(info)
+    if error:
+        raise UserError(error)
+
+
 def in_tasks(fn, items: list, per_task: int, first, *args) -> list:
     """``fn(first, chunk, *args)`` for chunks of ``per_task`` items, as Ray tasks (0.5 CPU each) on the workers;
     the results in chunk order. ``first`` (an index description, an output URI) is put in the object store once."""

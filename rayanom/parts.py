@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, resolve_filesystem
+from rayanom.data import ROW_COL, check_output_dir, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,7 @@ def _is_ours(name: str) -> bool:
 
 def check_parts_dir(output: str) -> None:
     """Before any work: ``output`` must be new, or a directory holding only scores parts (resumable or replaceable)."""
-    fs, path = resolve_filesystem(output)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        msg = f"output {output!r} is a file, expected a directory"
-        raise UserError(msg)
-    if info.type == pafs.FileType.Directory:
-        foreign = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))
-                         if not _is_ours(i.base_name))
-        if foreign:
-            msg = f"output {output!r} holds other files {foreign[:5]}; choose an empty or new directory"
-            raise UserError(msg)
+    check_output_dir(output, _is_ours, overwrite=True)
 
 
 def has_parts(output: str) -> bool:
@@ -270,8 +260,10 @@ class Lease:
     taken on this machine by a process that no longer exists (a killed job resumed at once).
     """
 
-    def __init__(self, output: str, job: str) -> None:
-        self.output, self.job = output, job
+    def __init__(self, output: str, job: str | None = None) -> None:
+        import uuid
+
+        self.output, self.job = output, job or uuid.uuid4().hex[:12]  # a new job id unless given
         self.fs, self.path = resolve_filesystem(output)
         self.file = f"{self.path}/{LEASE}"
         self._stop = None

@@ -29,17 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayanom import __version__
-from rayanom.artifact import Artifact, make_head
+from rayanom.artifact import Artifact
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
-    BOX_SCORES_COL, BOXES_COL, DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL,
-    NORMALIZED_COL, NUM_REGIONS_COL, PATH_COL, PROB_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, WIDTH_COL,
     ReadPolicy, decode_table, error_message, failed_table,
 )
-from rayanom.features import FeatureExtractor, artifact_weights, device_kind
+from rayanom.features import device_kind
+from rayanom.models import Batch, ModelSpec, spec_of
 from rayanom.summary import summarize
-from rayanom.heads import anomaly_probability
 from rayanom.parts import open_parts, table_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -53,45 +52,19 @@ def _images(table: pa.Table) -> np.ndarray:
     return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()
 
 
-def load_weights(config: ModelConfig, source: dict) -> dict:
-    """The weights ``source`` describes (an artifact's ``weights``, or ``features.resolve_weights``'s source): a
-    timm backbone state for DFKDE/DFM, ``{"detector", "region"}`` states for RKDE. Each actor loads its own from the
-    record, so it can be restarted anywhere: a random init from its seed, timm's pretrained tag, or a file every worker
-    can read (a URI, a shared filesystem, or a path inside ``ray job submit --working-dir``), checked against its
+def load_weights(config: ModelConfig, source: dict, files: dict | None = None, spec: ModelSpec | None = None) -> dict:
+    """The weights ``source`` describes (an artifact's ``weights``, or the source ``ModelSpec.weights`` gave), with
+    the files named in ``files`` (weight flag -> path) found at other paths. Each actor loads its own from the record,
+    so it can be restarted anywhere: a random init from its seed, timm's pretrained tag, or a file every worker can
+    read (a URI, a shared filesystem, or a path inside ``ray job submit --working-dir``), checked against its
     sha256."""
-    if config.model == "rkde":
-        from rayanom.regions import rkde_artifact_weights
-
-        return rkde_artifact_weights(config, source)
-    return artifact_weights(config, source, None)
+    return (spec or spec_of(config)).load_weights(config, source, files or {})
 
 
-def weights_at(source: dict, weights: str | None = None, detector_weights: str | None = None,
-               region_weights: str | None = None) -> dict:
-    """``source`` with its weight files found at other paths (a model scored on another machine); ``load_weights``
-    still checks each file against its recorded sha256."""
-    if source.get("kind") == "rkde":
-        moved = {part: {**source[part], "path": path}
-                 for part, path in (("detector", detector_weights), ("region", region_weights)) if path}
-        return {**source, **moved}
-    return {**source, "path": weights} if weights else source
-
-
-def _extractor(config: ModelConfig, weights: dict, device: str, threads: int, precision: str):
-    """The model's feature stage: a timm backbone (DFKDE, DFM) or detector + region extractor (RKDE)."""
-    state = load_weights(config, weights)
-    if config.model != "rkde":
-        return FeatureExtractor(config, state, device, threads, precision)
-    import torch
-
-    from rayanom.regions import RegionModel
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return RegionModel(state["detector"], state["region"], roi_stage=config.roi_stage,
-                       roi_score_threshold=config.roi_score_threshold, min_box_size=config.min_box_size,
-                       iou_threshold=config.iou_threshold, max_detections_per_image=config.max_detections_per_image,
-                       device=device)
+def _extractor(spec: ModelSpec, config: ModelConfig, weights: dict, files: dict | None, device: str, threads: int,
+               precision: str):
+    """The model's feature stage (``ModelSpec.extractor``), with its weights loaded here."""
+    return spec.extractor(config, load_weights(config, weights, files, spec), device, threads, precision)
 
 
 class _Decoder:
@@ -134,15 +107,17 @@ class BankFeatures:
     """Fit-stage actor: decodes a chunk of training rows (``row_index``, ``path``) and returns the bank items of its
     rows whose key lies in [lo, hi) (``bank``), and the rows that failed with their errors.
 
-    DFKDE/DFM bank one item per image (bank id = row index); RKDE one per region (bank id = row index * 65536 +
-    region number), so the bank is a uniform subset of all regions of all training images. Forward batches are
-    slices of ``batch_size`` rows from the chunk's start (chunks start at multiples of it).
+    A model whose images give one item each (``slots`` 1) banks them with bank id = row index; one whose images give
+    several (RKDE's regions) with bank id = row index * 65536 + item number, so the bank is a uniform subset of all
+    items of all training images. Forward batches are slices of ``batch_size`` rows from the chunk's start (chunks
+    start at multiples of it).
     """
 
     def __init__(self, config: ModelConfig, weights: dict, slots: int, device: str, threads: int,
                  precision: str = "fp32", batch_size: int = 32, decode_threads: int = 0,
-                 policy: ReadPolicy = ReadPolicy()) -> None:
-        self.extractor = _extractor(config, weights, device, threads, precision)
+                 policy: ReadPolicy = ReadPolicy(), spec: ModelSpec | None = None) -> None:
+        self.spec = spec or spec_of(config)
+        self.extractor = _extractor(self.spec, config, weights, None, device, threads, precision)
         self.slots = slots  # bank items a row can have (bank.lower_keys)
         self.seed, self.batch_size = config.seed, batch_size
         self.decoder = _Decoder(config.image_size, policy, device, decode_threads)
@@ -170,8 +145,7 @@ class BankFeatures:
             where = np.flatnonzero(ok)
             if len(where) <= 1:
                 errors[where] = error_message(e)
-                dim = self.extractor.dim if self.slots == 1 else 4096
-                return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, dim), np.float32)
+                return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self.extractor.dim), np.float32)
             logger.warning("the model stage failed on a batch of %d (%s): retrying it in halves", len(where),
                            error_message(e))
             parts = []
@@ -184,38 +158,34 @@ class BankFeatures:
     def _items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bank ids, keys, features) of the decoded rows' items."""
         _failpoints(table, ok)
+        counts, feats = (self.spec.items(self.extractor, _images(table)[ok]) if ok.any() else
+                         (np.zeros(0, np.int64), np.zeros((0, self.extractor.dim), np.float32)))
         if self.slots == 1:
-            feats = self.extractor(_images(table)[ok]) if ok.any() else np.zeros((0, self.extractor.dim), np.float32)
             return rows[ok], row_keys(rows[ok], self.seed), feats
-        results = self.extractor(_images(table)[ok]) if ok.any() else []
-        counts = np.array([len(b) for b, _ in results], dtype=np.int64)
-        if not counts.sum():
-            return np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4096), np.float32)
         owner = np.repeat(rows[ok], counts)
-        region = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        keys = region_keys(owner, region, self.seed, self.slots)
-        return owner * REGION_ID_STRIDE + region, keys, np.concatenate([f for _, f in results])
+        item = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        keys = region_keys(owner, item, self.seed, self.slots)
+        return owner * REGION_ID_STRIDE + item, keys, feats
 
 
 class Scorer:
-    """Score-stage actor: backbone + fitted head; every input column, then the model's outputs and ``error``.
-
-    DFKDE: ``anomaly_score`` (-log density) and ``anomaly_probability``. DFM: ``anomaly_score`` (FRE or NLL) and,
-    for FRE, ``anomaly_map`` (pooled resolution, flattened row-major), ``anomaly_map_shape`` and the original
-    ``image_height``/``image_width`` for upsampling (``rayanom.maps``).
-    """
+    """Score-stage actor: feature stage + fitted head; every input column, then the model's output columns
+    (``ModelSpec.outputs``: ``anomaly_score`` first, then e.g. DFKDE's ``anomaly_probability``, DFM's anomaly map,
+    RKDE's boxes) and ``error``."""
 
     def __init__(self, config: ModelConfig, weights: dict, head, device: str, threads: int,
-                 precision: str = "fp32") -> None:
-        self.extractor = _extractor(config, weights, device, threads, precision)
+                 precision: str = "fp32", files: dict | None = None, spec: ModelSpec | None = None) -> None:
+        self.spec = spec or spec_of(config)
+        self.extractor = _extractor(self.spec, config, weights, files, device, threads, precision)
         self.head = head
         self.config = config
         self.device = device
 
     def stage(self, table: pa.Table):
-        """The decoded batch's good images as the extractor's input tensor (``FeatureExtractor.stage``: on a GPU a
-        pinned, non-blocking copy under way), with the table it belongs to; None for RKDE. Runs in a decode thread."""
-        if self.config.model == "rkde":
+        """The decoded batch's good images as the feature stage's input tensor (``FeatureExtractor.stage``: on a GPU
+        a pinned, non-blocking copy under way), with the table it belongs to; None for a feature stage that takes
+        arrays only. Runs in a decode thread."""
+        if not hasattr(self.extractor, "stage"):
             return None
         ok = np.array([e is None for e in table.column(ERROR_COL).to_pylist()], dtype=bool)
         return table, self.extractor.stage(_images(table)[ok]) if ok.any() else None
@@ -225,76 +195,12 @@ class Scorer:
         errors = table.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
         _failpoints(table, ok)
-        if self.config.model == "rkde":
-            return self._regions(table, errors, ok)
-        n, m = table.num_rows, int(ok.sum())
-        score, maps = np.full(n, np.nan), None
-        if m:
-            images = staged[1] if staged is not None and staged[0] is table else _images(table)[ok]
-            feats = self.extractor.features(images)  # on the device; the head scores them there
-            if self.config.model == "dfkde":
-                score[ok] = -self.head.score_samples(feats, device=self.device)
-            else:  # DFM: FRE with its maps (channel sums of the squared residuals), or NLL
-                shape = self.extractor.map_shape if self.config.score_type == "fre" else None
-                score[ok], maps = self.head.score_with_maps(feats, device=self.device, map_shape=shape)
+        columns = self.spec.outputs(Batch(table, ok, errors, self.extractor, self.head, self.config, self.device,
+                                           staged))
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
-        valid = np.isfinite(score)
-        for i in np.flatnonzero(ok & ~valid):
-            errors[i] = "ValueError: non-finite anomaly score (non-finite features?)"
-        out = out.append_column(SCORE_COL, pa.array(score, pa.float64(), mask=~valid))
-        if self.config.model == "dfkde":
-            prob = anomaly_probability(-score)
-            out = out.append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
-        elif self.config.score_type == "fre":
-            out = self._with_maps(out, table, maps, ok, valid)
+        for name, column in columns.items():
+            out = out.append_column(name, column)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
-
-    def _regions(self, table: pa.Table, errors: list, ok: np.ndarray) -> pa.Table:
-        """RKDE: per image the largest region score (-log density), the largest region probability, the boxes in
-        original pixels with their probabilities. No region: the lowest float64 score, probability 0, no boxes.
-        Computed over all regions of the batch at once (no Python loop over rows or boxes)."""
-        from rayanom.regions import boxes_to_original
-
-        n, rows = table.num_rows, np.flatnonzero(ok)
-        results = self.extractor(_images(table)[ok]) if ok.any() else []
-        counts = np.zeros(n, np.int64)
-        counts[rows] = [len(b) for b, _ in results]
-        owner = np.repeat(np.arange(n), counts)  # the row of each region
-        feats = np.concatenate([f for _, f in results]) if counts.sum() else np.zeros((0, 4096), np.float32)
-        log_density = self.head.score_samples(feats, device=self.device) if len(feats) else np.zeros(0)
-        bad = np.bincount(owner, ~np.isfinite(log_density), minlength=n) > 0
-        for i in np.flatnonzero(bad):
-            errors[i] = "ValueError: non-finite region score (non-finite features?)"
-        valid = np.array([e is None for e in errors], dtype=bool)
-        region_prob = anomaly_probability(log_density)
-        score, prob = np.full(n, np.finfo(np.float64).min), np.zeros(n)
-        np.maximum.at(score, owner, -log_density)
-        np.maximum.at(prob, owner, region_prob)
-        heights, widths = table.column(HEIGHT_COL).to_numpy(), table.column(WIDTH_COL).to_numpy()
-        boxes = np.concatenate([b for b, _ in results]) if counts.sum() else np.zeros((0, 4), np.float32)
-        boxes = boxes_to_original(boxes, self.config.image_size, original_size=(heights[owner], widths[owner]))
-        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-        per_row = pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel(), pa.float64()), 4)
-        out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
-        return (out.append_column(SCORE_COL, pa.array(score, pa.float64(), mask=~valid))
-                .append_column(PROB_COL, pa.array(prob, pa.float64(), mask=~valid))
-                .append_column(NUM_REGIONS_COL, pa.array(counts, pa.int32(), mask=~valid))
-                .append_column(BOXES_COL, pa.ListArray.from_arrays(offsets, per_row, mask=pa.array(~valid)))
-                .append_column(BOX_SCORES_COL, pa.ListArray.from_arrays(offsets, pa.array(region_prob, pa.float64()),
-                                                                        mask=pa.array(~valid)))
-                .append_column(ERROR_COL, pa.array(errors, pa.string())))
-
-    def _with_maps(self, out: pa.Table, table: pa.Table, ok_maps: np.ndarray | None, ok: np.ndarray,
-                   valid: np.ndarray) -> pa.Table:
-        _, h, w = self.extractor.map_shape
-        maps = np.zeros((table.num_rows, h * w), dtype=np.float32)
-        if ok_maps is not None:
-            maps[ok] = ok_maps
-        shapes = [[h, w] if v else None for v in valid]
-        return (out.append_column(MAP_COL, pa.array(list(maps), pa.list_(pa.float32()), mask=~valid))
-                .append_column(MAP_SHAPE_COL, pa.array(shapes, pa.list_(pa.int32())))
-                .append_column(HEIGHT_COL, table.column(HEIGHT_COL))
-                .append_column(WIDTH_COL, table.column(WIDTH_COL)))
 
 
 def _pool(cls: type, kwargs: dict, run: RunConfig, size: int):
@@ -326,7 +232,8 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
     ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
     (``index.training_band``), so the driver holds about K rows of it.
 
-    ``weights_source`` comes from ``features.resolve_weights`` (or ``regions.rkde_weights``); the actors load the
+    ``weights_source`` comes from the model's ``ModelSpec.weights`` (``features.resolve_weights`` for a timm
+    backbone, ``regions.rkde_weights`` for RKDE); the actors load the
     weights it describes themselves (``load_weights``). Returns the artifact, not yet saved.
 
     Raises:
@@ -337,7 +244,8 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
     t0 = time.time()
     index_name = index_name or index.uri
     k = config.max_training_points
-    slots = config.max_detections_per_image if config.model == "rkde" else 1
+    spec = spec_of(config)
+    slots = spec.slots(config)
     # The first band, sized for K + 1 rows if every row were a training row; it also counts the training rows and
     # checks the labels. collect_bank fetches more when the index holds other rows too.
     first = min(1.0, (k + 8.0 * math.sqrt(k) + 16.0) / max(index.n_rows, 1))
@@ -347,8 +255,8 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
         msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
                f"exists); {config.model} with these settings needs at least {config.min_training_rows}")
         raise UserError(msg)
-    logger.info("fit: %d training rows, backbone %s (%s weights), bank cap %d", n,
-                getattr(config, "backbone", "faster-rcnn regions"), weights_source["kind"], k)
+    logger.info("fit: %d training rows, %s model (%s weights), bank cap %d", n, config.model, weights_source["kind"],
+                k)
     candidates = Candidates(n, lambda lo, hi: training_band(index, config.seed, slots, lo, hi)[1:], first,
                             tuple(band))
     def run_pass(todo: np.ndarray, lo: float, hi: float):
@@ -368,7 +276,7 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
 
     kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
               "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
-              "decode_threads": run.decode_threads, "policy": read_policy(run)}
+              "decode_threads": run.decode_threads, "policy": read_policy(run), "spec": spec}
     with _pool(BankFeatures, kwargs, run, -(-min(n, len(candidates.rows)) // run.batch_size)) as actors:
         bank = collect_bank(candidates, config.seed, k, slots, run_pass)
     return _fitted(bank, n, t0, index, index_name, config, weights_source, run)
@@ -383,13 +291,14 @@ def _fitted(bank, n: int, t0: float, index, index_name: str, config: ModelConfig
     if failures:
         logger.warning("fit: %d of %d training rows read failed, e.g. row %d: %s", len(failures), bank.n_read,
                        *failures[0])
-    if config.model == "dfm" and n - len(failures) > config.max_training_points:
-        logger.warning("fit: DFM fitted on a uniform subset of %d of %d training rows (anomalib uses all of them); "
-                       "raise --max-training-points to use more", len(ids), n)
+    spec = spec_of(config)
+    if spec.subset_note and n - len(failures) > config.max_training_points:
+        logger.warning("fit: %s fitted on a uniform subset of %d of %d training rows (%s); raise "
+                       "--max-training-points to use more", config.model, len(ids), n, spec.subset_note)
     logger.info("fit: bank of %d x %d features from %d of %d training rows read (%d decoded, %d passes) in %.1f s",
                 *feats.shape[:2], bank.n_read, n, n_ok, bank.passes, time.time() - t0)
     t1 = time.time()
-    head = make_head(config).fit(feats)
+    head = spec.head(config).fit(feats)
     logger.info("fit: head fitted in %.2f s", time.time() - t1)
     provenance = {
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
@@ -421,14 +330,15 @@ class PartScorer:
 
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
                  output: str, job: str, batch_size: int, decode_threads: int = 0,
-                 policy: ReadPolicy = ReadPolicy(), threshold: dict | None = None) -> None:
+                 policy: ReadPolicy = ReadPolicy(), threshold: dict | None = None, files: dict | None = None,
+                 spec: ModelSpec | None = None) -> None:
         from rayanom.decide import Threshold
 
-        artifact = Artifact.load(model)
+        artifact = Artifact.load(model, spec)
         if artifact_fingerprint(artifact) != fingerprint:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
             raise RuntimeError(msg)
-        self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision)
+        self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision, files, spec)
         self.device_kind, self.precision = device_kind(device), precision
         self.output, self.job, self.batch_size = output, job, batch_size
         self.max_batch = batch_size  # lowered by an out-of-memory error
@@ -554,13 +464,13 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
-          job: str | None = None, retry_failed: bool = False, weights: dict | None = None, threshold=None) -> dict:
+          job: str | None = None, retry_failed: bool = False, files: dict | None = None, threshold=None) -> dict:
     """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
     ``output``: one row per input row, written by the workers.
 
-    The actors load the backbone from ``weights`` (``artifact.weights`` unless given: the same source with its files
-    at other paths, as ``load_weights`` reads it) and the head from a copy of the artifact written beside the parts
-    (``parts.MODEL_COPY``), so nothing large is a constructor argument. Part k holds rows [k P, (k + 1) P) for
+    The actors load the weights ``artifact.weights`` records (with the files named in ``files``, weight flag ->
+    path, found at those paths instead: ``load_weights``) and the head from a copy of the artifact written beside the
+    parts (``parts.MODEL_COPY``), so nothing large is a constructor argument. Part k holds rows [k P, (k + 1) P) for
     P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
     are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
     ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
@@ -584,7 +494,7 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
                 manifest["n_parts"], len(todo) - len(retry),
                 f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
-        _write_parts(index, artifact, output, run, todo, manifest["model"], job, weights, threshold)
+        _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
     if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
         from rayanom.decide import apply_to_parts
 
@@ -600,7 +510,7 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
 
 
 def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
-                 job: str | None, weights: dict | None, threshold) -> None:
+                 job: str | None, files: dict | None, threshold) -> None:
     """Score the parts ``todo`` on a pool of ``PartScorer`` actors; checks that every part and row was written."""
     import uuid
 
@@ -609,7 +519,8 @@ def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: l
     t0 = time.time()
     model = f"{output.rstrip('/')}/{MODEL_COPY}"
     artifact.save(model, overwrite=True)
-    kwargs = {"model": model, "fingerprint": fingerprint, "weights": weights or artifact.weights,
+    kwargs = {"model": model, "fingerprint": fingerprint, "weights": artifact.weights, "files": files,
+              "spec": spec_of(artifact.config),
               "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
               "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
               "decode_threads": run.decode_threads, "policy": read_policy(run),
@@ -667,7 +578,7 @@ def artifact_fingerprint(artifact: Artifact) -> str:
     import json
 
     h = hashlib.sha256(json.dumps(artifact.to_json(), sort_keys=True).encode())
-    for name, array in sorted(artifact.head.to_state().items()):
+    for name, array in sorted(artifact.head.to_arrays().items()):
         h.update(name.encode() + np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 

@@ -41,15 +41,14 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import nms, remove_small_boxes, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from rayanom.config import UserError
+from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
 from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
-from rayanom.features import load_state_file
+from rayanom.features import load_state_file, same_file
 
 logger = logging.getLogger(__name__)
 
-FRAME_SIZE = (240, 360)  # (H, W) the images are resized to, as by anomalib 1.2.0's RKDE transform
+FRAME_SIZE = RKDE_FRAME  # (H, W) the images are resized to, as by anomalib 1.2.0's RKDE transform
 FEATURE_DIM = 4096
-ROI_STAGES = ("rcnn", "rpn")
 COCO_CLASSES = 91  # COCO_V1 detector: 90 classes and background
 EXTRACTOR_SIZE, EXTRACTOR_MAX_SIZE = 600, 1000  # the region extractor's Resize(size=600, max_size=1000)
 
@@ -156,8 +155,8 @@ def _match(state: dict[str, np.ndarray], model: nn.Module, what: str, label: str
     return {k: np.asarray(state[k]) for k in expected}
 
 
-def _resolve(path: str | None, seed: int, build: Callable[[], nn.Module], what: str,
-             field: str) -> tuple[dict[str, np.ndarray], dict]:
+def _network_weights(path: str | None, seed: int, build: Callable[[], nn.Module], what: str,
+                     field: str) -> tuple[dict[str, np.ndarray], dict]:
     if path:
         with torch.device("meta"):  # only the key layout and shapes are needed: no init, no memory
             model = build()
@@ -187,7 +186,7 @@ def detector_state(path: str | None, seed: int) -> tuple[dict[str, np.ndarray], 
     Raises:
         UserError: unreadable file, missing or unexpected keys, wrong shapes.
     """
-    return _resolve(path, seed, build_detector, "Faster R-CNN ResNet-50 FPN detector", "detector_weights")
+    return _network_weights(path, seed, build_detector, "Faster R-CNN ResNet-50 FPN detector", "detector_weights")
 
 
 def region_extractor_state(path: str | None, seed: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -195,8 +194,8 @@ def region_extractor_state(path: str | None, seed: int) -> tuple[dict[str, np.nd
 
     Same contract as ``detector_state``; the random init is He-normal with zero biases.
     """
-    return _resolve(path, seed, lambda: _he_init(RegionFeatureNet()), "RKDE region feature extractor",
-                    "region_weights")
+    return _network_weights(path, seed, lambda: _he_init(RegionFeatureNet()), "RKDE region feature extractor",
+                            "region_weights")
 
 
 def _keep(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float | None, min_box_size: float,
@@ -253,28 +252,6 @@ def boxes_to_original(boxes: np.ndarray, frame_size: tuple[int, int] = FRAME_SIZ
     return np.clip(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, 0, np.concatenate([w, h, w, h], -1))
 
 
-def _check_options(roi_stage: str, roi_score_threshold: float, min_box_size: float, iou_threshold: float,
-                   max_detections_per_image: int) -> None:
-    checks = [
-        ("roi_stage", roi_stage, roi_stage in ROI_STAGES, f"one of {list(ROI_STAGES)}"),
-        ("roi_score_threshold", roi_score_threshold, _number(roi_score_threshold) and 0 <= roi_score_threshold <= 1,
-         "a number in [0, 1]"),
-        ("min_box_size", min_box_size, _number(min_box_size) and min_box_size >= 0, "a number >= 0 (pixels)"),
-        ("iou_threshold", iou_threshold, _number(iou_threshold) and 0 <= iou_threshold <= 1, "a number in [0, 1]"),
-        ("max_detections_per_image", max_detections_per_image,
-         isinstance(max_detections_per_image, int) and not isinstance(max_detections_per_image, bool)
-         and max_detections_per_image >= 1, "an integer >= 1"),
-    ]
-    for name, value, ok, allowed in checks:
-        if not ok:
-            msg = f"invalid {name}={value!r}: expected {allowed}"
-            raise UserError(msg)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-
 class RegionModel:
     """Regions and their features for a batch of 240 x 360 images; arrays in, arrays out, usable without Ray.
 
@@ -289,11 +266,14 @@ class RegionModel:
         device: torch device.
     """
 
+    dim = FEATURE_DIM  # features per region
+
     def __init__(self, detector_state: dict[str, np.ndarray], extractor_state: dict[str, np.ndarray], *,
                  roi_stage: Literal["rcnn", "rpn"] = "rcnn", roi_score_threshold: float = 0.001,
                  min_box_size: float = 25, iou_threshold: float = 0.3, max_detections_per_image: int = 100,
                  device: str = "cpu") -> None:
-        _check_options(roi_stage, roi_score_threshold, min_box_size, iou_threshold, max_detections_per_image)
+        RkdeConfig(roi_stage=roi_stage, roi_score_threshold=roi_score_threshold, min_box_size=min_box_size,
+                   iou_threshold=iou_threshold, max_detections_per_image=max_detections_per_image)  # the checks
         self.roi_stage = roi_stage
         self.options = {"score_threshold": roi_score_threshold if roi_stage == "rcnn" else None,
                         "min_box_size": min_box_size, "iou_threshold": iou_threshold,
@@ -380,10 +360,7 @@ def rkde_artifact_weights(config, source: dict, detector_path: str | None = None
         recorded = source.get(part, {})
         if recorded.get("kind") == "file":
             state, got = resolve(override or recorded["path"], config.seed)
-            if got["sha256"] != recorded["sha256"]:
-                msg = (f"invalid {flag}={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the "
-                       f"model was fitted with ({recorded['sha256'][:12]}...)")
-                raise UserError(msg)
+            same_file(got, recorded, flag)
         elif recorded.get("kind") == "random" and recorded.get("seed") == config.seed and not override:
             state, _ = resolve(None, config.seed)
         else:
@@ -391,3 +368,38 @@ def rkde_artifact_weights(config, source: dict, detector_path: str | None = None
             raise UserError(msg)
         states[part] = state
     return states
+
+
+def region_outputs(b) -> dict:
+    """RKDE's output columns for a decoded batch (``models.Batch``): per image the largest region score (-log
+    density), the largest region probability, the boxes in original pixels with their probabilities. No region: the
+    lowest float64 score, probability 0, no boxes. Computed over all regions of the batch at once (no Python loop
+    over rows or boxes)."""
+    import pyarrow as pa
+
+    from rayanom.data import BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
+    from rayanom.heads import anomaly_probability
+
+    n = b.n
+    results = b.extractor(b.images()) if b.ok.any() else []
+    counts = np.zeros(n, np.int64)
+    counts[np.flatnonzero(b.ok)] = [len(boxes) for boxes, _ in results]
+    owner = np.repeat(np.arange(n), counts)  # the row of each region
+    feats = np.concatenate([f for _, f in results]) if counts.sum() else np.zeros((0, FEATURE_DIM), np.float32)
+    log_density = b.head.score_samples(feats, device=b.device) if len(feats) else np.zeros(0)
+    score, prob = np.full(n, np.finfo(np.float64).min), np.zeros(n)
+    np.maximum.at(score, owner, -log_density)
+    score[np.bincount(owner, ~np.isfinite(log_density), minlength=n) > 0] = np.nan  # any non-finite region
+    valid = b.valid(score, "region score")
+    region_prob = anomaly_probability(log_density)
+    np.maximum.at(prob, owner, region_prob)
+    heights, widths = b.table.column(HEIGHT_COL).to_numpy(), b.table.column(WIDTH_COL).to_numpy()
+    boxes = np.concatenate([bx for bx, _ in results]) if counts.sum() else np.zeros((0, 4), np.float32)
+    boxes = boxes_to_original(boxes, b.config.image_size, original_size=(heights[owner], widths[owner]))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    per_row = pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel(), pa.float64()), 4)
+    missing = pa.array(~valid)
+    return {SCORE_COL: pa.array(score, pa.float64(), mask=~valid), PROB_COL: pa.array(prob, pa.float64(), mask=~valid),
+            NUM_REGIONS_COL: pa.array(counts, pa.int32(), mask=~valid),
+            BOXES_COL: pa.ListArray.from_arrays(offsets, per_row, mask=missing),
+            BOX_SCORES_COL: pa.ListArray.from_arrays(offsets, pa.array(region_prob, pa.float64()), mask=missing)}

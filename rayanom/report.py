@@ -458,3 +458,70 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
                 metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"], metrics["threshold"],
                 out_dir)
     return metrics
+
+
+REPORT_FILES = (METRICS_FILE, FIGURE_FILE, "heatmaps", "boxes", "regions")
+_PICTURES = (("heatmaps", ".png"), ("boxes", ".png"), ("regions", ".parquet"))
+
+
+def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, boxes: int = 0,
+                 region_rows: bool = False) -> None:
+    """Before any work: pictures and region rows need a model with those outputs (``ModelSpec.columns``: an anomaly
+    map for heat maps, boxes for box overlays and region rows), and the report directory may hold only report files
+    (rewritten each run). ``config`` None: no pictures asked for."""
+    from rayanom.data import check_output_dir
+    from rayanom.config import UserError
+    from rayanom.data import BOXES_COL, MAP_COL
+
+    columns = _columns(config)
+    if heatmaps and (heatmaps < 0 or MAP_COL not in columns):
+        raise UserError(f"invalid heatmaps={heatmaps}: heat maps need a DFM model with score_type 'fre' (outputs "
+                        "with anomaly maps) and N > 0")
+    if (boxes or region_rows) and (boxes < 0 or BOXES_COL not in columns):
+        raise UserError(f"invalid boxes={boxes}, region_rows={region_rows}: they need an RKDE model (outputs with "
+                        "boxes) and N > 0")
+    if evaluate or heatmaps or boxes or region_rows:
+        check_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
+        for sub, suffix in _PICTURES:
+            check_output_dir(f"{report_dir}/{sub}", lambda n, s=suffix: n.endswith(s), overwrite=True)
+
+
+def _columns(config) -> tuple[str, ...]:
+    from rayanom.models import spec_of
+
+    return spec_of(config).columns(config) if config is not None else ()
+
+
+def write_report(scores_uri: str, report_dir: str, evaluate_scores: bool, heatmaps: int = 0, boxes: int = 0,
+                 region_rows: bool = False, decision: float | None = None, config=None) -> dict:
+    """Into ``report_dir``: metrics.json + report.png (``evaluate_scores``; with ``decision``, the threshold the
+    scores were decided with, the metrics at it too; for a ``config`` with anomaly maps, the pixel metrics where the
+    index had masks), heat maps of the ``heatmaps`` most anomalous images, box overlays of the ``boxes`` most
+    anomalous, one row per region (``region_rows``). Files of an earlier report are replaced.
+
+    Returns ``report_dir``, ``metrics`` (``evaluate``'s, or None) and, per picture kind written, its directory and
+    file count (``regions``: its directory and the regions written)."""
+    from rayanom import maps
+    from rayanom.data import prepare_output_dir
+    from rayanom.data import MAP_COL
+
+    written: dict = {"metrics": None, "report_dir": report_dir}
+    if not (evaluate_scores or heatmaps or boxes or region_rows):
+        return written
+    prepare_output_dir(report_dir, REPORT_FILES.__contains__, overwrite=True)
+    if evaluate_scores:
+        pixel_size = config.image_size if MAP_COL in _columns(config) else None
+        written["metrics"] = evaluate(scores_uri, report_dir, decision=decision, pixel_size=pixel_size)
+    counts = {"heatmaps": heatmaps, "boxes": boxes, "regions": int(region_rows)}
+    writers = {"heatmaps": maps.write_heatmaps, "boxes": maps.write_box_overlays,
+               "regions": lambda scores, target, _: maps.write_region_rows(scores, target)}
+    for sub, suffix in _PICTURES:
+        if not counts[sub]:
+            continue
+        target = f"{report_dir}/{sub}"
+        fs, path = resolve_filesystem(target)
+        for name in prepare_output_dir(target, lambda n, s=suffix: n.endswith(s), overwrite=True):
+            fs.delete_file(f"{path}/{name}")  # files of an earlier run
+        result = writers[sub](scores_uri, target, counts[sub])
+        written[sub] = (target, result if isinstance(result, int) else len(result))
+    return written

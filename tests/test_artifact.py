@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rayanom.artifact import Artifact
-from rayanom.config import DfkdeConfig, RunConfig, UserError, config_from_dict, config_to_dict
+from rayanom.config import DfkdeConfig, RunConfig, UserError, config_to_dict
+from rayanom.models import config_from_dict
 from rayanom.heads import KdeHead
 
 

@@ -175,7 +175,7 @@ def test_fit_and_score_on_s3(s3, demo_set):
     assert "scored 12 of 12 rows, 0 failed" in faulty.stdout, faulty.stdout
     again = Artifact.load(f"{bucket}/run-faulty/model")
     assert again.provenance["n_failed_rows"] == 0
-    a, b = artifact.head.to_state(), again.head.to_state()
+    a, b = artifact.head.to_arrays(), again.head.to_arrays()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     rescored = pq.read_table("rayanom-test/run-faulty/scores", filesystem=fs).sort_by("row_index")
     assert rescored.column("anomaly_score").equals(scores.sort_by("row_index").column("anomaly_score"))

@@ -137,7 +137,7 @@ def test_fit_with_val_rows_then_a_new_threshold(demo_set, tmp_path):
     from rayanom.folders import mvtec_index, write_index
 
     index = str(tmp_path / "index.parquet")
-    write_index(mvtec_index(os.path.join(demo_set["root"], "parts"), val_fraction=0.5, seed=0), index)
+    write_index(mvtec_index(os.path.join(demo_set["root"], "discs"), val_fraction=0.5, seed=0), index)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     small = ["--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4", "--no-pretrained",
              "--batch-size", "8", "--precision", "fp32", "--quiet"]

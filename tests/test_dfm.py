@@ -123,7 +123,7 @@ def test_no_mutation_and_bit_identical_state_round_trip():
     t0, q0 = train.copy(), query.copy()
     for score_type in ("fre", "nll"):
         head = DfmHead(0.95, score_type).fit(train)
-        copy = DfmHead.from_state({k: v.copy() for k, v in head.to_state().items()}, 0.95, score_type)
+        copy = DfmHead.from_arrays({k: v.copy() for k, v in head.to_arrays().items()}, 0.95, score_type)
         assert np.array_equal(head.anomaly_scores(query), copy.anomaly_scores(query))
     np.testing.assert_array_equal(train, t0)
     np.testing.assert_array_equal(query, q0)

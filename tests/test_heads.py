@@ -101,7 +101,7 @@ def test_inputs_are_not_mutated():
 def test_state_round_trip_is_bit_identical():
     train, query = _features(120, 48), _features(30, 48, seed=2)
     head = KdeHead(16).fit(train)
-    copy = KdeHead.from_state({k: v.copy() for k, v in head.to_state().items()}, 16, "scale")
+    copy = KdeHead.from_arrays({k: v.copy() for k, v in head.to_arrays().items()}, 16, "scale")
     assert np.array_equal(head.score_samples(query), copy.score_samples(query))
 
 
@@ -151,7 +151,7 @@ def test_kde_head_batch_contract(exact):
     summation order by shape and by a row's position (OpenBLAS's Haswell/Zen kernels on AMD CPUs do)."""
     train, query = _features(300, 64), _features(300, 64, seed=5)
     head = KdeHead(16).fit(train)
-    copy = KdeHead.from_state(head.to_state(), 16, "scale")
+    copy = KdeHead.from_arrays(head.to_arrays(), 16, "scale")
     small = np.concatenate([head.score_samples(query[i:i + 5], exact=exact) for i in range(0, 300, 5)])
     again = np.concatenate([copy.score_samples(query[i:i + 5], exact=exact) for i in range(0, 300, 5)])
     assert np.array_equal(small, again)

@@ -49,8 +49,8 @@ def test_fit_equals_in_process_reference(fitted):
     paths = index.column("path").to_numpy(zero_copy_only=False)[bank_ids]
     # The pipeline's batches: the rows read, in row order, 5 at a time; so the same features, bit for bit.
     feats = np.concatenate([_features(config, state, paths[i:i + 5]) for i in range(0, 12, 5)])
-    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(feats).to_state()
-    ours = result.artifact.head.to_state()
+    ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(feats).to_arrays()
+    ours = result.artifact.head.to_arrays()
     assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
 
 
@@ -89,7 +89,7 @@ def test_same_artifact_with_one_or_two_actors(fitted, demo_set):
     config, state, index, result = fitted
     run = RunConfig(batch_size=5, num_actors=2, rows_per_part=10)  # chunks of 10 rows: both actors fit
     other = pipeline.fit(describe_index(demo_set["index"]), config, {"kind": "random", "seed": 0}, run)
-    a, b = result.artifact.head.to_state(), other.artifact.head.to_state()
+    a, b = result.artifact.head.to_arrays(), other.artifact.head.to_arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result.artifact.provenance["bank_row_index_sha256"] == other.artifact.provenance["bank_row_index_sha256"]
 

@@ -105,23 +105,44 @@ def test_every_default_is_the_dataclasses():
     the run flags default to RunConfig's: the defaults are written once, in rayanom.config."""
     import dataclasses
 
-    from rayanom.config import CONFIG_CLASSES, RunConfig
+    from rayanom.config import RunConfig
+    from rayanom.models import SPECS
     from rayanom_jobs import fit
 
     actions = {a.dest: a for a in fit.get_args_parser()._actions}
-    for model, cls in CONFIG_CLASSES.items():
-        for f in dataclasses.fields(cls):
+    flags = fit.model_flags()
+    for model, spec in SPECS.items():
+        for f in dataclasses.fields(spec.config):
             if not f.init:
                 continue
             action = actions[f.name]
             shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
-            if f.name in fit.COMMON:
-                assert action.default == f.default, (model, f.name)
-            else:
-                assert action.default is None and shown in action.help, (model, f.name, action.help)
-                assert model in fit.model_flags()[f.name]
+            assert action.default is None and shown in action.help, (model, f.name, action.help)
+            assert model in flags[f.name][0]
     run_flags = {"batch_size": "batch_size", "rows_per_part": "rows_per_part", "io_retries": "io_retries",
                  "max_file_bytes": "max_file_bytes", "no_progress_timeout": "no_progress_s",
                  "wait_for_actors": "start_timeout_s"}
     for dest, field in run_flags.items():
         assert actions[dest].default == getattr(RunConfig(), field), dest
+
+
+def test_only_the_model_table_names_a_model():
+    """The model choice is made in rayanom/models.py (the table), rayanom/config.py (the configs it lists) and each
+    model's own stage (heads, regions, features); the orchestration, the artifact, the report and the jobs name no
+    model: no string literal equal to a model's name."""
+    from rayanom.models import SPECS
+
+    own = {"models.py", "config.py", "heads.py", "regions.py", "features.py"}
+    found = []
+    for p in SOURCES:
+        if p.name in own:
+            continue
+        for tok in tokenize.generate_tokens(io.StringIO(p.read_text()).readline):
+            if tok.type == tokenize.STRING and not tok.string.lstrip("rbRB").startswith(("f", "F")):
+                try:
+                    value = ast.literal_eval(tok.string)
+                except (ValueError, SyntaxError):
+                    continue
+                if value in SPECS:
+                    found.append(f"{p.relative_to(REPO)}:{tok.start[0]}: {tok.string}")
+    assert not found, found

@@ -1,0 +1,307 @@
+"""What differs between the models, in one table: ``SPECS``, one ``ModelSpec`` per model.
+
+For each model: its config class, where its weights come from (the fit flags, the files a score job may find
+elsewhere, the loader the actors use), its feature stage, its head, how many bank items an image gives, its output
+columns, and whether its feature stage runs in bf16. ``pipeline``, ``artifact`` and ``jobs/`` ask ``spec_of(config)``
+and name no model.
+
+A new model is one more ``ModelSpec``: a config dataclass (its fields are the fit flags, its defaults written once),
+a head (``fit``, ``score_samples`` higher = more normal, ``to_arrays``), the weight functions and an ``outputs``
+function (``score_outputs`` for an image-level model). ``register`` adds one at run time (tests/test_models.py
+defines a toy fourth model so). The spec travels to the actors with their arguments (Ray pickles it), so a model
+registered in the driver alone runs on every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
+from rayanom.data import (
+    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL,
+    SCORE_COL, WIDTH_COL,
+)
+
+
+@dataclass
+class Batch:
+    """A decoded batch as a model's ``outputs`` sees it: the table (``decode_table``'s), which rows decoded (``ok``),
+    the error of each row (a list the outputs may fill), and the actor's feature stage, head and device."""
+
+    table: pa.Table
+    ok: np.ndarray
+    errors: list
+    extractor: Any
+    head: Any
+    config: Any
+    device: str
+    staged: Any = None  # ``Scorer.stage`` of this table, made ahead in a decode thread, or None
+
+    @property
+    def n(self) -> int:
+        return self.table.num_rows
+
+    def images(self) -> np.ndarray:
+        """The decoded images of the ``ok`` rows, (m, 3, h, w) float32."""
+        return self.table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()[self.ok]
+
+    def features(self):
+        """The ``ok`` rows' features from the feature stage (a tensor on the device), from the staged input if any."""
+        staged = self.staged[1] if self.staged is not None and self.staged[0] is self.table else None
+        return self.extractor.features(staged if staged is not None else self.images())
+
+    def valid(self, score: np.ndarray, what: str = "anomaly score") -> np.ndarray:
+        """Rows with a score: decoded, no error, a finite ``score``; a decoded row whose score is not finite gets an
+        error saying so."""
+        for i in np.flatnonzero(self.ok & ~np.isfinite(score)):
+            if self.errors[i] is None:
+                self.errors[i] = f"ValueError: non-finite {what} (non-finite features?)"
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def masked(values: np.ndarray, valid: np.ndarray, type_=pa.float64()) -> pa.Array:
+    """``values`` as an Arrow column, null where not ``valid``."""
+    return pa.array(values, type_, mask=~valid)
+
+
+def image_scores(b: Batch) -> np.ndarray:
+    """Per row, -``head.score_samples`` of the image's features (higher = more anomalous); NaN where not decoded."""
+    score = np.full(b.n, np.nan)
+    if b.ok.any():
+        score[b.ok] = -b.head.score_samples(b.features(), device=b.device)
+    return score
+
+
+def score_outputs(b: Batch) -> dict[str, pa.Array]:
+    """An image-level model's outputs: ``anomaly_score`` only."""
+    score = image_scores(b)
+    return {SCORE_COL: masked(score, b.valid(score))}
+
+
+def _kde_outputs(b: Batch) -> dict[str, pa.Array]:
+    """DFKDE: ``anomaly_score`` (-log density) and ``anomaly_probability`` (anomalib's sigmoid of the log density)."""
+    from rayanom.heads import anomaly_probability
+
+    score = image_scores(b)
+    valid = b.valid(score)
+    return {SCORE_COL: masked(score, valid), PROB_COL: masked(anomaly_probability(-score), valid)}
+
+
+def _dfm_outputs(b: Batch) -> dict[str, pa.Array]:
+    """DFM: ``anomaly_score`` (FRE or NLL) and, for FRE, the anomaly map (channel sums of the squared residuals at the
+    pooled resolution, flattened row-major), its shape and the original image size (for upsampling: ``maps``)."""
+    fre = b.config.score_type == "fre"
+    score, maps = np.full(b.n, np.nan), None
+    if b.ok.any():
+        shape = b.extractor.map_shape if fre else None
+        score[b.ok], maps = b.head.score_with_maps(b.features(), device=b.device, map_shape=shape)
+    valid = b.valid(score)
+    out = {SCORE_COL: masked(score, valid)}
+    if not fre:
+        return out
+    _, h, w = b.extractor.map_shape
+    full = np.zeros((b.n, h * w), dtype=np.float32)
+    if maps is not None:
+        full[b.ok] = maps
+    return {**out, MAP_COL: pa.array(list(full), pa.list_(pa.float32()), mask=~valid),
+            MAP_SHAPE_COL: pa.array([[h, w] if v else None for v in valid], pa.list_(pa.int32())),
+            HEIGHT_COL: b.table.column(HEIGHT_COL), WIDTH_COL: b.table.column(WIDTH_COL)}
+
+
+def _region_outputs(b: Batch) -> dict[str, pa.Array]:
+    from rayanom.regions import region_outputs
+
+    return region_outputs(b)
+
+
+# --- weights: timm backbones (DFKDE, DFM) and the two RKDE networks ------------------------------------------
+
+TIMM_WEIGHT_FLAGS = {
+    "weights": ({"metavar": "PATH"}, "timm state dict (.safetensors, or .pth read with weights_only=True), local or a "
+                "URI; every actor reads it, so on a cluster a path every node can read (default: none)"),
+    "pretrained": ({"action": argparse.BooleanOptionalAction, "default": None},
+                   "timm pretrained weights (needs network or the HF cache); default: yes with --index, no for the "
+                   "demo (random weights seeded with --seed)"),
+}
+RKDE_WEIGHT_FLAGS = {
+    "detector_weights": ({"metavar": "PATH"}, "torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout "
+                         "(default: seeded random)"),
+    "region_weights": ({"metavar": "PATH"}, "region feature extractor state dict, layout of anomalib's "
+                       "rkde_feature_extractor.pth (default: seeded random)"),
+}
+
+
+def timm_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
+    """The backbone's state and source from the fit flags: ``--weights PATH``, else timm's pretrained tag when
+    ``--pretrained`` (by default when ``download``, a user index; never for the demo), else a seeded random init."""
+    from rayanom.features import resolve_weights
+
+    pretrained = flags.get("pretrained")
+    if pretrained is None:
+        pretrained = download and not flags.get("weights")
+    return resolve_weights(config, flags.get("weights"), bool(pretrained))
+
+
+def load_timm_weights(config, source: dict, files: dict) -> dict:
+    from rayanom.features import artifact_weights
+
+    return artifact_weights(config, source, files.get("weights"))
+
+
+def _rkde_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
+    from rayanom.regions import rkde_weights
+
+    return rkde_weights(config, flags.get("detector_weights"), flags.get("region_weights"))
+
+
+def _load_rkde_weights(config, source: dict, files: dict) -> dict:
+    from rayanom.regions import rkde_artifact_weights
+
+    return rkde_artifact_weights(config, source, files.get("detector_weights"), files.get("region_weights"))
+
+
+# --- feature stages and heads ---------------------------------------------------------------------------------
+
+def backbone_extractor(config, state: dict, device: str, threads: int, precision: str):
+    """A timm backbone's pooled features (``features.FeatureExtractor``)."""
+    from rayanom.features import FeatureExtractor
+
+    return FeatureExtractor(config, state, device, threads, precision)
+
+
+def _region_extractor(config, state: dict, device: str, threads: int, precision: str):
+    import torch
+
+    from rayanom.regions import RegionModel
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return RegionModel(state["detector"], state["region"], roi_stage=config.roi_stage,
+                       roi_score_threshold=config.roi_score_threshold, min_box_size=config.min_box_size,
+                       iou_threshold=config.iou_threshold, max_detections_per_image=config.max_detections_per_image,
+                       device=device)
+
+
+def image_items(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bank items of an image-level model: one feature row per image."""
+    return np.ones(len(images), np.int64), extractor(images)
+
+
+def _region_items(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RKDE's bank items: one feature row per region of each image."""
+    results = extractor(images)
+    counts = np.array([len(b) for b, _ in results], dtype=np.int64)
+    feats = np.concatenate([f for _, f in results]) if counts.sum() else np.zeros((0, extractor.dim), np.float32)
+    return counts, feats
+
+
+def _kde_head(config):
+    from rayanom.heads import KdeHead
+
+    return KdeHead(config.n_pca_components, config.feature_scaling)
+
+
+def _dfm_head(config):
+    from rayanom.heads import DfmHead
+
+    return DfmHead(config.pca_level, config.score_type)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model's choices. The callables are module-level functions (Ray pickles them by reference, or by value for
+    a model defined in a test or a notebook)."""
+
+    name: str
+    config: type  # its config dataclass: defaults, validation, and (its fields) the fit flags
+    head: Callable[[Any], Any]  # config -> an unfitted head: fit(x), score_samples(x, device=), to_arrays(), ARRAYS
+    extractor: Callable[..., Any]  # (config, state, device, threads, precision) -> the feature stage
+    weights: Callable[[Any, dict, bool], tuple[dict, dict]]  # (config, weight flags, download) -> state, source
+    load_weights: Callable[[Any, dict, dict], dict]  # (config, source, moved files) -> state, checked against source
+    outputs: Callable[[Batch], dict[str, pa.Array]]  # a decoded batch -> its output columns (anomaly_score first)
+    columns: Callable[[Any], tuple[str, ...]]  # config -> the output columns beyond anomaly_score and error
+    weight_flags: dict[str, tuple[dict, str]] = field(default_factory=lambda: dict(TIMM_WEIGHT_FLAGS))
+    items: Callable[[Any, np.ndarray], tuple[np.ndarray, np.ndarray]] = image_items  # bank items per image, features
+    slots: Callable[[Any], int] = lambda config: 1  # the most bank items an image gives
+    bf16: bool = True  # the feature stage runs in bf16 (--precision bf16 / auto)
+    subset_note: str = ""  # said when the bank is a subset of the training rows, where that departs from anomalib
+    demo_sizes: dict = field(default_factory=dict)  # a smaller demo set (``demo.make_demo``'s sizes) for a slow model
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """The weight flags that name files (a score job may find them at other paths)."""
+        return tuple(k for k, (kwargs, _) in self.weight_flags.items() if kwargs.get("metavar") == "PATH")
+
+
+def _rkde_slots(config) -> int:
+    return config.max_detections_per_image
+
+
+SPECS: dict[str, ModelSpec] = {
+    "dfkde": ModelSpec(name="dfkde", config=DfkdeConfig, head=_kde_head, extractor=backbone_extractor,
+                       weights=timm_weights, load_weights=load_timm_weights, outputs=_kde_outputs,
+                       columns=lambda config: (PROB_COL,)),
+    "dfm": ModelSpec(name="dfm", config=DfmConfig, head=_dfm_head, extractor=backbone_extractor,
+                     weights=timm_weights, load_weights=load_timm_weights, outputs=_dfm_outputs,
+                     columns=lambda config: ((MAP_COL, MAP_SHAPE_COL, HEIGHT_COL, WIDTH_COL)
+                                             if config.score_type == "fre" else ()),
+                     subset_note="anomalib fits DFM on all of them"),
+    "rkde": ModelSpec(name="rkde", config=RkdeConfig, head=_kde_head, extractor=_region_extractor,
+                      weights=_rkde_weights, load_weights=_load_rkde_weights, outputs=_region_outputs,
+                      columns=lambda config: (PROB_COL, NUM_REGIONS_COL, BOXES_COL, BOX_SCORES_COL),
+                      weight_flags=dict(RKDE_WEIGHT_FLAGS), items=_region_items, slots=_rkde_slots, bf16=False,
+                      # a Faster R-CNN at 800 x 1200 per image (~3 s on a 2-core CPU): a smaller demo set
+                      demo_sizes={"n_train": 30, "n_test_normal": 10, "n_test_anomalous": 10}),
+}
+
+
+def register(spec: ModelSpec) -> None:
+    """Add a model (tests, notebooks, plugins); its name must be new."""
+    if spec.name in SPECS:
+        fail("model", spec.name, f"a name not among {list(SPECS)}")
+    SPECS[spec.name] = spec
+
+
+def spec(name: str) -> ModelSpec:
+    if name not in SPECS:
+        fail("model", name, f"one of {list(SPECS)}")
+    return SPECS[name]
+
+
+def spec_of(config) -> ModelSpec:
+    return spec(config.model)
+
+
+def config_from_dict(d: dict[str, Any], model: ModelSpec | None = None):
+    """Inverse of ``config.config_to_dict``; unknown keys and unknown models are errors naming the valid ones.
+    ``model``: the spec to read it with (else found by the ``model`` tag)."""
+    if not isinstance(d, dict):
+        fail("config", d, "a JSON object")
+    if model is not None and d.get("model") != model.name:
+        fail("model", d.get("model"), repr(model.name))
+    cls = (model or spec(d.get("model"))).config
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names - {"model"})
+    if unknown:
+        fail("config keys", unknown, f"keys among {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "model"})
+
+
+def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", model: ModelSpec | None = None):
+    """The fitted head of ``config``'s model (``model``, else found by name) from its arrays (``head.to_arrays()``),
+    names and ranks checked against the head's ``ARRAYS``."""
+    head = (model or spec_of(config)).head(config)
+    bad = [k for k, ndim in head.ARRAYS.items() if k not in arrays or arrays[k].ndim != ndim]
+    if bad:
+        from rayanom.artifact import HEAD_FILE
+
+        msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
+        raise UserError(msg)
+    return head.load_arrays(arrays)
