@@ -41,6 +41,12 @@ _PCA = "PCA components"
 _SCALING = "projections divided by the largest training norm, or unit"
 
 
+def min_rows(n_components: int | float) -> int:
+    """Training rows a PCA of ``n_components`` needs, the one home of this rule: k + 1 for k components (centred
+    data has rank <= n - 1; the KDE's bandwidth covariance needs full rank), 2 for a variance fraction."""
+    return n_components + 1 if isinstance(n_components, int) and not isinstance(n_components, bool) else 2
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         fail(name, value, f"an integer >= {low}")
@@ -76,7 +82,7 @@ class DfkdeConfig:
     @property
     def min_training_rows(self) -> int:
         """The KDE needs more rows than PCA components for a full-rank bandwidth covariance."""
-        return self.n_pca_components + 1
+        return min_rows(self.n_pca_components)
 
 
 def _check_common(config) -> tuple[int, int]:
@@ -98,7 +104,7 @@ def _check_kde(config) -> None:
     if config.feature_scaling not in FEATURE_SCALINGS:
         fail("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
     _check_int("max_training_points", config.max_training_points, 2)
-    if config.max_training_points <= config.n_pca_components:
+    if config.max_training_points < min_rows(config.n_pca_components):
         fail("max_training_points", config.max_training_points,
               f"more than n_pca_components={config.n_pca_components} (the KDE needs a full-rank covariance)")
 
@@ -148,7 +154,7 @@ class DfmConfig:
     @property
     def min_training_rows(self) -> int:
         """An integer ``pca_level`` k needs k + 1 rows (centred data has rank <= n - 1); a fraction needs 2."""
-        return self.pca_level + 1 if isinstance(self.pca_level, int) else 2
+        return min_rows(self.pca_level)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,7 +58,8 @@ def build_backbone(config: ModelConfig, pretrained: bool = False) -> tuple[torch
 
 
 @contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
+    """torch's CPU random state seeded inside the block, restored after it (a seeded random init)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
@@ -75,7 +76,9 @@ def resolve_weights(config: ModelConfig, weights: str | None, pretrained: bool) 
     if weights:
         model, _ = build_backbone(config)
         state, sha = load_state_file(weights)
-        state = match_state(state, model, config.backbone)
+        full = set(_create(config.backbone, pretrained=False).state_dict())
+        state = match_state(state, model, f"weights={weights!r}", f"backbone {config.backbone!r}", full,
+                            "only the classifier and unused later stages may be absent")
         source = {"kind": "file", "path": weights, "sha256": sha}
     elif pretrained:
         try:
@@ -92,7 +95,7 @@ def resolve_weights(config: ModelConfig, weights: str | None, pretrained: bool) 
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         source = {"kind": "timm", "tag": tag}
     else:
-        with _seeded(config.seed):
+        with seeded(config.seed):
             model, _ = build_backbone(config)
         state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         source = {"kind": "random", "seed": config.seed}
@@ -162,22 +165,23 @@ def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.nda
     return state, sha
 
 
-def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, backbone: str) -> dict[str, np.ndarray]:
-    """Check a state dict against the features model; return exactly the arrays the model needs."""
+def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, label: str, what: str,
+                allowed: set[str] | None = None, hint: str = "") -> dict[str, np.ndarray]:
+    """Exactly the arrays ``model`` needs from ``state``, or a UserError naming ``label`` (the flag and file) and the
+    missing, unexpected (not among ``allowed``, by default the model's own keys) and mis-shaped keys of the ``what``."""
     expected = model.state_dict()
-    full_keys = set(_create(backbone, pretrained=False).state_dict())
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - full_keys)
+    unexpected = sorted(set(state) - (set(expected) if allowed is None else allowed))
     if missing or unexpected:
-        msg = (f"weights do not match backbone {backbone!r}: missing keys {missing[:5]}"
+        msg = (f"invalid {label}: does not match the {what}: missing keys {missing[:5]}"
                f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys {unexpected[:5]}"
-               f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); only the classifier and unused later "
-               "stages may be absent")
+               f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); "
+               f"{hint or f'expected the {len(expected)} keys of the {what}'}")
         raise UserError(msg)
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(state[k].shape) != tuple(v.shape)]
+    wrong = [f"{k}: {tuple(np.shape(state[k]))} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(np.shape(state[k])) != tuple(v.shape)]
     if wrong:
-        msg = f"weights do not match backbone {backbone!r}: wrong shapes {wrong[:5]}"
+        msg = f"invalid {label}: wrong shapes for the {what}: {wrong[:5]}{' ...' if len(wrong) > 5 else ''}"
         raise UserError(msg)
     return {k: np.asarray(state[k]) for k in expected}
 

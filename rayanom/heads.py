@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from rayanom.config import UserError
+from rayanom.config import UserError, min_rows
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class KdeHead:
             msg = f"features must be 2-D (n_samples, n_features), got shape {x.shape}"
             raise UserError(msg)
         n, d = x.shape
-        if n <= self.n_components:
+        if n < min_rows(self.n_components):
             msg = (f"the KDE head needs more training rows than n_pca_components={self.n_components}, got {n}; "
                    "add normal training images or lower n_pca_components")
             raise UserError(msg)
@@ -367,14 +367,14 @@ class DfmHead:
         """Fit on features ``x`` of shape (n_samples, n_features)."""
         self.__dict__.pop("_device_arrays", None)  # scoring tensors of an earlier fit
         x = np.asarray(x)
-        if x.ndim != 2 or len(x) < 2:
-            msg = f"DFM needs at least 2 training rows of 2-D features, got shape {x.shape}"
+        if x.ndim != 2 or len(x) < min_rows(0.5):
+            msg = f"DFM needs at least {min_rows(0.5)} training rows of 2-D features, got shape {x.shape}"
             raise UserError(msg)
         if not np.isfinite(x).all():
             msg = "training features contain NaN or inf"
             raise UserError(msg)
         n, d = x.shape
-        if isinstance(self.n_components, int) and self.n_components >= min(n, d):
+        if isinstance(self.n_components, int) and (n < min_rows(self.n_components) or self.n_components >= d):
             msg = (f"pca_level={self.n_components} components need more than {self.n_components} training rows "
                    f"and features; got {n} rows of {d} features (rank <= {min(n - 1, d)})")
             raise UserError(msg)

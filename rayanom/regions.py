@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager
 from functools import partial
 from typing import Literal
 
@@ -43,7 +42,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
 from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
-from rayanom.features import load_state_file, same_file
+from rayanom.features import load_state_file, match_state, same_file, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -126,33 +125,8 @@ def _he_init(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextmanager
-def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
-def _match(state: dict[str, np.ndarray], model: nn.Module, what: str, label: str) -> dict[str, np.ndarray]:
-    """Exactly the arrays ``model`` needs, or a UserError naming the missing, unexpected or mis-shaped keys."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        msg = (f"invalid {label}: does not match the {what} layout: missing keys {missing[:5]}"
-               f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected keys {unexpected[:5]}"
-               f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)}); expected the {len(expected)} keys of "
-               f"the {what}")
-        raise UserError(msg)
-    wrong = [f"{k}: {tuple(np.shape(state[k]))} != {tuple(v.shape)}" for k, v in expected.items()
-             if tuple(np.shape(state[k])) != tuple(v.shape)]
-    if wrong:
-        msg = f"invalid {label}: wrong shapes for the {what}: {wrong[:5]}{' ...' if len(wrong) > 5 else ''}"
-        raise UserError(msg)
-    return {k: np.asarray(state[k]) for k in expected}
 
 
 def _network_weights(path: str | None, seed: int, build: Callable[[], nn.Module], what: str,
@@ -161,10 +135,10 @@ def _network_weights(path: str | None, seed: int, build: Callable[[], nn.Module]
         with torch.device("meta"):  # only the key layout and shapes are needed: no init, no memory
             model = build()
         state, sha = load_state_file(path, field)
-        state = _match(state, model, what, f"{field}={path!r}")
+        state = match_state(state, model, f"{field}={path!r}", what)
         source = {"kind": "file", "path": path, "sha256": sha}
     else:
-        with _seeded(seed):
+        with seeded(seed):
             state = _numpy_state(build())
         source = {"kind": "random", "seed": seed}
     logger.info("%s weights: %s", what, source)
@@ -332,7 +306,7 @@ class RegionModel:
 
 
 def _loaded(model: nn.Module, state: dict[str, np.ndarray], what: str, device: torch.device) -> nn.Module:
-    state = _match(state, model, what, f"{what}_state")
+    state = match_state(state, model, f"{what}_state", what)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     return model.eval().to(device)
 
