@@ -335,6 +335,11 @@ def error_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
+def images_of(table: pa.Table) -> np.ndarray:
+    """The decoded images of a ``decode_table`` table, (n, 3, h, w) float32 (its fixed-shape tensor column)."""
+    return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()
+
+
 def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> pa.Table:
     """The decode stage on an arrow block (run by the actors' decode threads, ``pipeline._Decoder``; this module does
     not import torch): every input column unchanged, plus ``image`` (tensor), the original ``image_height``/

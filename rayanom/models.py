@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
 from rayanom.data import (
-    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, IMAGE_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL,
-    SCORE_COL, WIDTH_COL,
+    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
+    images_of,
 )
 
 
@@ -50,7 +50,7 @@ class Batch:
 
     def images(self) -> np.ndarray:
         """The decoded images of the ``ok`` rows, (m, 3, h, w) float32."""
-        return self.table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()[self.ok]
+        return images_of(self.table)[self.ok]
 
     def features(self):
         """The ``ok`` rows' features from the feature stage (a tensor on the device), from the staged input if any."""
@@ -216,8 +216,9 @@ def _dfm_head(config):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model's choices. The callables are module-level functions (Ray pickles them by reference, or by value for
-    a model defined in a test or a notebook)."""
+    """One model's choices. Ray pickles a spec with cloudpickle: the library's functions by reference, lambdas and
+    the functions of a model defined in a test or a notebook by value. ``outputs`` must give ``anomaly_score`` and
+    then exactly ``columns(config)`` (the scorer checks it: the report's checks before any work rely on it)."""
 
     name: str
     config: type  # its config dataclass: defaults, validation, and (its fields) the fit flags

@@ -33,8 +33,8 @@ from rayanom.artifact import Artifact
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
-    DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, WIDTH_COL,
-    ReadPolicy, decode_table, error_message, failed_table,
+    DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    ReadPolicy, decode_table, error_message, failed_table, images_of,
 )
 from rayanom.features import device_kind
 from rayanom.models import Batch, ModelSpec, spec_of
@@ -46,10 +46,6 @@ logger = logging.getLogger(__name__)
 KEY_COL = "bank_key"
 BANK_ID_COL = "bank_id"
 FEATURES_COL = "features"
-
-
-def _images(table: pa.Table) -> np.ndarray:
-    return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()
 
 
 def load_weights(config: ModelConfig, source: dict, files: dict | None = None, spec: ModelSpec | None = None) -> dict:
@@ -158,7 +154,7 @@ class BankFeatures:
     def _items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bank ids, keys, features) of the decoded rows' items."""
         _failpoints(table, ok)
-        counts, feats = (self.spec.items(self.extractor, _images(table)[ok]) if ok.any() else
+        counts, feats = (self.spec.items(self.extractor, images_of(table)[ok]) if ok.any() else
                          (np.zeros(0, np.int64), np.zeros((0, self.extractor.dim), np.float32)))
         if self.slots == 1:
             return rows[ok], row_keys(rows[ok], self.seed), feats
@@ -188,7 +184,7 @@ class Scorer:
         if not hasattr(self.extractor, "stage"):
             return None
         ok = np.array([e is None for e in table.column(ERROR_COL).to_pylist()], dtype=bool)
-        return table, self.extractor.stage(_images(table)[ok]) if ok.any() else None
+        return table, self.extractor.stage(images_of(table)[ok]) if ok.any() else None
 
     def __call__(self, table: pa.Table, staged=None) -> pa.Table:
         """Score a decoded batch; ``staged``: :meth:`stage` of this very table, if made ahead."""
@@ -197,6 +193,10 @@ class Scorer:
         _failpoints(table, ok)
         columns = self.spec.outputs(Batch(table, ok, errors, self.extractor, self.head, self.config, self.device,
                                            staged))
+        if list(columns) != [SCORE_COL, *self.spec.columns(self.config)]:  # what the report checks rely on
+            msg = (f"{self.config.model}: outputs gave {list(columns)}, its spec declares "
+                   f"{[SCORE_COL, *self.spec.columns(self.config)]}")
+            raise RuntimeError(msg)
         out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
         for name, column in columns.items():
             out = out.append_column(name, column)
