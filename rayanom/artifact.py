@@ -63,7 +63,7 @@ class Artifact:
     def precision(self) -> str:
         """The precision the model was fitted in (fp32 for models that do not record one). Part of the model's
         identity: bf16 moves the bank features and so the head, and scoring in another precision moves the scores.
-        A refit in another precision is another model (``reusable``), scoring defaults to it, and a scores directory
+        A refit in another precision is another model (``fitted_before``), scoring defaults to it, and a scores directory
         records the precision it was scored in (``pipeline.score``'s manifest)."""
         return self.provenance.get("run", {}).get("precision", "fp32")
 

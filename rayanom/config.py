@@ -205,7 +205,9 @@ ModelConfig = DfkdeConfig | DfmConfig | RkdeConfig
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """How a job runs: resources and batching. Recorded in the artifact's provenance, never part of its identity."""
+    """How a job runs: resources and batching, recorded in the artifact's provenance. None of it is part of a model's
+    identity except ``precision``: bf16 moves the numbers, so a fitted model keeps the precision it was fitted in
+    (``Artifact.precision``) and scoring uses it unless told otherwise."""
 
     batch_size: int = 32
     rows_per_part: int = 4096  # output rows per parquet part: the unit of work of a scoring actor and of resumption
@@ -215,7 +217,7 @@ class RunConfig:
     decode_threads: int = 0  # batches an actor decodes ahead, one thread each; 0: 1 on a CPU, more beside a GPU
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
-    precision: str = "fp32"  # "bf16": autocast on CPUs with AMX and on GPUs; scores move slightly (README)
+    precision: str = "fp32"  # "bf16": autocast where it measures fast (launch.start_ray); scores move slightly
     io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
     no_progress_s: float = 1800.0  # a model stage where no call finishes for this long ends the job (pool.ActorPool)
