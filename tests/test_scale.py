@@ -133,7 +133,11 @@ def test_scoring_driver_holds_no_rows_when_the_index_grows_10x(ray_local, tmp_pa
         return _driver_peak(lambda: pipeline.score(index, artifact, str(tmp_path / f"out-{name}"), run))
 
     score(500, "warm")
-    (small, heap_s, arrow_s), (large, heap_l, arrow_l) = score(2_000, "1x"), score(20_000, "10x")
+    # A sampled Arrow peak can only fall short of the true one; a baseline that fell short would inflate the growth
+    # (it did once in CI: 382 KB against 0.75-1.0 MB in other runs), so the baseline is the larger of two runs.
+    (small, heap_s, arrow_s), (_, heap_s2, arrow_s2) = score(2_000, "1x"), score(2_000, "1x-again")
+    heap_s, arrow_s = max(heap_s, heap_s2), max(arrow_s, arrow_s2)
+    large, heap_l, arrow_l = score(20_000, "10x")
     assert (small["rows"], small["failed"], large["rows"], large["failed"]) == (2_000, 2_000, 20_000, 20_000)
     # The 18,000 extra rows. Python heap: flat (measured +42 KiB): no row object reaches the driver; the old
     # driver-side path held the index's IPC bytes (1.2 MB here) and ~3-6 KiB of Ray Data bookkeeping per 32-row
