@@ -42,7 +42,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-actor", type=int, default=None,
                    help="torch threads per actor (default: what Ray sets; locally, the cores divided by the actors)")
     g.add_argument("--rows-per-part", type=int, default=RunConfig.rows_per_part,
-                   help="output rows per parquet part, the unit an interrupted job resumes from (default: %(default)s)")
+                   help="output rows per parquet part, the unit of a scoring actor's work and of what an "
+                        "interrupted job resumes from; 0: the layout the output holds, else about 64 parts of a power "
+                        "of two rows: 1024 up to 65,536 rows, 4096 above 131,072 (default: %(default)s)")
     g.add_argument("--io-retries", type=int, default=RunConfig.io_retries,
                    help="retries of a transient storage error (throttling, 5xx, timeouts, dropped connections) per "
                         "request, with jittered exponential backoff from 0.05 s up to 5 s (default: %(default)s)")

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     if wrong:
         raise UserError(f"invalid --{wrong[0].replace('_', '-')}: the model is {artifact.config.model}, whose weight "
                         f"files are {['--' + f.replace('_', '-') for f in model.weight_files]}")
-    model.load_weights(artifact.config, artifact.weights, files)  # checked here; each actor loads its own
+    (model.check_weights or model.load_weights)(artifact.config, artifact.weights, files)  # each actor loads its own
     with Lease(args.out) as lease:  # one job per output, refused before Ray starts
         run = _cli.start_ray(args, artifact.config, artifact.precision)
         check_values(index)

@@ -210,7 +210,8 @@ class RunConfig:
     (``Artifact.precision``) and scoring uses it unless told otherwise."""
 
     batch_size: int = 32
-    rows_per_part: int = 4096  # output rows per parquet part: the unit of work of a scoring actor and of resumption
+    rows_per_part: int = 0  # output rows per parquet part (the unit of work of a scoring actor and of resumption); 0:
+    # from the index and what the output holds (parts.rows_per_part)
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
@@ -227,7 +228,7 @@ class RunConfig:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("io_retries", self.io_retries, 0)
         _check_int("max_file_bytes", self.max_file_bytes, 1)
-        _check_int("rows_per_part", self.rows_per_part, 1)
+        _check_int("rows_per_part", self.rows_per_part, 0)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)
         _check_int("decode_threads", self.decode_threads, 0)

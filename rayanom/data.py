@@ -232,6 +232,26 @@ def _with_retries(request, policy: ReadPolicy):
 _JITTER = random.Random()
 
 
+def read_weights_file(path: str, field: str = "weights") -> tuple[bytes, str]:
+    """A weights file's bytes and sha256; a UserError naming its flag (``field``) where it cannot be read."""
+    import hashlib
+
+    try:
+        data = read_bytes(path)
+    except (OSError, ValueError) as e:
+        msg = f"invalid {field}={path!r}: {e}"
+        raise UserError(msg) from e
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def same_file(got: dict, recorded: dict, flag: str) -> None:
+    """The weights file read (``got``: path and sha256) is the one the model recorded, else an error naming it."""
+    if got["sha256"] != recorded["sha256"]:
+        msg = (f"invalid {flag}={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the model was "
+               f"fitted with ({recorded['sha256'][:12]}...)")
+        raise UserError(msg)
+
+
 def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
     """All bytes of a local file or URI, in two requests on object stores (open: HEAD, then read: GET), each retried
     on transient errors (``ReadPolicy``). A missing file, a directory or a file above ``max_file_bytes`` is an

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rayanom.config import ModelConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
+from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, read_weights_file, same_file
 
 logger = logging.getLogger(__name__)
 
@@ -126,24 +125,9 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
     raise UserError(msg)
 
 
-def same_file(got: dict, recorded: dict, flag: str) -> None:
-    """The weights file read (``got``: path and sha256) is the one the model recorded, else an error naming it."""
-    if got["sha256"] != recorded["sha256"]:
-        msg = (f"invalid {flag}={got['path']!r}: sha256 {got['sha256'][:12]}... differs from the file the model was "
-               f"fitted with ({recorded['sha256'][:12]}...)")
-        raise UserError(msg)
-
-
 def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.ndarray], str]:
     """Read a state dict without unpickling anything; returns (arrays, sha256 of the file)."""
-    from rayanom.data import read_bytes
-
-    try:
-        data = read_bytes(path)
-    except (OSError, ValueError) as e:
-        msg = f"invalid {field}={path!r}: {e}"
-        raise UserError(msg) from e
-    sha = hashlib.sha256(data).hexdigest()
+    data, sha = read_weights_file(path, field)
     try:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load

@@ -155,6 +155,24 @@ def load_timm_weights(config, source: dict, files: dict) -> dict:
     return artifact_weights(config, source, files.get("weights"))
 
 
+def _same_file(path: str, recorded: dict, flag: str) -> None:
+    from rayanom.data import read_weights_file, same_file
+
+    same_file({"path": path, "sha256": read_weights_file(path, flag)[1]}, recorded, flag)
+
+
+def check_timm_weights(config, source: dict, files: dict) -> None:
+    """``load_timm_weights``'s checks without building the backbone (nor importing torch) in the two usual cases: a
+    file is the one recorded (its sha256; it was checked against the backbone at fit time), a random init has the
+    config's seed. Anything else is loaded: timm's pretrained weights (the one proof that they can be), and the
+    errors."""
+    kind, moved = source.get("kind"), files.get("weights")
+    if kind == "file":
+        _same_file(moved or source["path"], source, "weights")
+    elif not (kind == "random" and source.get("seed") == config.seed and not moved):
+        load_timm_weights(config, source, files)
+
+
 def _rkde_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
     from rayanom.regions import rkde_weights
 
@@ -165,6 +183,18 @@ def _load_rkde_weights(config, source: dict, files: dict) -> dict:
     from rayanom.regions import rkde_artifact_weights
 
     return rkde_artifact_weights(config, source, files.get("detector_weights"), files.get("region_weights"))
+
+
+def _check_rkde_weights(config, source: dict, files: dict) -> None:
+    """``_load_rkde_weights``' checks without building the networks where each is a recorded file or a seeded random
+    init (as ``check_timm_weights``); anything else is loaded, for its error."""
+    for part, flag in (("detector", "detector_weights"), ("region", "region_weights")):
+        recorded = source.get(part, {}) if source.get("kind") == "rkde" else {}
+        if recorded.get("kind") == "file":
+            _same_file(files.get(flag) or recorded["path"], recorded, flag)
+        elif not (recorded.get("kind") == "random" and recorded.get("seed") == config.seed and not files.get(flag)):
+            _load_rkde_weights(config, source, files)
+            return
 
 
 # --- feature stages and heads ---------------------------------------------------------------------------------
@@ -234,6 +264,9 @@ class ModelSpec:
     bf16: bool = True  # the feature stage runs in bf16 (--precision bf16 / auto)
     subset_note: str = ""  # said when the bank is a subset of the training rows, where that departs from anomalib
     demo_sizes: dict = field(default_factory=dict)  # a smaller demo set (``demo.make_demo``'s sizes) for a slow model
+    # The score job's check on the driver, before Ray starts, that the actors will find the weights ``load_weights``
+    # loads (same arguments); it need not build the network. None: ``load_weights`` itself.
+    check_weights: Callable[[Any, dict, dict], None] | None = None
 
     @property
     def weight_files(self) -> tuple[str, ...]:
@@ -247,15 +280,17 @@ def _rkde_slots(config) -> int:
 
 SPECS: dict[str, ModelSpec] = {
     "dfkde": ModelSpec(name="dfkde", config=DfkdeConfig, head=_kde_head, extractor=backbone_extractor,
-                       weights=timm_weights, load_weights=load_timm_weights, outputs=_kde_outputs,
-                       columns=lambda config: (PROB_COL,)),
+                       weights=timm_weights, load_weights=load_timm_weights, check_weights=check_timm_weights,
+                       outputs=_kde_outputs, columns=lambda config: (PROB_COL,)),
     "dfm": ModelSpec(name="dfm", config=DfmConfig, head=_dfm_head, extractor=backbone_extractor,
-                     weights=timm_weights, load_weights=load_timm_weights, outputs=_dfm_outputs,
+                     weights=timm_weights, load_weights=load_timm_weights, check_weights=check_timm_weights,
+                     outputs=_dfm_outputs,
                      columns=lambda config: ((MAP_COL, MAP_SHAPE_COL, HEIGHT_COL, WIDTH_COL)
                                              if config.score_type == "fre" else ()),
                      subset_note="anomalib fits DFM on all of them"),
     "rkde": ModelSpec(name="rkde", config=RkdeConfig, head=_kde_head, extractor=_region_extractor,
-                      weights=_rkde_weights, load_weights=_load_rkde_weights, outputs=_region_outputs,
+                      weights=_rkde_weights, load_weights=_load_rkde_weights, check_weights=_check_rkde_weights,
+                      outputs=_region_outputs,
                       columns=lambda config: (PROB_COL, NUM_REGIONS_COL, BOXES_COL, BOX_SCORES_COL),
                       weight_flags=dict(RKDE_WEIGHT_FLAGS), items=_region_items, slots=_rkde_slots, bf16=False,
                       # a Faster R-CNN at 800 x 1200 per image (~3 s on a 2-core CPU): a smaller demo set

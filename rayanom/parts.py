@@ -5,9 +5,10 @@ Part k holds index rows ``[k * rows_per_part, (k + 1) * rows_per_part)``, sorted
 so a part file exists only when complete. ``_rayanom_scores.json`` records what the parts belong to (model, index
 fingerprint and its files', part size, precision): running the same command again skips the complete parts and
 writes the rest, and the result equals an uninterrupted run; a different model or index is refused unless
-``--overwrite``. ``_rayanom_model/`` holds a copy of the model the parts are scored with (the scoring actors read the
-head from it). Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory reads
-as one parquet dataset.
+``--overwrite``. The part size is ``--rows-per-part``, or chosen from the index's row count (``rows_per_part``).
+``_rayanom_model/`` holds a copy of the model the parts are scored with (the scoring actors read the head from it).
+Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory reads as one parquet
+dataset.
 """
 
 from __future__ import annotations
@@ -29,10 +30,30 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "_rayanom_scores.json"
 PART_RE = re.compile(r"^part-(\d{8})\.parquet$")
+AUTO_PARTS = 64  # the automatic layout cuts an index into about this many parts ...
+AUTO_ROWS = (1024, 4096)  # ... of a power of two rows within these bounds
 
 
 def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
+
+
+def rows_per_part(output: str, n_rows: int, requested: int = 0, overwrite: bool = False) -> int:
+    """Rows per part of a scoring job: ``requested`` (``--rows-per-part``) when not 0; else, unless ``overwrite``, the
+    layout of the scores ``output`` holds already (a resume, or scores of an earlier version of the index, keep
+    theirs); else ``n_rows / AUTO_PARTS`` rounded up to a power of two within ``AUTO_ROWS``. A small index is then cut
+    into parts enough to keep every actor busy to the end (20,000 rows in 4,096-row parts left one of two actors idle
+    for the last fifth of the job), a large one into 4,096-row parts. The layout depends on the index (and what
+    ``output`` holds), never on the actors, so parts stay identical whatever their number."""
+    if requested:
+        return requested
+    fs, path = resolve_filesystem(output)
+    if not overwrite and fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
+        previous = _read_manifest(fs, path).get("rows_per_part")
+        if isinstance(previous, int) and previous >= 1:
+            return previous
+    lo, hi = AUTO_ROWS
+    return min(hi, max(lo, 1 << max(0, -(-n_rows // AUTO_PARTS) - 1).bit_length()))
 
 
 def table_fingerprint(table: pa.Table) -> str:

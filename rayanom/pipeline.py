@@ -39,7 +39,7 @@ from rayanom.data import (
 from rayanom.features import device_kind
 from rayanom.models import Batch, ModelSpec, spec_of
 from rayanom.summary import summarize
-from rayanom.parts import open_parts, table_fingerprint
+from rayanom.parts import AUTO_ROWS, open_parts, rows_per_part, table_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
         # Chunks of whole forward batches (so the batches do not depend on them), about four per actor, at most a
         # part's rows.
         batches = -(-len(todo) // (4 * run.num_actors * run.batch_size))
-        chunk = run.batch_size * max(1, min(batches, -(-run.rows_per_part // run.batch_size)))
+        chunk = run.batch_size * max(1, min(batches, -(-(run.rows_per_part or AUTO_ROWS[1]) // run.batch_size)))
         chunks = [rows.slice(s, chunk) for s in range(0, rows.num_rows, chunk)]
         for out in actors.map_unordered("items", [(c, lo, hi) for c in chunks]):
             if out:
@@ -471,14 +471,14 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     The actors load the weights ``artifact.weights`` records (with the files named in ``files``, weight flag ->
     path, found at those paths instead: ``load_weights``) and the head from a copy of the artifact written beside the
     parts (``parts.MODEL_COPY``), so nothing large is a constructor argument. Part k holds rows [k P, (k + 1) P) for
-    P = ``run.rows_per_part``; parts already complete from an interrupted run of the same model, index and layout
-    are kept and skipped (``parts``). The driver handles one small descriptor and one summary per part, never a row.
-    ``retry_failed``: complete parts holding failed rows are done again for those rows only (``PartScorer``), every
-    other row kept as it was. ``threshold`` (a ``decide.Threshold``, or None) decides ``is_anomalous`` and
-    ``normalized_score``; complete parts decided with another threshold are decided again (``decide.apply_to_parts``),
-    never scored again. Returns the summary of ``summary.summarize``, with the threshold.
+    P = ``run.rows_per_part`` (0: ``parts.rows_per_part`` chooses); parts already complete from an interrupted run of
+    the same model, index and layout are kept and skipped (``parts``). The driver handles one small descriptor and
+    one summary per part, never a row. ``retry_failed``: complete parts holding failed rows are done again for those
+    rows only (``PartScorer``), every other row kept as it was. ``threshold`` (a ``decide.Threshold``, or None)
+    decides ``is_anomalous`` and ``normalized_score``; complete parts decided with another threshold are decided again
+    (``decide.apply_to_parts``), never scored again. Returns the summary of ``summary.summarize``, with the threshold.
     """
-    n, per_part = index.n_rows, run.rows_per_part
+    n, per_part = index.n_rows, rows_per_part(output, index.n_rows, run.rows_per_part, overwrite)
     # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
     # so parts of a format-3 run are not resumed into a format-4 one.
     manifest = {"format": "rayanom-scores", "format_version": 4, "model": artifact_fingerprint(artifact),

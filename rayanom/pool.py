@@ -82,14 +82,15 @@ class ActorPool:
 
     def map_unordered(self, method: str, items: Iterable, in_flight: int = 2) -> Iterator:
         """``getattr(actor, method)(*item)`` for every item (a tuple of arguments), results as they finish (callers
-        make them order-free)."""
+        make them order-free). An actor holds up to ``in_flight`` calls while more items wait than actors are ready,
+        then one (the last items go to actors that are free, not behind another call)."""
         queue = list(items)[::-1]
         busy: dict = {}  # call -> actor
         load = {a: 0 for a in self.actors}
         last = time.monotonic()
         while queue or busy:
             for actor in self.ready:
-                while queue and load[actor] < in_flight:
+                while queue and load[actor] < (in_flight if len(queue) > len(self.ready) else 1):
                     busy[getattr(actor, method).remote(*queue.pop())] = actor
                     load[actor] += 1
             waiting = list(busy) + list(self._starting)

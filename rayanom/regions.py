@@ -41,8 +41,8 @@ from torchvision.ops import nms, remove_small_boxes, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD
-from rayanom.features import load_state_file, match_state, same_file, seeded
+from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, same_file
+from rayanom.features import load_state_file, match_state, seeded
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,6 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
     Up to ``exact_rows`` rows the AUROC is exact (scikit-learn) and ``auroc_error_bound`` is 0; above, it comes from
     ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column.
     """
-    from sklearn.metrics import roc_auc_score
-
     if _count_rows(output) > exact_rows:
         h = Histograms.from_scores(output, require_labels=False)
         summary = {"output": output, "rows": h.rows, "scored": h.scored, "failed": h.rows - h.scored, "auroc": None,
@@ -55,6 +53,8 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
         use = ok & np.isfinite(cols["scores"])
         labels, scores = labels[use], cols["scores"][use]
         if np.any(labels == 0) and np.any(labels == 1):
+            from sklearn.metrics import roc_auc_score  # imported only here: a second and a half of start-up
+
             summary["auroc"] = float(roc_auc_score(labels, scores))
             summary["auroc_error_bound"] = 0.0
             summary["n_normal"], summary["n_anomalous"] = int((labels == 0).sum()), int((labels == 1).sum())

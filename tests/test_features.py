@@ -1,6 +1,8 @@
 """Backbone features against anomalib's resize, normalisation and pooling computed directly with timm + torchvision,
 and weight files."""
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -174,6 +176,46 @@ def test_changed_weight_file_is_detected(tmp_path):
     torch.save(other, path)
     with pytest.raises(UserError, match="differs from the file the model was fitted with"):
         artifact_weights(config, source, None)
+
+
+def test_score_job_checks_weights_without_building_the_backbone(tmp_path):
+    """The score job's driver check (``ModelSpec.check_weights``): the same verdicts as the actors' full load on
+    files (sha256) and random inits (seed), in a process that never imports torch."""
+    import shutil
+    import subprocess
+    import sys
+
+    from rayanom.models import check_timm_weights
+
+    config = DfkdeConfig(backbone="resnet18", n_pca_components=4, seed=3)
+    path, moved = str(tmp_path / "w.pth"), str(tmp_path / "elsewhere.pth")
+    torch.save(_full_state(), path)
+    _, source = resolve_weights(config, path, False)
+    shutil.copy(path, moved)
+    check_timm_weights(config, source, {})
+    check_timm_weights(config, source, {"weights": moved})  # the same file at another path
+    with pytest.raises(UserError, match="invalid weights=.*missing file"):
+        check_timm_weights(config, source, {"weights": str(tmp_path / "gone.pth")})
+    other = _full_state()
+    other["conv1.weight"] += 1
+    torch.save(other, moved)
+    for check in (check_timm_weights, lambda c, s, f: artifact_weights(c, s, f.get("weights"))):
+        with pytest.raises(UserError, match="differs from the file the model was fitted with"):
+            check(config, source, {"weights": moved})
+    random = {"kind": "random", "seed": 3}
+    check_timm_weights(config, random, {})
+    for bad, files, match in (({"kind": "random", "seed": 4}, {}, "random weight seed 4 != config seed 3"),
+                              (random, {"weights": path}, "fitted with random weights, not a file"),
+                              ({"kind": "pickle"}, {}, "unknown weight source")):
+        with pytest.raises(UserError, match=match):
+            check_timm_weights(config, bad, files)
+    code = ("import json, sys\nfrom rayanom.config import DfkdeConfig\nfrom rayanom.models import check_timm_weights\n"
+            f"c = DfkdeConfig(backbone='resnet18', n_pca_components=4, seed=3)\n"
+            f"check_timm_weights(c, {{'kind': 'random', 'seed': 3}}, {{}})\n"
+            f"check_timm_weights(c, json.loads({json.dumps(json.dumps(source))}), {{}})\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-2000:]
 
 
 def test_pretrained_without_network_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from rayanom.config import UserError
 from rayanom.data import ROW_COL
 from rayanom.index import describe_index, index_value_errors, read_rows
-from rayanom.parts import open_parts, part_name
+from rayanom.parts import AUTO_PARTS, AUTO_ROWS, open_parts, part_name, rows_per_part
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,6 +122,27 @@ def test_resume_refused_when_a_middle_file_changed(tmp_path):
     pq.write_table(_table(0, 11), os.path.join(root, "a.parquet"))  # one more row: every later row moves
     with pytest.raises(UserError, match="5 of its 5 complete parts"):
         open_parts(out, manifest(describe_index(root)), overwrite=False)
+
+
+def test_automatic_part_layout(tmp_path):
+    """``--rows-per-part 0``: the smallest power of two that cuts the index into at most ``AUTO_PARTS`` parts, within
+    ``AUTO_ROWS``, from the row count alone; a given value wins; scores already in the output keep their layout."""
+    out = str(tmp_path / "scores")
+    lo, hi = AUTO_ROWS
+    for n in (0, 1, 5_000, 20_000, 65_536, 65_537, 131_072, 131_073, 10**6, 10**8):
+        power = 1
+        while power * AUTO_PARTS < n:
+            power *= 2
+        assert rows_per_part(out, n) == min(hi, max(lo, power)), n
+    assert [-(-20_000 // rows_per_part(out, 20_000)), -(-10**6 // rows_per_part(out, 10**6))] == [20, 245]
+    assert rows_per_part(out, 20_000, requested=300) == 300
+    assert not os.path.exists(out)  # choosing reads, never writes
+    manifest = {"format": "rayanom-scores", "model": "m", "index": "i", "index_files": [], "n_rows": 20_000,
+                "rows_per_part": 2048, "n_parts": 10}
+    open_parts(out, manifest, overwrite=False)
+    assert rows_per_part(out, 20_000) == rows_per_part(out, 10**6) == 2048  # a resume, a new version of the index
+    assert rows_per_part(out, 20_000, requested=512) == 512  # then refused by open_parts, as another layout
+    assert rows_per_part(out, 20_000, overwrite=True) == 1024  # --overwrite replaces them: their layout too
 
 
 def test_training_band_equals_the_rows_read_whole(ray_local, tmp_path):

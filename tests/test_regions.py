@@ -36,6 +36,8 @@ from rayanom.regions import (
     detector_state,
     postprocess,
     region_extractor_state,
+    rkde_artifact_weights,
+    rkde_weights,
 )
 
 HEAD_SCALES = {"rpn.head.cls_logits.weight": 0.3, "rpn.head.bbox_pred.weight": 0.03,
@@ -413,6 +415,37 @@ def test_weight_file_round_trip(tmp_path, states, suffix):
     assert source["kind"] == "file" and source["path"] == path and len(source["sha256"]) == 64
     assert loaded.keys() == states[1].keys()
     assert all(np.array_equal(loaded[k], states[1][k]) for k in loaded)
+
+
+def test_score_job_check_of_rkde_weights_matches_the_full_load(tmp_path, states):
+    """The score job's driver check (``ModelSpec.check_weights``) reaches the verdicts of ``rkde_artifact_weights``
+    (what the actors load) without building either network: a region file checked by its sha256 (also at another
+    path), a random detector by its seed."""
+    from safetensors.numpy import save_file
+
+    from rayanom.config import RkdeConfig
+    from rayanom.models import SPECS
+
+    check = SPECS["rkde"].check_weights
+    config = RkdeConfig(seed=0)
+    path, moved = str(tmp_path / "region.safetensors"), str(tmp_path / "moved.safetensors")
+    save_file(states[1], path)
+    save_file(states[1], moved)
+    _, source = rkde_weights(config, None, path)
+    full = lambda s, files: rkde_artifact_weights(config, s, files.get("detector_weights"),  # noqa: E731
+                                                  files.get("region_weights"))
+    for files in ({}, {"region_weights": moved}):
+        check(config, source, files)
+        assert full(source, files)["region"].keys() == states[1].keys()
+    changed = dict(states[1], **{"features.0.bias": states[1]["features.0.bias"] + 1})
+    save_file(changed, moved)
+    reseeded = {**source, "detector": {"kind": "random", "seed": 1}}
+    for bad, files, match in ((source, {"region_weights": moved}, "region_weights=.* differs from the file"),
+                              (reseeded, {}, "invalid detector_weights: the model was fitted with"),
+                              ({"kind": "timm"}, {}, "is not an RKDE source")):
+        for verdict in (check, lambda c, s, f: full(s, f)):
+            with pytest.raises(UserError, match=match):
+                verdict(config, bad, files)
 
 
 def test_weight_file_with_wrong_keys_is_refused(tmp_path, states):
