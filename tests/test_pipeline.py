@@ -287,7 +287,10 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
     reference = model(test_images[:2]) + model(test_images[2:])  # the actor's batches: the detector is batch-sensitive
     for row, (boxes, feats) in zip(rows, reference):
         assert row["num_regions"] == len(boxes) == len(row["boxes"]) == len(row["box_scores"])
-        np.testing.assert_allclose(row["boxes"], boxes_to_original(boxes, original_size=(96, 96)), atol=1e-3)
+        # The actor runs one torch thread, this process two: ~1e-5 relative, as the scores below (1.5e-5 measured on
+        # an AMD EPYC: 81.5406 against 81.5418 px).
+        np.testing.assert_allclose(row["boxes"], boxes_to_original(boxes, original_size=(96, 96)), rtol=1e-4,
+                                   atol=1e-3)
         ld = result.artifact.head.score_samples(feats)
         assert row["anomaly_score"] == pytest.approx((-ld).max(), rel=1e-4)  # thread counts differ: ~1e-5
         assert row["anomaly_probability"] == pytest.approx(max(row["box_scores"]), rel=1e-12)
