@@ -9,12 +9,14 @@
   seconds on this VM). Side by side, the plain Ray Data pipeline with the same per-row work: ``read_parquet`` ->
   ``map_batches`` that tries to open each file -> ``map_batches`` with a 1-actor pool -> ``write_parquet``, batches
   of 256. The same rates between 200,000 and 1,000,000 rows (one run each), where the extra work is 16 s, not 3.
-* **memory**: the peak RSS of the ``jobs/score.py`` driver process (polled) at 200,000 and 1,000,000 rows.
+* **memory**: the peak RSS of the ``jobs/score.py`` driver process (polled) at 200,000 and 1,000,000 rows, and the
+  CPU seconds the driver process itself used (not Ray's processes) from 50,000 to 1,000,000 rows, per row.
 * **images**: 5,000 and 20,000 rows of 64 x 64 PNGs (200 distinct, repeated), resnet18 at 64^2, against an
   in-process loop on the 20,000 (decode -> forward -> KDE head, the same threads and batch size, no parquet, no
   Ray): the whole process, and the rate of the 15,000 extra rows (start-up cancels).
 
-Prints a table and writes benchmarks/pipeline-results.json (or --out). Not part of the test suite.
+Prints a table and writes benchmarks/pipeline-results.json (or --out; with --only, the other section's numbers in it
+are kept). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -54,15 +56,28 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def _run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and the peak RSS (bytes) of the process ``cmd`` itself (polled every 0.1 s)."""
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) ``pid`` itself has used so far (Linux /proc; its children not counted), 0 once it
+    is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _run(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, the peak RSS (bytes) and the CPU seconds of the process ``cmd`` itself (polled every 0.1 s: the
+    CPU of its last tenth of a second is not counted; Ray's own processes, its children, never are)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak, cpu = [0], [0.0]
 
     def poll():
         while proc.poll() is None:
             peak[0] = max(peak[0], _rss(proc.pid))
+            cpu[0] = max(cpu[0], _cpu(proc.pid))
             time.sleep(0.1)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -71,7 +86,7 @@ def _run(cmd: list[str]) -> tuple[float, int]:
     poller.join()
     if proc.returncode not in (0, 2):  # 2: missing files exceed --max-failed-fraction, as intended
         raise RuntimeError(err[-3000:])
-    return time.perf_counter() - t, peak[0]
+    return time.perf_counter() - t, peak[0], cpu[0]
 
 
 PLAIN = r'''
@@ -106,15 +121,18 @@ def bench_cost(root: str, model: str, sizes: tuple[int, ...], memory_sizes: tupl
     out: dict = {"score_py": {}, "plain": {}}
     for n in sorted(set(sizes) | set(memory_sizes)):
         index = _write_missing(os.path.join(root, f"missing-{n}.parquet"), n)
-        walls, peak = [], 0
+        walls, peak, cpus = [], 0, []
         for _ in range(repeats if n in sizes else 1):
-            wall, rss = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
-                              os.path.join(root, f"scores-{n}-{time.time_ns()}"), "--quiet"])
+            wall, rss, cpu = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
+                                   os.path.join(root, f"scores-{n}-{time.time_ns()}"), "--quiet"])
             walls.append(wall)
             peak = max(peak, rss)
+            cpus.append(cpu)
         out["score_py"][n] = {"wall_s": round(min(walls), 1), "walls_s": [round(w, 1) for w in walls],
-                              "peak_rss_mb": round(peak / 2**20, 1)}
-        print(f"score.py on {n} missing rows: {_fmt(walls)} s, driver peak RSS {peak / 2**20:.0f} MB", flush=True)
+                              "peak_rss_mb": round(peak / 2**20, 1), "driver_cpu_s": round(min(cpus), 1),
+                              "driver_cpus_s": [round(c, 1) for c in cpus]}
+        print(f"score.py on {n} missing rows: {_fmt(walls)} s, driver peak RSS {peak / 2**20:.0f} MB, driver CPU "
+              f"{_fmt(cpus)} s", flush=True)
         walls = [_run([sys.executable, plain, index, os.path.join(root, f"plain-{n}-{time.time_ns()}")])[0]
                  for _ in range(repeats if n in sizes else 1)]
         out["plain"][n] = {"wall_s": round(min(walls), 1), "walls_s": [round(w, 1) for w in walls]}
@@ -126,11 +144,15 @@ def bench_cost(root: str, model: str, sizes: tuple[int, ...], memory_sizes: tupl
         out["ratio_to_plain" + key[len("rows_per_s"):]] = round(out["score_py"][key] / out["plain"][key], 2)
     lo, hi = min(memory_sizes), max(memory_sizes)
     out["rss_growth_mb"] = round(out["score_py"][hi]["peak_rss_mb"] - out["score_py"][lo]["peak_rss_mb"], 1)
+    a, b = min(sizes), max(memory_sizes)
+    growth = out["score_py"][b]["driver_cpu_s"] - out["score_py"][a]["driver_cpu_s"]
+    out["driver_cpu_us_per_row"] = round(growth / (b - a) * 1e6, 2)  # the issue measured about 1,200 before
     print(f"pipeline cost {min(sizes)} -> {max(sizes)} rows (best of {repeats}): score.py "
           f"{out['score_py']['rows_per_s']} rows/s, plain {out['plain']['rows_per_s']} rows/s "
           f"({out['ratio_to_plain']}x); {max(sizes)} -> {hi} rows: {out['score_py']['rows_per_s_large']} vs "
           f"{out['plain']['rows_per_s_large']} rows/s ({out['ratio_to_plain_large']}x); driver RSS growth {lo} -> "
-          f"{hi} rows: {out['rss_growth_mb']} MB", flush=True)
+          f"{hi} rows: {out['rss_growth_mb']} MB; driver CPU {a} -> {b} rows: {growth:.1f} s "
+          f"({out['driver_cpu_us_per_row']} us a row)", flush=True)
     return out
 
 
@@ -159,9 +181,9 @@ def bench_images(root: str, model: str, sizes: tuple[int, int], distinct: int, b
     walls = {}
     for n in sizes:
         index = _image_index(root, n, distinct)
-        walls[n], _ = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
+        walls[n] = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
                             os.path.join(root, f"scores-images-{time.time_ns()}"), "--batch-size", str(batch),
-                            "--quiet"])
+                            "--quiet"])[0]
         print(f"images: score.py {n} rows in {walls[n]:.1f} s (whole process)", flush=True)
     # In-process loop: the same decode, extractor and head, one process, the machine's threads.
     from rayanom.artifact import Artifact
@@ -210,8 +232,12 @@ def main() -> None:
                         "--backbone", "resnet18", "--image-size", "64", "--no-pretrained", "--precision", "fp32",
                         "--quiet"], cwd=REPO, env=ENV, check=True, capture_output=True)
     model = os.path.join(model_dir, "model")
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-               "date": time.strftime("%Y-%m-%d")}
+    results = {}
+    if args.only and os.path.exists(args.out):  # one section measured again: the other one's numbers are kept
+        with open(args.out) as f:
+            results = json.load(f)
+    results.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                    "date": time.strftime("%Y-%m-%d")})
     if args.only != "images":
         results["cost"] = bench_cost(root, model, (50_000, 200_000), (200_000, 1_000_000), args.repeats)
     if args.only != "cost":
