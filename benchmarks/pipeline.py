@@ -182,8 +182,8 @@ def bench_images(root: str, model: str, sizes: tuple[int, int], distinct: int, b
     for n in sizes:
         index = _image_index(root, n, distinct)
         walls[n] = _run([sys.executable, "jobs/score.py", "--model", model, "--index", index, "--out",
-                            os.path.join(root, f"scores-images-{time.time_ns()}"), "--batch-size", str(batch),
-                            "--quiet"])[0]
+                         os.path.join(root, f"scores-images-{time.time_ns()}"), "--batch-size", str(batch),
+                         "--quiet"])[0]
         print(f"images: score.py {n} rows in {walls[n]:.1f} s (whole process)", flush=True)
     # In-process loop: the same decode, extractor and head, one process, the machine's threads.
     from rayanom.artifact import Artifact
@@ -240,8 +240,10 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d")})
     if args.only != "images":
         results["cost"] = bench_cost(root, model, (50_000, 200_000), (200_000, 1_000_000), args.repeats)
+        results["cost"]["date"] = results["date"]  # sections kept by --only keep their own date
     if args.only != "cost":
         results["images"] = bench_images(root, model, (5_000, 20_000), 200, args.batch_size)
+        results["images"]["date"] = results["date"]
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 
