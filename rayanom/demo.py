@@ -1,8 +1,10 @@
 """A generated demo image set: textured discs on a background, and the same discs with visible defects.
 
 Written as an MVTec AD category (``train/good``, ``test/<good or defect>``, ``ground_truth/<defect>/<name>_mask.png``)
-and indexed through ``rayanom.folders``, the way a user's folders are. Used by the embedded default of the jobs (no
-``--index``) and by the tests. Deterministic for a given seed.
+and indexed through ``rayanom.folders``, the way a user's folders are. The jobs' embedded default (no ``--index``,
+``demo_set``) sets aside the same val split as ``jobs/index.py`` (``folders.VAL_FRACTION`` of each defect type's test
+images), so the demo ends with decisions and the threshold they used; the tests' sets have none unless they ask.
+Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
@@ -59,10 +60,11 @@ def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
 
 
 def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_anomalous: int = 30,
-              size: int = 320, seed: int = 0) -> str:
-    """Write PNGs as the MVTec AD category ``root/discs``, its index ``root/index.parquet`` (``folders.mvtec_index``:
-    path, label, split, defect_type, mask_path; the files it skipped in ``index.parquet.skipped.tsv``) and its test
-    rows alone as ``root/test.parquet``; return the index path."""
+              size: int = 320, seed: int = 0, val_fraction: float = 0.0) -> str:
+    """Write PNGs as the MVTec AD category ``root/discs``, its index ``root/index.parquet`` (``folders.mvtec_index``
+    with ``val_fraction`` and ``seed``: path, label, split, defect_type, mask_path; the files it skipped in
+    ``index.parquet.skipped.tsv``) and its val and test rows alone as ``root/test.parquet`` (what the demo scores: the
+    val rows choose the threshold, the test rows are reported); return the index path."""
     from rayanom.folders import mvtec_index, write_index
 
     rng = np.random.default_rng(seed)
@@ -79,13 +81,10 @@ def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_ano
             mask.save(os.path.join(category, "ground_truth", defect, f"{i:05d}_mask.png"))
         img.save(os.path.join(folder, f"{i:05d}.png"))
     index = os.path.join(root, "index.parquet")
-    folder_index = mvtec_index(category)
-    write_index(folder_index, index)
-    table = pq.read_table(index)
-    pq.write_table(table.filter(pa.array(np.asarray(table.column("split").to_pylist()) == "test")),
-                   os.path.join(root, "test.parquet"))
-    logger.info("demo set: %d images (%d train, %d test) in %s", len(plan), n_train,
-                n_test_normal + n_test_anomalous, category)
+    folder_index = mvtec_index(category, val_fraction, seed)
+    summary = write_index(folder_index, index, eval_out=os.path.join(root, "test.parquet"))
+    logger.info("demo set: %d images (%s) in %s", len(plan), ", ".join(f"{n} {s}" for s, n in
+                                                                       summary["by_split"].items()), category)
     return index
 
 
@@ -94,9 +93,13 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 
 def demo_set(spec) -> tuple[str, str]:
     """The demo set for a model (``models.ModelSpec``), generated on first use under ``runs/``: the index to fit on
-    and the test index. A model with smaller ``demo_sizes`` (a slow one) gets its own, smaller set."""
+    and the scored index (its val rows, ``folders.VAL_FRACTION`` of each defect type's test images, choose the
+    threshold; its test rows are reported). A model with smaller ``demo_sizes`` (a slow one) gets its own, smaller
+    set."""
+    from rayanom.folders import VAL_FRACTION
+
     root = f"{DEMO_ROOT}-{spec.name}" if spec.demo_sizes else DEMO_ROOT
     index = os.path.join(root, "index.parquet")
-    if not os.path.exists(index):
-        make_demo(root, seed=0, **spec.demo_sizes)
+    if not os.path.exists(index) or "val" not in pq.read_table(index, columns=["split"]).column("split").to_pylist():
+        make_demo(root, seed=0, val_fraction=VAL_FRACTION, **spec.demo_sizes)  # an older set, without val: anew
     return index, os.path.join(root, "test.parquet")

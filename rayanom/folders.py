@@ -8,8 +8,11 @@ Columns: ``path``, ``label`` (0 normal, 1 anomalous), ``split`` (``train``, ``va
 (``good`` for normal images; the folder below ``test``, nested folders joined with ``/``) and ``mask_path`` (null
 where none). Rows are sorted by split (train, val, test) and then path: the order, and so each row's ``row_index``,
 depends only on the files. ``val`` rows are carved from the test rows: in each defect type the share
-``val_fraction`` (rounded half to even, Python's ``round``) of its images with the smallest seeded hash of their
-path, so the choice does not depend on the order of listing and the defect types keep their proportions.
+``val_fraction`` (``VAL_FRACTION`` by default; rounded half to even, Python's ``round``) of its images with the
+smallest seeded hash of their path, so the choice does not depend on the order of listing and the defect types keep
+their proportions. ``val_fraction=0`` keeps every test image for testing (no threshold is chosen then).
+
+Any folder tree without a layout (every image below folders or prefixes, in Ray tasks): ``rayanom.listing``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from rayanom.data import resolve_filesystem
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NOT_IMAGE = "not an image file (extension)"
+# Half of each defect type's test images choose the threshold by default, so a labelled layout ends with decisions;
+# the other half is what the report measures.
+VAL_FRACTION = 0.5
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
@@ -95,7 +102,7 @@ def _carve_val(rows: list[dict], val_fraction: float, seed: int) -> None:
             r["split"] = "val"
 
 
-def mvtec_index(uri: str, val_fraction: float = 0.0, seed: int = 0) -> FolderIndex:
+def mvtec_index(uri: str, val_fraction: float = VAL_FRACTION, seed: int = 0) -> FolderIndex:
     """The index of one MVTec AD category folder: ``train/good`` (normal training images), ``test/good`` and
     ``test/<defect>`` (nested folders allowed), masks ``ground_truth/<defect>/<name>_mask.png``."""
     base, files = _files(uri)
@@ -109,7 +116,7 @@ def mvtec_index(uri: str, val_fraction: float = 0.0, seed: int = 0) -> FolderInd
         if top == "ground_truth" and f in masks:
             continue  # matched with its image below
         if not _is_image(f):
-            skipped.append((full[f], "not an image file (extension)"))
+            skipped.append((full[f], NOT_IMAGE))
         elif top == "train":
             if posixpath.dirname(rest) == "good":
                 rows.append(_row(full[f], 0, "train", "good", None))
@@ -137,7 +144,8 @@ def mvtec_index(uri: str, val_fraction: float = 0.0, seed: int = 0) -> FolderInd
 
 
 def folder_index(normal: str, abnormal: str | None = None, normal_test: str | None = None, mask: str | None = None,
-                 normal_test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0) -> FolderIndex:
+                 normal_test_fraction: float = 0.2, val_fraction: float = VAL_FRACTION,
+                 seed: int = 0) -> FolderIndex:
     """The index of anomalib's Folder layout: ``normal`` images (training; without ``normal_test``, the share
     ``normal_test_fraction`` of them, by seeded hash, is held out for testing, as anomalib's Folder does), ``abnormal``
     images (test, label 1, ``defect_type`` the folder below ``abnormal`` or ``abnormal``'s own name), optional
@@ -150,7 +158,7 @@ def folder_index(normal: str, abnormal: str | None = None, normal_test: str | No
         for f in files:
             path = f"{base}/{f}"
             if not _is_image(f):
-                skipped.append((path, "not an image file (extension)"))
+                skipped.append((path, NOT_IMAGE))
                 continue
             defect = "good" if not label else (posixpath.dirname(f) or own)
             m = None
@@ -169,7 +177,7 @@ def folder_index(normal: str, abnormal: str | None = None, normal_test: str | No
             if _is_image(f):
                 masks[f] = f"{mbase}/{f}"
             else:
-                skipped.append((f"{mbase}/{f}", "not an image file (extension)"))
+                skipped.append((f"{mbase}/{f}", NOT_IMAGE))
     add(normal, 0, "train")
     if normal_test is not None:
         add(normal_test, 0, "test")

@@ -36,7 +36,7 @@ def mvtec(tmp_path):
 
 
 def test_mvtec_layout_rows_order_and_skipped(mvtec, tmp_path):
-    index = mvtec_index(mvtec)
+    index = mvtec_index(mvtec, val_fraction=0.0)
     table = index.table()
     assert table.column_names == ["path", "label", "split", "defect_type", "mask_path"]
     rows = [(os.path.relpath(p, mvtec), lab, s, d, m and os.path.relpath(m, mvtec))
@@ -97,7 +97,7 @@ def test_folder_layout_with_masks_and_held_out_normals(tmp_path):
     _touch(good, *[f"{i:02d}.png" for i in range(10)], "Thumbs.db")
     _touch(bad, "scratch/a.png", "scratch/b.png", "c.png")
     _touch(masks, "scratch/a.png", "c.png", "orphan.png")
-    index = folder_index(good, bad, mask=masks, normal_test_fraction=0.2, seed=0)
+    index = folder_index(good, bad, mask=masks, normal_test_fraction=0.2, val_fraction=0.0, seed=0)
     table = index.table()
     by = Counter(zip(table.column("split").to_pylist(), table.column("label").to_pylist(),
                      table.column("defect_type").to_pylist()))
@@ -108,7 +108,7 @@ def test_folder_layout_with_masks_and_held_out_normals(tmp_path):
     reasons = Counter(r for _, r in index.skipped)
     assert reasons == {"not an image file (extension)": 1, "anomalous image without a mask where masks exist": 1,
                        "mask without an image": 1}
-    separate = folder_index(good, bad, normal_test=str(tmp_path / "bad"), seed=0).table()  # any dir works here
+    separate = folder_index(good, bad, normal_test=str(tmp_path / "bad"), val_fraction=0.0, seed=0).table()
     assert Counter(separate.column("split").to_pylist())["train"] == 10
 
 
@@ -117,13 +117,38 @@ def test_index_job_writes_an_index_and_refuses_mixed_layouts(mvtec, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     evaluated = str(tmp_path / "eval.parquet")
     proc = subprocess.run([sys.executable, "jobs/index.py", "--mvtec", mvtec, "--out", out, "--eval-out", evaluated,
-                           "--val-fraction", "0.5", "--quiet"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+                           "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"index: {out} (9 rows; 5 files skipped, listed in {out}.skipped.tsv)" in proc.stdout
     assert pq.read_table(out).num_rows == 9
-    # per defect type round(0.5 n), Python's rounding: crack 2 -> 1, good 2 -> 1, hole 1 -> 0, scratch/deep 1 -> 0
+    # The default val split (VAL_FRACTION 0.5) per defect type, round(0.5 n), Python's rounding: crack 2 -> 1,
+    # good 2 -> 1, hole 1 -> 0, scratch/deep 1 -> 0.
     assert sorted(pq.read_table(evaluated).column("split").to_pylist()) == ["test"] * 4 + ["val"] * 2
+    assert pq.read_table(out).equals(mvtec_index(mvtec, val_fraction=0.5).table())  # the library's default too
+    assert mvtec_index(mvtec).table().equals(pq.read_table(out))
+    none = subprocess.run([sys.executable, "jobs/index.py", "--mvtec", mvtec, "--out", out, "--val-fraction", "0",
+                           "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 0 and "val" not in pq.read_table(out).column("split").to_pylist()
     bad = subprocess.run([sys.executable, "jobs/index.py", "--mvtec", mvtec, "--mask", mvtec, "--out", out],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid --abnormal/--normal-test/--mask with --mvtec" in bad.stderr
+
+
+def test_the_demo_set_has_a_stratified_val_split_to_decide_with(tmp_path, monkeypatch):
+    """The jobs' demo set (no --index): its scored set holds val rows of both classes (they choose the threshold, so
+    the demo ends with decisions) beside its test rows; a set written before, without val rows, is written anew."""
+    from types import SimpleNamespace
+
+    from rayanom import demo
+
+    monkeypatch.setattr(demo, "DEMO_ROOT", str(tmp_path / "demo"))
+    spec = SimpleNamespace(name="m", demo_sizes={"n_train": 4, "n_test_normal": 4, "n_test_anomalous": 8})
+    old = demo.make_demo(str(tmp_path / "demo-m"), size=32, **spec.demo_sizes)  # the tests' sets: no val by default
+    assert set(pq.read_table(old).column("split").to_pylist()) == {"train", "test"}
+    index, scored = demo.demo_set(spec)
+    assert index == old
+    table, scored = pq.read_table(index), pq.read_table(scored)
+    counts = Counter(zip(scored.column("split").to_pylist(), scored.column("defect_type").to_pylist()))
+    assert counts == {("val", "good"): 2, ("test", "good"): 2, **{(s, d): 1 for s in ("val", "test")
+                                                                 for d in ("scratch", "stain", "hole", "crack")}}
+    assert scored.equals(table.slice(4))  # train rows first, then val and test: the scored set is the rest
