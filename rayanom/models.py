@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
     images_of,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,19 +126,57 @@ def _region_outputs(b: Batch) -> dict[str, pa.Array]:
 
 # --- weights: timm backbones (DFKDE, DFM) and the two RKDE networks ------------------------------------------
 
+# RKDE's pretrained weights: two files a user downloads once (nothing is downloaded here), passed as a path or URI.
+# torchvision names its file after the first 8 hex digits of its sha256 (torch.hub's convention, checked on reading:
+# ``features.check_hash_in_name``); anomalib's file name has no hash.
+RKDE_FILES = {
+    "detector_weights": ("torchvision's COCO_V1 Faster R-CNN ResNet-50 FPN",
+                         "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
+    "region_weights": ("anomalib's RKDE region feature extractor (fc6/fc7)",
+                       "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/"
+                       "rkde_feature_extractor.pth"),
+}
+PRETRAINED_FLAG = ({"action": argparse.BooleanOptionalAction, "default": None},
+                   "pretrained weights: timm's pretrained tag (the network or an HF_HOME cache), or RKDE's two files "
+                   "(--detector-weights, --region-weights: required then); default: yes with --index, no for the "
+                   "demo (random weights seeded with --seed; on a user index a WARNING says what its scores mean)")
 TIMM_WEIGHT_FLAGS = {
-    "weights": ({"metavar": "PATH"}, "timm state dict (.safetensors, or .pth read with weights_only=True), local or a "
-                "URI; every actor reads it, so on a cluster a path every node can read (default: none)"),
-    "pretrained": ({"action": argparse.BooleanOptionalAction, "default": None},
-                   "timm pretrained weights (needs network or the HF cache); default: yes with --index, no for the "
-                   "demo (random weights seeded with --seed)"),
+    "weights": ({"metavar": "PATH"}, "timm state dict (.safetensors, e.g. model.safetensors of the Hugging Face repo "
+                "timm/<name>.<tag>, or .pth read with weights_only=True), local or a URI; every actor reads it, so on "
+                "a cluster a path every node can read; its sha256 is recorded (default: none)"),
+    "pretrained": PRETRAINED_FLAG,
 }
+
+
+def rkde_file_help(flag: str) -> str:
+    """Where RKDE's weights file for ``flag`` comes from: what it is, its name and its download URL."""
+    what, url = RKDE_FILES[flag]
+    name = url.rsplit("/", 1)[-1]
+    return f"{what}: {name} from {url}"
+
+
 RKDE_WEIGHT_FLAGS = {
-    "detector_weights": ({"metavar": "PATH"}, "torchvision Faster R-CNN ResNet-50 FPN state dict, COCO_V1 layout "
-                         "(default: seeded random)"),
-    "region_weights": ({"metavar": "PATH"}, "region feature extractor state dict, layout of anomalib's "
-                       "rkde_feature_extractor.pth (default: seeded random)"),
+    flag: ({"metavar": "PATH"}, f"{rkde_file_help(flag)}, downloaded once, local or a URI (as --weights); its sha256 "
+           "is recorded (default: none, seeded random weights with --no-pretrained or for the demo)")
+    for flag in RKDE_FILES
 }
+RKDE_WEIGHT_FLAGS["pretrained"] = PRETRAINED_FLAG
+
+
+def rkde_files_needed(missing: list[str]) -> UserError:
+    """The refusal of RKDE's pretrained weights without their files: which to download from where, which flags."""
+    flags = "/".join("--" + f.replace("_", "-") for f in missing)
+    where = "; ".join(f"--{f.replace('_', '-')} PATH|URI: {rkde_file_help(f)}" for f in RKDE_FILES)
+    return UserError(f"invalid {flags}=None: RKDE's pretrained weights (--pretrained, the default with --index) are "
+                     f"two files to download once, nothing is downloaded here: {where}; or --no-pretrained for "
+                     "random weights seeded with --seed (scores then reflect low-level image statistics, not "
+                     "learned defects)")
+
+
+def _pretrained(flags: dict, download: bool) -> bool:
+    """``--pretrained`` / ``--no-pretrained``, by default ``download`` (a user index; never the demo)."""
+    pretrained = flags.get("pretrained")
+    return bool(download if pretrained is None else pretrained)
 
 
 def timm_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
@@ -143,10 +184,14 @@ def timm_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
     ``--pretrained`` (by default when ``download``, a user index; never for the demo), else a seeded random init."""
     from rayanom.features import resolve_weights
 
-    pretrained = flags.get("pretrained")
-    if pretrained is None:
-        pretrained = download and not flags.get("weights")
-    return resolve_weights(config, flags.get("weights"), bool(pretrained))
+    return resolve_weights(config, flags.get("weights"), not flags.get("weights") and _pretrained(flags, download))
+
+
+def timm_weights_help(config) -> str:
+    """How to get pretrained weights for ``config``'s timm backbone."""
+    from rayanom.features import timm_weights_source
+
+    return f"drop --no-pretrained, or pass --weights PATH|URI ({timm_weights_source(config.backbone)})"
 
 
 def load_timm_weights(config, source: dict, files: dict) -> dict:
@@ -159,6 +204,7 @@ def _same_file(path: str, recorded: dict, flag: str) -> None:
     from rayanom.data import read_weights_file, same_file
 
     same_file({"path": path, "sha256": read_weights_file(path, flag)[1]}, recorded, flag)
+    logger.info("%s=%s: sha256 %s, the file the model was fitted with", flag, path, recorded["sha256"])
 
 
 def check_timm_weights(config, source: dict, files: dict) -> None:
@@ -174,9 +220,17 @@ def check_timm_weights(config, source: dict, files: dict) -> None:
 
 
 def _rkde_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
+    """Both networks' states and source from the fit flags: their files, required with ``--pretrained`` (by default
+    when ``download``, a user index), else seeded random inits where a file is not given."""
     from rayanom.regions import rkde_weights
 
-    return rkde_weights(config, flags.get("detector_weights"), flags.get("region_weights"))
+    return rkde_weights(config, flags.get("detector_weights"), flags.get("region_weights"),
+                        pretrained=_pretrained(flags, download))
+
+
+def _rkde_weights_help(config) -> str:
+    """How to get RKDE's pretrained weights: its two files' flags, names and URLs."""
+    return "pass " + " and ".join(f"--{f.replace('_', '-')} PATH|URI ({rkde_file_help(f)})" for f in RKDE_FILES)
 
 
 def _load_rkde_weights(config, source: dict, files: dict) -> dict:
@@ -195,6 +249,51 @@ def _check_rkde_weights(config, source: dict, files: dict) -> None:
         elif not (recorded.get("kind") == "random" and recorded.get("seed") == config.seed and not files.get(flag)):
             _load_rkde_weights(config, source, files)
             return
+
+
+RANDOM_MEANING = ("its features are random, so its scores reflect low-level image statistics (brightness, colour, "
+                  "texture), not learned defects: they are not meaningful for real defects")
+
+
+def random_parts(source: dict) -> list[str]:
+    """The networks of a weight source that are random inits: none, ``["backbone"]``, or parts of a source of several
+    networks (RKDE's ``detector``, ``region``)."""
+    if source.get("kind") == "random":
+        return ["backbone"]
+    return [name for name, part in source.items() if isinstance(part, dict) and part.get("kind") == "random"]
+
+
+def random_weights_warning(config, source: dict, demo: bool) -> str | None:
+    """The one decision on random weights: a fit on any index but the demo's with a random init logs a WARNING that
+    says what its scores mean and how to get the pretrained weights (``ModelSpec.weights_help``); returns it, or None
+    (pretrained weights or files, or the demo)."""
+    parts = random_parts(source)
+    if demo or not parts:
+        return None
+    msg = (f"{config.model} is fitted with random {' and '.join(parts)} weights (seed {config.seed}) on an index "
+           f"that is not the demo's: {RANDOM_MEANING}. Pretrained weights: {spec_of(config).weights_help(config)}")
+    logger.warning("%s", msg)
+    return msg
+
+
+def describe_weights(source: dict) -> str:
+    """A weight source in one line: a file's path and the sha256 recorded for it, timm's tag, or the random seed."""
+    kind = source.get("kind")
+    if kind == "file":
+        return f"file {source.get('path')} sha256 {source.get('sha256')}"
+    if kind == "timm":
+        return f"timm {source.get('tag')}"
+    if kind == "random":
+        return f"random, seed {source.get('seed')}"
+    parts = [f"{name} {describe_weights(part)}" for name, part in source.items() if isinstance(part, dict)]
+    return "; ".join(parts) or repr(source)
+
+
+def report_weights(config, source: dict, demo: bool) -> str:
+    """What the fit job says of its weights: the warning on random weights (``random_weights_warning``) logged, and
+    the line it prints (``weights: ...``, with each file's recorded sha256), returned."""
+    random_weights_warning(config, source, demo)
+    return f"weights: {describe_weights(source)}"
 
 
 # --- feature stages and heads ---------------------------------------------------------------------------------
@@ -267,6 +366,8 @@ class ModelSpec:
     # The score job's check on the driver, before Ray starts, that the actors will find the weights ``load_weights``
     # loads (same arguments); it need not build the network. None: ``load_weights`` itself.
     check_weights: Callable[[Any, dict, dict], None] | None = None
+    # config -> how to get the pretrained weights (flags, files, URLs), for the random-weights warning
+    weights_help: Callable[[Any], str] = timm_weights_help
 
     @property
     def weight_files(self) -> tuple[str, ...]:
@@ -292,7 +393,8 @@ SPECS: dict[str, ModelSpec] = {
                       weights=_rkde_weights, load_weights=_load_rkde_weights, check_weights=_check_rkde_weights,
                       outputs=_region_outputs,
                       columns=lambda config: (PROB_COL, NUM_REGIONS_COL, BOXES_COL, BOX_SCORES_COL),
-                      weight_flags=dict(RKDE_WEIGHT_FLAGS), items=_region_items, slots=_rkde_slots, bf16=False,
+                      weight_flags=dict(RKDE_WEIGHT_FLAGS), weights_help=_rkde_weights_help, items=_region_items,
+                      slots=_rkde_slots, bf16=False,
                       # a Faster R-CNN at 800 x 1200 per image (~3 s on a 2-core CPU): a smaller demo set
                       demo_sizes={"n_train": 30, "n_test_normal": 10, "n_test_anomalous": 10}),
 }

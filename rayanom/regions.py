@@ -5,7 +5,9 @@ a torchvision Faster R-CNN ResNet-50 FPN (COCO_V1 layout) proposes boxes, ``post
 non-overlapping, best-scoring ones, and the AlexNet-style Fast R-CNN trunk gives each box its fc7 activations
 (RoIAlign 6 x 6 at stride 16 -> fc6 -> fc7). Images come in resized to 240 x 360 (H x W), RGB in [0, 1], not
 normalised: both networks normalise internally. Weights are resolved once, on the driver, like the backbones
-(``rayanom.features``): a local file (read without unpickling) or a seeded random init; nothing is downloaded.
+(``rayanom.features``): a local file or URI (read without unpickling; its sha256 recorded) or a seeded random init;
+nothing is downloaded. The pretrained files (torchvision's ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` and
+anomalib's ``rkde_feature_extractor.pth``) and their URLs are listed once, in ``models.RKDE_FILES``.
 
 Deviations from anomalib 1.2.0, each deliberate:
 
@@ -311,14 +313,25 @@ def _loaded(model: nn.Module, state: dict[str, np.ndarray], what: str, device: t
     return model.eval().to(device)
 
 
-def rkde_weights(config, detector_path: str | None, region_path: str | None) -> tuple[dict, dict]:
+def rkde_weights(config, detector_path: str | None, region_path: str | None,
+                 pretrained: bool = False) -> tuple[dict, dict]:
     """Both RKDE networks' weights, ``{"detector": state, "region": state}``, and their JSON source.
 
-    Without files, random inits seeded with ``config.seed`` (tests and the offline demo).
+    Without a file, a random init seeded with ``config.seed`` (tests and the offline demo), unless ``pretrained``:
+    then a missing file is refused, the error naming both files, their URLs and flags (``models.RKDE_FILES``). Files
+    are read in order, so a bad file given before a missing one is reported first.
     """
-    det, det_source = detector_state(detector_path, config.seed)
-    reg, reg_source = region_extractor_state(region_path, config.seed)
-    return {"detector": det, "region": reg}, {"kind": "rkde", "detector": det_source, "region": reg_source}
+    from rayanom.models import rkde_files_needed
+
+    paths = {"detector_weights": detector_path, "region_weights": region_path}
+    missing = [flag for flag, path in paths.items() if pretrained and not path]
+    states, sources = {}, {}
+    for part, flag, resolve in (("detector", "detector_weights", detector_state),
+                                ("region", "region_weights", region_extractor_state)):
+        if flag in missing:
+            raise rkde_files_needed(missing)
+        states[part], sources[part] = resolve(paths[flag], config.seed)
+    return states, {"kind": "rkde", **sources}
 
 
 def rkde_artifact_weights(config, source: dict, detector_path: str | None = None,
