@@ -6,25 +6,72 @@ Only ``jobs/`` configures logging and decides when Ray starts (``rayanom.launch`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import sys
 import traceback
+import typing
 from collections.abc import Callable
 
 logger = logging.getLogger("rayanom.jobs")
 
+# A wait on the cluster that ran out ends the job with a message naming the flag that sets it (launch's probe task,
+# the actor pool's start and progress timeouts): the user's to change, so exit 2 with that one line.
+TIMEOUT_FLAGS = ("--wait-for-actors", "--no-progress-timeout")
+# A name in a message: "batch_size=" in "invalid batch_size=0: ...", or a bare "n_pca_components" (never a part of a
+# path, a file name or a flag).
+_NAMED = re.compile(r"(?<![\w/.-])([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:(=)|(?![\w/=-]|\.\w))")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (the full usage is a screen long): ``error: ...``, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
 
 def parser(doc: str, add_help: bool = True) -> argparse.ArgumentParser:
     """A job's parser: its module docstring as the description, kept as written."""
-    return argparse.ArgumentParser(description=doc, add_help=add_help,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _Parser(description=doc, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+class Renamed(argparse.Action):
+    """Stores a flag's value as argparse's default action does; the option strings after the first are old spellings,
+    kept for one release, and log a deprecation warning naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if option_string is not None and option_string != self.option_strings[0]:
+            logger.warning("%s is deprecated and will be removed in the next release: use %s", option_string,
+                           self.option_strings[0])
+        setattr(namespace, self.dest, values)
+
+
+def add_model_dir_flag(parser: argparse.ArgumentParser, about: str, required: bool = False) -> None:
+    """``--model-dir MODEL_DIR``, an artifact directory, in every job that takes one (``--model``: its deprecated
+    spelling, for one release; fit.py's ``--model`` is the model to fit)."""
+    parser.add_argument("--model-dir", "--model", dest="model_dir", action=Renamed, required=required,
+                        metavar="MODEL_DIR", help=f"{about}; --model: deprecated spelling")
+
+
+def add_shared_path_flag(parser: argparse.ArgumentParser, paths: str) -> None:
+    """``--shared-path``: the local output paths are on a filesystem every node mounts.
+
+    ``paths``: the flags it speaks for, in its help; ``launch.check_output_location`` reads it."""
+    parser.add_argument("--shared-path", action="store_true",
+                        help=f"the local {paths} path is on a filesystem every node of the cluster mounts at the same "
+                             "place (NFS, EFS, ...). Without it a local path is refused on a cluster that has or can "
+                             "add more than one node, where each node would write to its own disk: use a URI "
+                             "(s3://bucket/..., gs://...) or a shared mount with this flag. An embedded local Ray "
+                             "never refuses (default: off)")
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The run flags; their defaults are RunConfig's (written there once)."""
     from rayanom.config import RunConfig
 
-    g = parser.add_argument_group("run (speed only; recorded in the artifact's provenance)")
+    g = parser.add_argument_group("run (resources and speed, recorded in the artifact's provenance; "
+                                  "--precision is also part of the model's identity)")
     g.add_argument("--batch-size", type=int, default=RunConfig.batch_size,
                    help="images per forward pass (default: %(default)s)")
     g.add_argument("--num-actors", type=int, default=None,
@@ -66,8 +113,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(quiet: bool) -> None:
+    """INFO lines (and Ray Data's progress) unless ``quiet``: then warnings only."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if quiet:  # Ray Data's logger has its own handler at INFO ("Starting execution of Dataset ...")
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def start_ray(args: argparse.Namespace, config, fitted_precision: str | None = None):
@@ -77,24 +127,74 @@ def start_ray(args: argparse.Namespace, config, fitted_precision: str | None = N
     return start(config, device=args.device, num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,
                  precision=args.precision, fitted_precision=fitted_precision, batch_size=args.batch_size,
                  rows_per_part=args.rows_per_part, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
-                 no_progress_s=args.no_progress_timeout, start_timeout_s=args.wait_for_actors)
+                 no_progress_s=args.no_progress_timeout, start_timeout_s=args.wait_for_actors,
+                 progress=not args.quiet)
 
 
-def run_main(main: Callable[[], int]) -> None:
-    """Exit codes: 0 success, 2 user error (one clear message, no traceback), 1 internal failure."""
+def run_main(main: Callable[[argparse.Namespace], int], get_parser: Callable[[], argparse.ArgumentParser],
+             renamed: dict[str, str | None] | None = None) -> None:
+    """The flags parsed and ``main`` run. Exit codes: 0 success, 2 user error (one line that names flags, no
+    traceback), 1 internal failure. ``renamed``: names in messages whose flag is not the parser's dest of that name
+    (``{"model": "--model-dir"}``; None: leave the name as it is)."""
     from rayanom.config import UserError
 
+    parser = get_parser()
+    args = parser.parse_args()
     try:
-        code = main()
+        code = main(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = user_error(str(e), flag_names(parser, renamed))
     except KeyboardInterrupt:
         code = 130
-    except Exception:  # noqa: BLE001 - last resort: show the traceback and exit 1
-        traceback.print_exc()
-        code = 1
+    except Exception as e:  # noqa: BLE001 - last resort: show the traceback and exit 1
+        if not timed_out(e):
+            traceback.print_exc()
+            code = 1
+        else:
+            code = user_error(str(e), {})
     sys.exit(code)
+
+
+def user_error(message: str, names: dict[str, str]) -> int:
+    """``error: MESSAGE`` on one line, with its field names written as flags (``name_flags``); returns exit code 2."""
+    print("error: " + " ".join(name_flags(message, names).split()), file=sys.stderr)
+    return 2
+
+
+def timed_out(e: BaseException) -> bool:
+    """A wait on the cluster that ran out: a RuntimeError naming the flag that sets the wait (``TIMEOUT_FLAGS``),
+    or Ray's own ``GetTimeoutError``."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(e, ray.exceptions.GetTimeoutError):
+        return True
+    return type(e) is RuntimeError and any(flag in str(e) for flag in TIMEOUT_FLAGS)
+
+
+def flag_names(parser: argparse.ArgumentParser, renamed: dict[str, str | None] | None = None) -> dict[str, str]:
+    """Name in a message -> the flag that sets it: every dest of ``parser`` (``batch_size`` -> ``--batch-size``), the
+    config fields whose flag has another name (their ``flag`` metadata: ``no_progress_s`` -> ``--no-progress-timeout``,
+    DFM's ``layer`` -> ``--layers``) where ``parser`` has that flag, and ``renamed``."""
+    from rayanom.config import ModelConfig, RunConfig
+
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
+    names = dict(flags)
+    for cls in (RunConfig, *typing.get_args(ModelConfig)):
+        names.update({f.name: f.metadata["flag"] for f in dataclasses.fields(cls)
+                      if f.metadata.get("flag") in flags.values()})
+    names.update(renamed or {})
+    return {k: v for k, v in names.items() if v}
+
+
+def name_flags(message: str, names: dict[str, str]) -> str:
+    """``message`` with each name of ``names`` written as its flag, where it is a ``NAME=`` or a snake_case word:
+    ``invalid batch_size=0: ...`` -> ``invalid --batch-size=0: ...``; ``lower n_pca_components`` -> ``lower
+    --n-pca-components``. The library's messages name fields and keywords; the jobs' users know the flags."""
+
+    def flag(m: re.Match) -> str:
+        name, eq = m.groups()
+        return names[name] + (eq or "") if name in names and (eq or "_" in name) else m.group(0)
+
+    return _NAMED.sub(flag, message)
 
 
 def print_summary(summary: dict) -> None:

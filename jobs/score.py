@@ -1,11 +1,15 @@
 """Score every row of a parquet index with a fitted model, on Ray.
 
-    python jobs/score.py --model runs/r1/model --index test.parquet --out runs/r1/scores-test
-    ray job submit --working-dir . -- python jobs/score.py --model s3://b/r1/model --index s3://b/all.parquet \
+    python jobs/score.py --model-dir runs/r1/model --index test.parquet --out runs/r1/scores-test
+    ray job submit --working-dir . -- python jobs/score.py --model-dir s3://b/r1/model --index s3://b/all.parquet \\
         --out s3://b/r1/scores
 
-Writes a parquet dataset: every input column unchanged, plus row_index, anomaly_score (-log density, higher = more
-anomalous), anomaly_probability and error (null when scored). One output row per input row.
+Writes a parquet dataset: every input column unchanged, plus row_index, anomaly_score (the model's score, higher =
+more anomalous: -log density for DFKDE and RKDE, the feature reconstruction error or Gaussian NLL for DFM),
+is_anomalous and normalized_score (null without a threshold), error (null when scored), and the model's own columns
+(DFKDE and RKDE: anomaly_probability; DFM fre: anomaly_map, anomaly_map_shape, image_height, image_width; RKDE:
+num_regions, boxes, box_scores); one output row per input row. The report goes to OUT-report. On a cluster of several
+nodes OUT and MODEL_DIR are URIs (s3://...) or shared mounts (--shared-path).
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from rayanom.models import SPECS
 
     p = _cli.parser(__doc__, add_help)
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="artifact directory written by fit.py")
+    _cli.add_model_dir_flag(p, "the model to score with: the artifact directory fit.py wrote (OUT/model)",
+                            required=True)
     p.add_argument("--index", required=True, help="parquet index with a 'path' column")
     p.add_argument("--out", required=True, help="output directory for the scores (parquet)")
+    _cli.add_shared_path_flag(p, "--out or --model-dir")
     # The weight files of every model: --weights (a timm backbone), RKDE's --detector-weights and --region-weights.
     for flag in dict.fromkeys(f for spec in SPECS.values() for f in spec.weight_files):
         models = ", ".join(spec.name for spec in SPECS.values() if flag in spec.weight_files)
@@ -46,18 +52,21 @@ def main(args: argparse.Namespace) -> int:
     from rayanom.config import UserError
     from rayanom.decide import score_and_decide
     from rayanom.index import check_values, describe_index
+    from rayanom.launch import check_output_location
     from rayanom.models import SPECS, spec_of
     from rayanom.parts import Lease, check_parts_dir
-    from rayanom.report import check_report, write_report
+    from rayanom.report import check_report, report_dir_of, write_report
 
     _cli.setup_logging(args.quiet)
+    # On a cluster of several nodes the actors on every node read the model and write the parts: shared paths only.
+    check_output_location({"--out": args.out, "--model-dir": args.model_dir}, args.shared_path)
     # Everything a user can get wrong is checked here, before Ray starts (the index's schema from its footers) or,
     # for the label values, by a first pass on the workers before any output is written.
-    artifact = Artifact.load(args.model)
+    artifact = Artifact.load(args.model_dir)
     model = spec_of(artifact.config)
     index = describe_index(args.index)
     check_parts_dir(args.out)
-    report_dir = args.out.rstrip("/") + "-report"  # beside the scores: that directory holds parquet parts only
+    report_dir = report_dir_of(args.out)
     check_report(artifact.config, report_dir, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0,
                  args.region_rows)
     files = {f: getattr(args, f) for s in SPECS.values() for f in s.weight_files if getattr(args, f)}
@@ -69,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     with Lease(args.out) as lease:  # one job per output, refused before Ray starts
         run = _cli.start_ray(args, artifact.config, artifact.precision)
         check_values(index)
-        summary = score_and_decide(index, artifact, args.out, run, args.model, args.threshold,
+        summary = score_and_decide(index, artifact, args.out, run, args.model_dir, args.threshold,
                                    overwrite=args.overwrite, job=lease.job, retry_failed=args.retry_failed,
                                    files=files)
     _cli.print_summary(summary)
@@ -81,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli() -> None:
     """The command line: flags parsed, the job run, the exit code set (``_cli.run_main``)."""
-    _cli.run_main(lambda: main(get_args_parser().parse_args()))
+    _cli.run_main(main, get_args_parser, {"model": "--model-dir"})
 
 
 if __name__ == "__main__":

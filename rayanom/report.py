@@ -461,6 +461,13 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
 
 
 REPORT_FILES = (METRICS_FILE, FIGURE_FILE, "heatmaps", "boxes", "regions")
+REPORT_SUFFIX = "-report"
+
+
+def report_dir_of(scores_uri: str) -> str:
+    """Where the report of a scores directory goes, in every job: beside it, ``SCORES-report`` (``runs/r1/scores``
+    -> ``runs/r1/scores-report``), since the scores directory holds parquet parts only."""
+    return scores_uri.rstrip("/") + REPORT_SUFFIX
 _PICTURES = (("heatmaps", ".png"), ("boxes", ".png"), ("regions", ".parquet"))
 
 

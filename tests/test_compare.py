@@ -119,11 +119,11 @@ def test_joined_on_path_across_indexes_and_drift_between_batches(tmp_path):
 def test_compare_job(tmp_path):
     ta, tb, _, _, _ = _runs(tmp_path)
     a, b = _run(tmp_path, "a", ta), _run(tmp_path, "b", tb)
-    proc = subprocess.run([sys.executable, "jobs/compare.py", "--a", a, "--b", b, "--out", str(tmp_path / "o")],
-                          cwd=REPO, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run([sys.executable, "jobs/compare.py", "--before", a, "--after", b, "--out",
+                           str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "decisions flipped 12 of 2998 (7 to anomalous, 5 to normal)" in proc.stdout
     assert (tmp_path / "o" / "compare.png").exists()
-    proc = subprocess.run([sys.executable, "jobs/compare.py", "--a", a, "--b", str(tmp_path / "nothing"), "--out",
-                           str(tmp_path / "o2")], cwd=REPO, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 2 and "invalid scores=" in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "jobs/compare.py", "--before", a, "--after", str(tmp_path / "nothing"),
+                           "--out", str(tmp_path / "o2")], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 2 and "invalid --after=" in proc.stderr, proc.stderr[-2000:]

@@ -92,7 +92,7 @@ def test_score_job_rejects_bad_labels_before_writing(tmp_path):
     config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=2)
     head = KdeHead(2).fit(np.random.default_rng(0).normal(size=(20, 512)))
     Artifact(config=config, head=head, weights={"kind": "random", "seed": 0}, provenance={}).save(str(model))
-    proc = subprocess.run([sys.executable, "jobs/score.py", "--model", str(model), "--index", str(index), "--out",
+    proc = subprocess.run([sys.executable, "jobs/score.py", "--model-dir", str(model), "--index", str(index), "--out",
                            str(out), "--quiet"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "column 'label' holds [3]" in proc.stderr and "Traceback" not in proc.stderr

@@ -93,11 +93,11 @@ def test_jobs_run_as_scripts_modules_and_console_scripts(tmp_path):
     for job in (compare, decide, fit, index, score):
         assert "usage:" in job.get_args_parser().format_help()  # importable, buildable
     bin_dir = pathlib.Path(sys.executable).parent
-    args = ["--a", str(tmp_path), "--b", str(tmp_path), "--out", str(tmp_path / "o"), "--top", "-1"]
+    args = ["--before", str(tmp_path), "--after", str(tmp_path), "--out", str(tmp_path / "o"), "--top", "-1"]
     for cmd in ([sys.executable, "jobs/compare.py"], [sys.executable, "-m", "jobs.compare"],
                 [str(bin_dir / "rayanom-compare")]):
         proc = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "invalid top=-1" in proc.stderr, (cmd, proc.stderr[-2000:])
+        assert proc.returncode == 2 and "invalid --top=-1" in proc.stderr, (cmd, proc.stderr[-2000:])
 
 
 def test_every_default_is_the_dataclasses():
@@ -115,10 +115,10 @@ def test_every_default_is_the_dataclasses():
         for f in dataclasses.fields(spec.config):
             if not f.init:
                 continue
-            action = actions[f.name]
+            action = actions[fit.dest_of(f)]  # the field's name, or the flag it joins (DFM's layer: --layers)
             shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else str(f.default)
             assert action.default is None and shown in action.help, (model, f.name, action.help)
-            assert model in flags[f.name][0]
+            assert model in flags[fit.dest_of(f)][0]
     run_flags = {"batch_size": "batch_size", "rows_per_part": "rows_per_part", "io_retries": "io_retries",
                  "max_file_bytes": "max_file_bytes", "no_progress_timeout": "no_progress_s",
                  "wait_for_actors": "start_timeout_s"}

@@ -1,0 +1,231 @@
+"""The jobs' flags: renamed flags and their deprecated spellings, one report location rule, messages that name flags,
+user errors that exit 2 with one line, and the refusal of a local output path on a cluster of several nodes."""
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPRECATED = "is deprecated and will be removed in the next release: use"
+
+
+def _parse(job, argv, caplog):
+    """``job``'s flags parsed from ``argv``, and the deprecation warnings logged meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rayanom.jobs"):
+        args = job.get_args_parser().parse_args(argv)
+    return args, [r.getMessage() for r in caplog.records if DEPRECATED in r.getMessage()]
+
+
+@pytest.mark.parametrize("name", ["score", "decide"])
+def test_model_dir_and_its_old_spelling(name, caplog):
+    import importlib
+
+    job = importlib.import_module(f"rayanom_jobs.{name}")
+    rest = ["--index", "i.parquet", "--out", "o"] if name == "score" else ["--scores", "s", "--threshold", "1"]
+    args, warned = _parse(job, ["--model-dir", "runs/r1/model", *rest], caplog)
+    assert args.model_dir == "runs/r1/model" and not hasattr(args, "model") and warned == []
+    args, warned = _parse(job, ["--model", "runs/r1/model", *rest], caplog)
+    assert args.model_dir == "runs/r1/model"
+    assert warned == [f"--model {DEPRECATED} --model-dir"]
+
+
+def test_fit_keeps_model_as_the_model_type():
+    from rayanom_jobs import fit
+
+    actions = {a.dest: a for a in fit.get_args_parser()._actions}
+    assert actions["model"].option_strings == ["--model"] and "dfm" in actions["model"].choices
+    assert "model_dir" not in actions
+
+
+def test_layers_for_dfkde_and_dfm_and_the_old_layer(caplog):
+    from rayanom.config import UserError, config_to_dict
+    from rayanom_jobs import fit
+
+    args, warned = _parse(fit, ["--model", "dfm", "--layers", "layer2"], caplog)
+    config = fit.build_config(args)
+    assert config.layer == "layer2" and warned == []
+    assert "layer" in config_to_dict(config) and "layers" not in config_to_dict(config)  # the stored field name
+    args, warned = _parse(fit, ["--model", "dfm", "--layer", "layer2"], caplog)
+    assert fit.build_config(args) == config and warned == [f"--layer {DEPRECATED} --layers"]
+    args, _ = _parse(fit, ["--model", "dfkde", "--layers", "layer2", "layer3"], caplog)
+    assert fit.build_config(args).layers == ("layer2", "layer3")
+    args, _ = _parse(fit, ["--model", "dfm", "--layers", "layer2", "layer3"], caplog)
+    with pytest.raises(UserError, match=r"invalid --layers=\['layer2', 'layer3'\]: --model dfm takes exactly one"):
+        fit.build_config(args)
+    args, _ = _parse(fit, ["--model", "rkde", "--layers", "layer2"], caplog)
+    with pytest.raises(UserError, match="invalid --layers: it applies to --model dfkde or dfm, not rkde"):
+        fit.build_config(args)
+
+
+def test_compare_before_after_names_and_the_old_a_b(caplog):
+    from rayanom_jobs import compare
+
+    args, warned = _parse(compare, ["--before", "r1", "--after", "r2", "--names", "june", "july", "--out", "o"],
+                          caplog)
+    assert (args.before, args.after, args.names, warned) == ("r1", "r2", ["june", "july"], [])
+    args, warned = _parse(compare, ["--a", "r1", "--b", "r2", "--out", "o"], caplog)
+    assert (args.before, args.after, args.names) == ("r1", "r2", ["before", "after"])
+    assert warned == [f"--a {DEPRECATED} --before", f"--b {DEPRECATED} --after"]
+
+
+def test_one_report_location_rule():
+    from rayanom.report import report_dir_of
+    from rayanom_jobs import decide, fit, score
+
+    assert report_dir_of("runs/r1/scores") == "runs/r1/scores-report"
+    assert report_dir_of("s3://b/r1/scores/") == "s3://b/r1/scores-report"
+    assert "report (written to OUT/scores-report)" in fit.get_args_parser().format_help()
+    assert "report (written to OUT-report)" in score.get_args_parser().format_help()
+    assert "write SCORES-report" in decide.get_args_parser().format_help()
+    fit_help = fit.get_args_parser().format_help()
+    assert "speed only" not in fit_help and "--precision is also part of the model's identity" in fit_help
+
+
+def test_messages_name_flags():
+    from rayanom_jobs import _cli, compare, fit, score
+
+    names = _cli.flag_names(fit.get_args_parser(), {"model": None})
+    assert _cli.name_flags("invalid batch_size=0: expected an integer >= 1", names) == \
+        "invalid --batch-size=0: expected an integer >= 1"
+    assert _cli.name_flags("invalid no_progress_s=0 and start_timeout_s=-1", names) == \
+        "invalid --no-progress-timeout=0 and --wait-for-actors=-1"
+    assert _cli.name_flags("invalid layer='' (max_training_points=3 > n_pca_components=4)", names) == \
+        "invalid --layers='' (--max-training-points=3 > --n-pca-components=4)"
+    assert _cli.name_flags("invalid model='runs/r/model'", names) == "invalid model='runs/r/model'"  # not --model
+    assert _cli.name_flags("got 3 rows; lower n_pca_components or seed", names) == \
+        "got 3 rows; lower --n-pca-components or seed"  # a bare snake_case name too, not a plain word
+    assert _cli.name_flags("cannot read /d/image_size/a.png, image_size.png", names) == \
+        "cannot read /d/image_size/a.png, image_size.png"  # never in a path or a file name
+    names = _cli.flag_names(score.get_args_parser(), {"model": "--model-dir"})
+    assert _cli.name_flags("invalid model='m': not a readable rayanom artifact", names) == \
+        "invalid --model-dir='m': not a readable rayanom artifact"
+    assert _cli.name_flags("invalid top=-1", _cli.flag_names(compare.get_args_parser())) == "invalid --top=-1"
+
+
+def _job(*argv):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "error: invalid --batch-size=0: expected an integer >= 1"),
+    (["--no-progress-timeout", "0"], "error: invalid --no-progress-timeout=0.0: expected seconds > 0"),
+    (["--model", "dfm", "--layers", "layer2", "layer3"],
+     "error: invalid --layers=['layer2', 'layer3']: --model dfm takes exactly one value"),
+    (["--model", "dfkde", "--n-pca-components", "0"],
+     "error: invalid --n-pca-components=0: expected an integer >= 1"),
+    (["--model", "nope"], "error: argument --model: invalid choice: 'nope'"),
+    (["--index", "INDEX"], "error: missing --out RUN_DIR: it is required with --index"),
+])
+def test_a_user_error_exits_2_with_one_line(demo_set, tmp_path, args, message):
+    """Cheap cases, refused before Ray starts: one line on stderr, naming the flag, no traceback, nothing written."""
+    base = ["--model", "dfkde"] if "--model" not in args else []
+    out = [] if "INDEX" in args else ["--out", str(tmp_path / "r")]
+    argv = [demo_set["index"] if a == "INDEX" else a for a in args]
+    proc = _job("jobs/fit.py", *base, "--index", demo_set["index"], *out, "--backbone", "resnet18",
+                "--no-pretrained", "--quiet", *argv) if "INDEX" not in args else _job("jobs/fit.py", *base, *argv)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _not_logged(proc.stderr) == [_not_logged(proc.stderr)[0]] and _not_logged(proc.stderr)[0].startswith(
+        message), proc.stderr
+    assert not os.path.exists(tmp_path / "r")
+
+
+def _not_logged(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not log records (a warning about random weights...)."""
+    return [line for line in stderr.splitlines() if line and not re.match(r"\d\d:\d\d:\d\d [A-Z]+ ", line)]
+
+
+def test_a_deprecated_spelling_still_runs_the_job(tmp_path):
+    proc = _job("jobs/score.py", "--model", str(tmp_path / "nothing"), "--index", "i.parquet", "--out",
+                str(tmp_path / "o"), "--quiet")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = _not_logged(proc.stderr)
+    assert lines[0] == f"--model {DEPRECATED} --model-dir", lines
+    assert len(lines) == 2 and lines[1].startswith(f"error: invalid --model-dir={str(tmp_path / 'nothing')!r}: ")
+
+
+@pytest.mark.parametrize("raised, code", [
+    (RuntimeError("no BankFeatures actor (1 CPU, 1 GPU) could start in 600 s of waiting: the cluster has no room for "
+                  "one. Raise --wait-for-actors while its autoscaler is still starting nodes"), 2),
+    (RuntimeError("no node could run a task with an actor's resources (1 CPU, 1 GPU) in 600 s (--wait-for-actors)"), 2),
+    (RuntimeError("no progress for 1800 s: 2 of 2 PartScorer actors (raise --no-progress-timeout if ...)"), 2),
+    (RuntimeError("an internal failure"), 1),
+])
+def test_a_timeout_on_the_cluster_exits_2_with_one_line(monkeypatch, capsys, raised, code):
+    import argparse
+
+    from rayanom_jobs import _cli
+
+    def main(args):
+        raise raised
+
+    monkeypatch.setattr(sys, "argv", ["job"])
+    with pytest.raises(SystemExit) as e:
+        _cli.run_main(main, argparse.ArgumentParser)
+    err = capsys.readouterr().err
+    assert e.value.code == code
+    if code == 2:
+        assert err == f"error: {raised}\n"
+    else:
+        assert "Traceback" in err and "an internal failure" in err
+
+
+def test_ray_get_timeout_exits_2(monkeypatch, capsys):
+    import argparse
+
+    import ray
+
+    from rayanom_jobs import _cli
+
+    def main(args):
+        raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    monkeypatch.setattr(sys, "argv", ["job"])
+    with pytest.raises(SystemExit) as e:
+        _cli.run_main(main, argparse.ArgumentParser)
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """A connected cluster as ``check_output_location`` sees it: set ``nodes`` (alive), ``now`` (resources up) and
+    ``most`` (the autoscaler's node types, None: unknown)."""
+    import ray
+
+    import rayanom.pool
+
+    state = {"nodes": 1, "now": {"CPU": 4.0}, "most": None}
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * state["nodes"] + [{"Alive": False}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: state["now"])
+    monkeypatch.setattr(rayanom.pool, "autoscaler_max_resources", lambda: state["most"])
+    return state
+
+
+def test_local_output_is_refused_on_a_cluster_of_several_nodes(cluster, monkeypatch):
+    from rayanom.config import UserError
+    from rayanom.launch import check_output_location
+
+    check_output_location({"--out": "runs/r1"})  # one node (a dead one is not counted), no autoscaler
+    cluster["most"] = {"CPU": 4.0}
+    check_output_location({"--out": "runs/r1"})  # node types that add nothing beyond what is up
+    cluster["nodes"] = 2
+    refused = (r"invalid --out='runs/r1': a local path on a cluster of more than one node \(2 up now\), .* "
+               r"\(s3://bucket/\.\.\., gs://bucket/\.\.\.\), .*--shared-path")
+    with pytest.raises(UserError, match=refused):
+        check_output_location({"--out": "runs/r1", "--model-dir": "s3://b/m"})
+    cluster["nodes"], cluster["most"] = 1, {"CPU": 8.0, "GPU": 2.0}
+    with pytest.raises(UserError, match=r"invalid --out='file:///x', --model-dir='/m': .* \(1 up now, its "
+                                        r"autoscaler can add more\)"):
+        check_output_location({"--out": "file:///x", "--model-dir": "/m"})
+    check_output_location({"--out": "/mnt/nfs/r1", "--model-dir": "/mnt/nfs/m"}, shared=True)  # --shared-path
+    check_output_location({"--out": "s3://bucket/r1", "--model-dir": "gs://bucket/m"})
+    check_output_location({"--out": "runs/r1", "--model-dir": None}, shared=True)
+    monkeypatch.delenv("RAY_ADDRESS")
+    check_output_location({"--out": "runs/r1"})  # an embedded local Ray: one machine
