@@ -1,44 +1,48 @@
-"""One GPU without Ray: the score stage's ceiling, its decode bound and its end-to-end rate, per model and format.
+"""One GPU without Ray: the bare forward, the accelerator stage alone, decode per core, and the CPUs one GPU needs.
 
-    python benchmarks/gpu.py                                  # on the GPU machine, from the repo root: ~3-5 minutes
-    python benchmarks/gpu.py --models dfkde --rows 1024       # one model, quicker
-    python benchmarks/gpu.py --device cpu --models dfkde,dfm --backbone resnet18 --image-size 64 --rows 64   # CPU
+    python benchmarks/gpu.py                        # on the GPU machine, from the repo root: ~2-3 minutes (estimated)
+    python benchmarks/gpu.py --models dfkde --seconds 5             # one model, quicker
+    python benchmarks/gpu.py --device cpu --backbone resnet18 --image-size 64 --file-px 96 --rows 16 --batch-size 8 \
+        --distinct 32 --fit-images 32 --precision fp32 --seconds 1          # CPU smoke run (tests/test_gpu_bench.py)
 
-No install and no Ray needed: the script puts the repo root on ``sys.path`` and drives the real score-stage actor class,
-``rayanom.pipeline.PartScorer``, as a plain object (what Ray would run in an actor, minus Ray). It generates normal
-images (``--distinct`` textured parts of ``--file-px``², written as PNG and as JPEG into a temporary directory, removed
-at the end), fits each model's head in-process on the backbone features of ``--fit-images`` of them (random weights
-from a seed, as ``resolve_weights`` / ``rkde_weights`` give them: nothing is downloaded), saves the artifact as
-``pipeline.score`` does and measures, for DFKDE, DFM (resnet50 unless ``--backbone``) and RKDE:
+No install and no Ray needed: the script puts the repo root on ``sys.path`` and drives the two stages of the scoring
+plane as plain objects, as ``tests/test_reliability.py`` does: the decode stage (``plane.decode_units`` over
+``pipeline.score_units`` / ``score_unit_rows``: one row a forward batch, ``plane.to_batch_row``) and the model stage
+(``pipeline.ScoreBatches``, one batch row a call). Where ``import ray`` fails (the GPU machine) and the library
+imports it anyway, a stand-in module that says Ray is not initialised is registered first (``_import_stages``).
 
-* **ceiling**: the actor's own ``Scorer`` on one decoded batch (``rayanom.data.decode_table``) held in memory and
-  scored again and again: backbone + head + output table, no decode, no I/O; its input staged on the device once
-  (``Scorer.stage``, as the decode threads stage each batch), and in brackets from the host arrays (their copy to
-  the device in every call, not overlapped). RKDE, or a ``Scorer`` without ``stage``: the host arrays only;
-* **decode bound**: ``decode_table`` (read, decode, resize to the model's size) over the files in batches, on a
-  thread pool of every CPU and on a process pool of every CPU (``decode_batch``, images pickled back); the better
-  pool is the bound, PNG and JPEG apart;
-* **end to end**: ``PartScorer.score_part`` on parts of a parquet index of those files (read the rows, decode in its
-  ``_Decoder`` threads, score, write the part), ``--decode-threads`` as the actor takes it (0: its default);
-* **torch-JPEG**: with CUDA, file bytes read ahead in threads -> ``torchvision.io.decode_jpeg(..., device="cuda")``
-  -> /255 -> ``interpolate(bilinear, antialias=True)`` to the model's size -> the same ``Scorer``, the tensor handed
-  over as its staged input ("staged"; RKDE, or a ``Scorer`` without ``stage``: images back to the host, "host"); no
-  parquet read or write. And how far those images, and their fp32 features, are from ``rayanom.data.decode_image`` on
-  the same files (decode moves into torch only if the features stay within 1e-4);
-* **GPU util**: the mean of ``torch.cuda.utilization()`` (or ``nvidia-smi``) sampled every 0.2 s in each steady phase
-  (after the warm-up batches or part).
+It generates normal images (``--distinct`` textured parts of ``--file-px``², PNG and JPEG, in a temporary directory
+removed at the end), fits each model's head in-process on the backbone features of ``--fit-images`` of them (random
+weights from a seed: nothing is downloaded), saves the artifact beside the parts as ``pipeline.score`` does, builds
+one ``ScoreBatches`` on a parquet index of those files, and measures for DFKDE and DFM (resnet50 unless
+``--backbone``, at ``--image-size``², batches of ``--batch-size``):
 
-Every rate is images/s in a steady phase (after warm-up), each measurement capped at ``--seconds``. It prints one
-table (also ``--json PATH``), a row per model and format, with ratio = e2e / min(ceiling, decode bound), and how many
-decode CPUs one GPU needs to reach its ceiling (ceiling / decode rate per CPU). Nothing of Ray is used (the GPU
-machine has none). Not part of the test suite (``tests/test_gpu_bench.py`` runs it
-tiny on CPU).
+1. **bare forward**: the backbone (``FeatureExtractor.model``, its memory format) on one random input tensor already
+   on the device, under ``inference_mode`` and, in bf16, autocast: the accelerator's ceiling;
+2. **stage**: the accelerator stage alone, fed decoded batches from memory: batch rows made once (``decode_units``,
+   hence ``to_batch_row``; ``--rows`` rows, whole parts), then ``plane.from_batch_row`` + ``ScoreBatches._score``
+   (staging, forward, head, output table: no I/O) on them again and again, as a fraction of the bare forward
+   (target >= 0.8). And **actor call**: ``ScoreBatches.__call__`` on the same rows (also its crash marker, the
+   fragment written per batch to a temporary output directory, each part joined when its last batch is in; the rows
+   given new part numbers each pass), timed from part to part (each part read back: no row failed);
+3. **decode per core**: ``data.decode_table`` (read, decode, resize to the model's input size) in this one process on
+   one thread, over the ``--file-px``² PNG and JPEG files; and from 1-3 the decode CPUs one GPU needs: bare forward
+   (and stage) images/s / decode images/s per core;
+4. **end to end** (unless ``--skip-e2e``): both stages in this one process, per format: ``decode_units`` in batch-sized
+   units on a thread pool of every CPU (as many units ahead) feeding ``ScoreBatches.__call__`` on this thread, which
+   writes fragments and parts (not a number for a cluster, where decode runs on other nodes).
+
+Every rate is images/s in a steady phase (after warm-up), each capped at ``--seconds``; GPU utilisation is the mean of
+``torch.cuda.utilization()`` (or ``nvidia-smi``) sampled every 0.2 s in each steady phase (n/a on CPU). It prints
+one table (also ``--json PATH``), a row per model, then the decode rates per core, the CPUs one GPU needs and whether
+the stage meets its targets. Not part of the test suite (``tests/test_gpu_bench.py`` runs it tiny on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import os
@@ -48,9 +52,11 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,15 +64,31 @@ import pyarrow as pa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-MODELS = ("dfkde", "dfm", "rkde")
+MODELS = ("dfkde", "dfm")
 FORMATS = ("png", "jpeg")
-JPEG_PART_OFFSET = 100_000  # part numbers of the JPEG index's parts (the PNG index's start at 0), one output dir
-PARITY_IMAGES = 16
+PASS_PARTS = 100_000  # the stage's pass c scores its rows as parts c * PASS_PARTS + k (part names have 8 digits)
+STAGE_TARGET, UTIL_TARGET = 0.8, 80.0  # issue 28: the stage alone >= 0.8 of the bare forward, GPU busy >= 80 %
 
 logger = logging.getLogger("benchmarks.gpu")
 
 
-# --- Inputs: generated files and their indexes ----------------------------------------------------------------------
+def _import_stages() -> None:
+    """Import ``rayanom.pipeline`` (hence ``plane``). Where Ray is absent and the library imports it anyway, a
+    stand-in ``ray`` module whose ``is_initialized()`` is False is registered first: the stages then run as plain
+    objects (``plane.node_id`` gives ""); nothing of Ray is called on that path."""
+    try:
+        import rayanom.pipeline  # noqa: F401
+    except ImportError as e:
+        if e.name != "ray":
+            raise
+        logger.info("no Ray here (%s): a stand-in ray module for the library's imports", e)
+        stub = types.ModuleType("ray")
+        stub.is_initialized = lambda: False
+        sys.modules["ray"] = stub
+        import rayanom.pipeline  # noqa: F401
+
+
+# --- Inputs: generated files and their index ------------------------------------------------------------------------
 
 def _image(seed: int, px: int) -> np.ndarray:
     """A normal part: a grey disc with concentric texture on a gradient, sensor noise (compresses like a photo)."""
@@ -99,53 +121,45 @@ def make_files(root: str, distinct: int, px: int, quality: int, workers: int) ->
     return {"png": [p for p, _ in pairs], "jpeg": [j for _, j in pairs]}
 
 
-def write_index(path: str, files: list[str], n: int):
-    """A parquet index of ``n`` rows cycling through ``files`` (``path``, ``label``), described for the workers."""
+def write_index(path: str, files: dict[str, list[str]], per_format: int):
+    """A parquet index (``path``, ``label``): ``per_format`` rows cycling through the PNG files, then as many through
+    the JPEG files; described for the stages."""
     import pyarrow.parquet as pq
 
     from rayanom.index import describe_index
 
-    pq.write_table(pa.table({"path": [files[i % len(files)] for i in range(n)],
-                             "label": pa.array(np.zeros(n, dtype=np.int64))}), path)
+    paths = [files[fmt][i % len(files[fmt])] for fmt in FORMATS for i in range(per_format)]
+    pq.write_table(pa.table({"path": paths, "label": pa.array(np.zeros(len(paths), dtype=np.int64))}), path)
     return describe_index(path)
 
 
-# --- The model: config, fitted head, artifact, the actor ------------------------------------------------------------
+# --- The model: config, fitted head, the model stage ----------------------------------------------------------------
 
 def model_config(name: str, args: argparse.Namespace):
-    """Each model's defaults (``rayanom.config``), with ``--backbone``/``--image-size`` for DFKDE and DFM."""
+    """The model's defaults (``rayanom.config``), with ``--backbone`` and ``--image-size``."""
     from rayanom.models import spec
 
-    if name == "rkde":
-        return spec(name).config()
     kwargs = {"image_size": (args.image_size, args.image_size)}
     if args.backbone:
         kwargs["backbone"] = args.backbone
     return spec(name).config(**kwargs)
 
 
-def _fit_extractor(config, device: str, precision: str):
-    """The feature stage with seeded random weights, and the weight source an artifact records for them."""
-    from rayanom.models import spec_of
-
-    state, source = spec_of(config).weights(config, {}, False)
-    return spec_of(config).extractor(config, state, device, 0, precision), source
-
-
 def fit_artifact(config, paths: list[str], device: str, precision: str, batch: int):
-    """An artifact as ``pipeline.fit`` makes one: the head fitted on the features of ``paths`` (regions for RKDE)."""
+    """An artifact as ``pipeline.fit`` makes one: the head fitted on the features of ``paths``, with seeded random
+    weights and the weight source an artifact records for them."""
     from rayanom.artifact import Artifact
     from rayanom.data import decode_batch
     from rayanom.models import spec_of
 
     t = time.perf_counter()
-    extractor, source = _fit_extractor(config, device, precision)
-    feats = []
-    for s in range(0, len(paths), batch):
-        feats.append(spec_of(config).items(extractor, decode_batch({"path": paths[s:s + batch]},
-                                                                   config.image_size)["image"])[1])
-    feats = np.concatenate(feats)
-    head = spec_of(config).head(config).fit(feats)
+    spec = spec_of(config)
+    state, source = spec.weights(config, {}, False)
+    extractor = spec.extractor(config, state, device, 0, precision)
+    feats = np.concatenate([spec.items(extractor, decode_batch({"path": paths[s:s + batch]},
+                                                                config.image_size)["image"])[1]
+                            for s in range(0, len(paths), batch)])
+    head = spec.head(config).fit(feats)
     del extractor
     _empty_cache(device)
     logger.info("%s: head fitted on %d x %d features of %d images in %.1f s", config.model, *feats.shape, len(paths),
@@ -154,16 +168,16 @@ def fit_artifact(config, paths: list[str], device: str, precision: str, batch: i
     return Artifact(config=config, head=head, weights=source, provenance=provenance)
 
 
-def part_scorer(artifact, output: str, device: str, precision: str, batch: int, decode_threads: int):
-    """The score-stage actor as ``pipeline.score`` builds it: from the model copy saved beside the parts."""
+def score_batches(artifact, output: str, info, env: Env):
+    """The model stage as ``pipeline.score`` builds its actors: from the model copy saved beside the parts."""
     from rayanom.parts import MODEL_COPY
-    from rayanom.pipeline import PartScorer, artifact_fingerprint
+    from rayanom.pipeline import ScoreBatches, artifact_fingerprint
 
     model = f"{output.rstrip('/')}/{MODEL_COPY}"
     artifact.save(model, overwrite=True)
-    return PartScorer(model=model, fingerprint=artifact_fingerprint(artifact), weights=artifact.weights,
-                      device=device, threads=0, precision=precision, output=output, job=uuid.uuid4().hex[:12],
-                      batch_size=batch, decode_threads=decode_threads)
+    return ScoreBatches(model=model, fingerprint=artifact_fingerprint(artifact), weights=artifact.weights,
+                        device=env.device, threads=0, precision=env.precision, output=output,
+                        job=uuid.uuid4().hex[:12], batch_size=env.batch, index=info)
 
 
 def _empty_cache(device: str) -> None:
@@ -240,35 +254,76 @@ def _util_reader():
 
 # --- Measurements ---------------------------------------------------------------------------------------------------
 
-def ceiling(call, rows: int, device: str, images: int, seconds: float) -> tuple[float, float | None]:
-    """images/s of ``call()`` (the scorer on one decoded batch of ``rows`` rows in memory), again and again after 2
-    warm-up calls."""
-    for _ in range(2):
-        call()
-    _sync(device)
-    n = 0
-    with UtilSampler(device) as util:
-        t = time.perf_counter()
-        while n < images and time.perf_counter() - t < seconds:
-            out = call()
-            n += rows
+def steady(work: Iterator[int], device: str, seconds: float, warm: int) -> dict:
+    """images/s of ``work`` (each step does some work and yields its images) after ``warm`` steps, until ``seconds``
+    have passed or the work runs out; with the mean GPU utilisation and the images timed."""
+    try:
+        for _ in range(warm):
+            next(work)
         _sync(device)
-        dt = time.perf_counter() - t
-    _check_scored(out, "ceiling")
-    return n / dt, util.mean
+        n = 0
+        with UtilSampler(device) as util:
+            t = time.perf_counter()
+            for rows in work:
+                n += rows
+                if time.perf_counter() - t >= seconds:
+                    break
+            _sync(device)
+            dt = time.perf_counter() - t
+    finally:
+        work.close()
+    if not n:
+        msg = f"nothing left to time after a warm-up of {warm} steps"
+        raise RuntimeError(msg)
+    return {"ips": n / dt, "gpu_util": util.mean, "rows": n}
 
 
-def ceilings(scorer, decoded: pa.Table, env: Env, images: int) -> dict:
-    """The scorer's ceiling on in-memory input: with ``Scorer.stage`` (input staged on the device once, as the decode
-    threads stage each batch) and on the host arrays (their copy to the device in every call, not overlapped)."""
-    n = decoded.num_rows
-    host, host_util = ceiling(lambda: scorer(decoded), n, env.device, images, env.seconds)
-    out = {"ceiling_ips": host, "gpu_util_ceiling": host_util, "ceiling_input": "host", "ceiling_host_ips": host}
-    staged = scorer.stage(decoded) if hasattr(scorer, "stage") else None  # Scorer.stage: None for RKDE
-    if staged is not None:
-        rate, util = ceiling(lambda: scorer(decoded, staged), n, env.device, images, env.seconds)
-        out.update(ceiling_ips=rate, gpu_util_ceiling=util, ceiling_input="staged")
-    return out
+def bare_forward(extractor, image_size: tuple[int, int], env: Env) -> Iterator[int]:
+    """The backbone alone on one random input already on the device, batch after batch (not synchronised: the device
+    runs as fast as the launches let it; ``steady`` synchronises at the end)."""
+    import torch
+
+    x = torch.rand(env.batch, 3, *image_size, device=extractor.device).contiguous(memory_format=extractor.memory_format)
+    while True:
+        with torch.inference_mode(), torch.autocast(extractor.device.type, torch.bfloat16, enabled=extractor.bf16):
+            extractor.model(x)
+        yield env.batch
+
+
+def stage_alone(sb, rows: list[pa.Table]) -> Iterator[int]:
+    """``from_batch_row`` + ``ScoreBatches._score`` on the batch rows, again and again (no I/O)."""
+    from rayanom.plane import from_batch_row
+
+    for row in itertools.cycle(rows):
+        out = sb._score(from_batch_row(row, sb.image_size))
+        _check_scored(out, "stage")
+        yield out.num_rows
+
+
+def actor_calls(sb, rows: list[pa.Table]) -> Iterator[int]:
+    """``ScoreBatches.__call__`` on the batch rows, pass after pass, pass c as parts c * PASS_PARTS + k; yields the
+    rows of each part it joins (so ``steady`` stops between parts)."""
+    col = rows[0].schema.get_field_index("part")
+    for c in itertools.count(1):
+        if c * PASS_PARTS >= 10**8:
+            return
+        for row in rows:
+            k = c * PASS_PARTS + row.column("part")[0].as_py()
+            written = sb(row.set_column(col, "part", pa.array([k], pa.int64())))["written"][0].as_py()
+            if written:
+                yield _joined(sb, k, written, row)
+
+
+def _joined(sb, k: int, written: int, row: pa.Table) -> int:
+    """The rows of part ``k`` just joined, checked: all of the part's rows, none failed."""
+    from rayanom.parts import failed_rows
+
+    expected = row.column("stop")[0].as_py() - row.column("first")[0].as_py()
+    failed = failed_rows(sb.output, [k])[k]
+    if written != expected or failed:
+        msg = f"part {k}: {written} rows joined of {expected}, {failed} failed"
+        raise RuntimeError(msg)
+    return written
 
 
 def _check_scored(table: pa.Table, what: str) -> None:
@@ -279,224 +334,75 @@ def _check_scored(table: pa.Table, what: str) -> None:
         raise RuntimeError(msg)
 
 
-def pool_rate(submit, chunks: list, window: int, seconds: float, check=None) -> float:
-    """images/s of ``submit(chunk)`` (a future) over ``chunks``, ``window`` in flight; the first ``window`` results
-    are the warm-up, the steady phase is timed from the last of them (new chunks stop after ``seconds``). ``check``
-    is called on each result."""
-    pending, i = deque(), 0
-    while i < len(chunks) and len(pending) < window:
-        pending.append((len(chunks[i]), submit(chunks[i])))
-        i += 1
-    done, n, t = 0, 0, None
-    while pending:
-        rows, future = pending.popleft()
-        result = future.result()
-        if check:
-            check(result)
-        done += 1
-        if t is None and done == window:
-            t = time.perf_counter()
-        elif t is not None:
-            n += rows
-        if i < len(chunks) and (t is None or time.perf_counter() - t < seconds):
-            pending.append((len(chunks[i]), submit(chunks[i])))
-            i += 1
-    if not n:
-        msg = f"pool_rate: {len(chunks)} chunks leave nothing after a warm-up of {window}"
-        raise ValueError(msg)
-    return n / (time.perf_counter() - t)
+def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int, int]) -> list[pa.Table]:
+    """The decode stage on one unit, as the job runs it (``decode_units`` with the unit's rows and crash marker):
+    its batch rows."""
+    from rayanom.data import ReadPolicy
+    from rayanom.pipeline import score_unit_marker, score_unit_rows
+    from rayanom.plane import decode_units
+
+    return list(decode_units(pa.Table.from_pylist([unit]), functools.partial(score_unit_rows, index=info,
+                                                                                output=output),
+                             batch, image_size, ReadPolicy(), functools.partial(score_unit_marker, output=output)))
 
 
-def decode_bound(paths: list[str], image_size: tuple[int, int], env: Env) -> dict[str, float]:
-    """images/s of the decode stage on every CPU: ``decode_table`` on a thread pool, ``decode_batch`` on a process
-    pool (images pickled back to this process), in batches of ``--batch-size``; at least 3 windows of batches."""
-    from rayanom.data import decode_batch, decode_table
-
-    batch, cpus = env.batch, env.cpus
-    n = max(env.decode_images, 3 * cpus * batch)
-    chunks = [[paths[j % len(paths)] for j in range(s, min(s + batch, n))] for s in range(0, n, batch)]
-    rates = {}
-    if "threads" in env.pools:
-        with ThreadPoolExecutor(cpus) as pool:
-            rates["threads"] = pool_rate(lambda c: pool.submit(decode_table, pa.table({"path": c}), image_size),
-                                         chunks, cpus, env.seconds, lambda t: _check_decoded(t.column("error")))
-    if "procs" in env.pools:
-        rates["procs"] = pool_rate(lambda c: env.procs().submit(decode_batch, {"path": c}, image_size), chunks,
-                                   cpus, env.seconds, lambda d: _check_decoded(d["error"]))
-    return rates
+def parts_of(first: int, stop: int, per_part: int) -> list[dict]:
+    """The parts (``pipeline.score``'s descriptors) of rows [first, stop), at multiples of ``per_part``."""
+    return [{"part": s // per_part, "start": s, "stop": min(s + per_part, stop), "retry": 0}
+            for s in range(first, stop, per_part)]
 
 
-def _check_decoded(errors) -> None:
-    errors = [e for e in (errors.to_pylist() if hasattr(errors, "to_pylist") else list(errors)) if e is not None]
-    if errors:
-        msg = f"decode bound: {len(errors)} files failed to decode, e.g. {errors[0]}"
-        raise RuntimeError(msg)
+def batch_rows(sb, info, parts: list[dict], env: Env) -> list[pa.Table]:
+    """The batch rows of ``parts``, decoded once on a thread pool of every CPU, in order."""
+    from rayanom.pipeline import score_units
 
-
-def end_to_end(ps, info, first_part: int, rows: int, per_part: int, env: Env) -> tuple[float, float | None, int]:
-    """images/s of ``PartScorer.score_part`` over parts of the index after a warm-up part of 2 batches; parts of
-    ``per_part`` rows until ``rows`` rows or ``--seconds``. Returns (rate, GPU util, rows timed)."""
-    from rayanom.parts import failed_rows
-
-    def part(k: int, start: int, stop: int) -> int:
-        descriptor = {"part": k, "start": start, "stop": stop, "retry": 0, "index": info.part_of(start, stop)}
-        return int(ps.score_part(descriptor)["rows"])
-
-    warm = 2 * env.batch
-    part(first_part, 0, warm)
-    done, ks = 0, []
-    with UtilSampler(env.device) as util:
-        t = time.perf_counter()
-        for k, start in enumerate(range(warm, warm + rows, per_part), first_part + 1):
-            done += part(k, start, min(start + per_part, warm + rows))
-            ks.append(k)
-            if time.perf_counter() - t > env.seconds:
-                break
-        dt = time.perf_counter() - t
-    failed = {k: n for k, n in failed_rows(ps.output, [first_part, *ks]).items() if n}
-    if failed:
-        import pyarrow.parquet as pq
-
-        from rayanom.parts import part_name
-
-        errors = pq.read_table(os.path.join(ps.output, part_name(min(failed))), columns=["error"]).column(0)
-        msg = (f"end to end: {sum(failed.values())} rows failed in {ps.output}, e.g. "
-               f"{next(e for e in errors.to_pylist() if e is not None)}")
-        raise RuntimeError(msg)
-    return done / dt, util.mean, done
-
-
-# --- Decode in torch (GPU JPEG) -------------------------------------------------------------------------------------
-
-def torch_images(datas: list[bytes], fmt: str, image_size: tuple[int, int], device: str):
-    """Decode with torchvision (JPEG: ``decode_jpeg`` of the whole list on ``device``; PNG: ``decode_png`` on CPU,
-    then moved), /255, resize to ``image_size`` with ``interpolate(bilinear, antialias=True)`` on ``device``: a
-    (n, 3, h, w) float32 tensor on ``device``, as ``rayanom.data.decode_image`` computes, and each original (h, w)."""
-    import torch
-    import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
-
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    if fmt == "jpeg":
-        imgs = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-    else:
-        imgs = [decode_png(t, mode=ImageReadMode.RGB).to(device) for t in tensors]
-
-    def resize(x: torch.Tensor) -> torch.Tensor:
-        x = x.float().div_(255.0)
-        return F.interpolate(x, size=tuple(image_size), mode="bilinear", antialias=True, align_corners=False)
-
-    if len({tuple(i.shape) for i in imgs}) == 1:
-        out = resize(torch.stack(imgs))
-    else:
-        out = torch.cat([resize(i[None]) for i in imgs])
-    return out, [tuple(i.shape[1:]) for i in imgs]
-
-
-def torch_scored(scorer, rows: pa.Table, datas: list[bytes], image_size: tuple[int, int], device: str) -> pa.Table:
-    """``rows`` (JPEG files) decoded by ``torch_images`` and scored. With ``Scorer.stage`` (DFKDE, DFM) the tensor
-    stays on the device and is handed over as the staged input, the table's image column left unread (zeros, never
-    touched); else the images go back to the host in the table ``decode_table`` would give."""
-    from rayanom.data import _decoded_table
-
-    x, sizes = torch_images(datas, "jpeg", image_size, device)
-    hw = np.array(sizes, dtype=np.int32).reshape(-1, 2)
-    on_device = _feeds_device(scorer)
-    images = np.zeros(tuple(x.shape), dtype=np.float32) if on_device else x.cpu().numpy()
-    table = _decoded_table(rows, images, hw[:, 0], hw[:, 1], [None] * rows.num_rows)
-    return scorer(table, (table, x)) if on_device else scorer(table)
-
-
-def _feeds_device(scorer) -> bool:
-    """Whether the scorer takes a device tensor as its input (``Scorer.stage``; not RKDE, whose stage is None)."""
-    return hasattr(scorer, "stage") and scorer.config.model != "rkde"
-
-
-def torch_jpeg_e2e(scorer, index_path: str, rows: int, image_size: tuple[int, int],
-                   env: Env) -> tuple[float, float | None]:
-    """images/s of: the index's rows in batches -> file bytes (``read_bytes`` on ``env.cpus`` threads, as many
-    batches ahead) -> ``torch_scored``; 2 warm-up batches, then up to ``rows`` rows or ``--seconds``."""
-    import pyarrow.parquet as pq
-
-    from rayanom.data import read_bytes, with_row_index
-
-    table = with_row_index(pq.read_table(index_path).select(["path", "label"]))
-    batches = [table.slice(s, env.batch) for s in range(0, min(2 * env.batch + rows, table.num_rows), env.batch)]
-
-    def read(b: pa.Table) -> list[bytes]:
-        return [read_bytes(p) for p in b.column("path").to_pylist()]
-
+    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size)
     with ThreadPoolExecutor(env.cpus) as pool:
-        ahead = deque(pool.submit(read, b) for b in batches[:env.cpus])
-
-        def step(i: int) -> pa.Table:
-            datas = ahead.popleft().result()
-            if i + env.cpus < len(batches):
-                ahead.append(pool.submit(read, batches[i + env.cpus]))
-            return torch_scored(scorer, batches[i], datas, image_size, env.device)
-
-        for i in range(2):
-            step(i)
-        _sync(env.device)
-        n = 0
-        with UtilSampler(env.device) as util:
-            t = time.perf_counter()
-            for i in range(2, len(batches)):
-                out = step(i)
-                n += batches[i].num_rows
-                if time.perf_counter() - t > env.seconds:
-                    break
-            _sync(env.device)
-            dt = time.perf_counter() - t
-        for f in ahead:
-            f.cancel()
-    _check_scored(out, "torch-JPEG")
-    return n / dt, util.mean
+        return [row for rows in pool.map(decode, score_units(parts, env.batch)) for row in rows]
 
 
-def _fp32_extractor(scorer, artifact, device: str):
-    """The feature stage in fp32, where decode parity is judged (``--precision fp32`` is the parity path): the
-    scorer's own when it runs fp32, else a second one with the same weights; None for RKDE (its regions move)."""
-    if artifact.config.model == "rkde":
-        return None
-    if not scorer.extractor.bf16:
-        return scorer.extractor
-    from rayanom.features import FeatureExtractor
-    from rayanom.pipeline import load_weights
+def end_to_end(sb, info, parts: list[dict], env: Env) -> Iterator[int]:
+    """Both stages in this process: units of one forward batch decoded on ``env.cpus`` threads, as many ahead,
+    each batch row then given to ``ScoreBatches.__call__`` here (each part it joins checked); yields each batch's
+    images."""
+    from rayanom.pipeline import score_units
 
-    return FeatureExtractor(artifact.config, load_weights(artifact.config, artifact.weights), device, 0, "fp32")
+    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size)
+    units = iter(score_units(parts, env.batch))
+    with ThreadPoolExecutor(env.cpus) as pool:
+        ahead = deque(pool.submit(decode, u) for u in itertools.islice(units, env.cpus))
+        try:
+            while ahead:
+                rows = ahead.popleft().result()
+                ahead.extend(pool.submit(decode, u) for u in itertools.islice(units, 1))
+                for row in rows:
+                    written = sb(row)["written"][0].as_py()
+                    if written:
+                        _joined(sb, row.column("part")[0].as_py(), written, row)
+                    yield row.column("n")[0].as_py()
+        finally:
+            for f in ahead:
+                f.cancel()
 
 
-def decode_parity(scorer, artifact, files: dict[str, list[str]], device: str) -> dict[str, float | None]:
-    """Max |difference| from ``rayanom.data.decode_image`` on the same files: torch's JPEG images and their fp32
-    features (DFKDE, DFM), and torch's resize alone (PNG: the same pixels, torch's resize against Pillow's)."""
-    import torch
+def decode_per_core(paths: list[str], image_size: tuple[int, int], env: Env) -> float:
+    """images/s of ``decode_table`` on one thread of this process, in batches cycling through ``paths``."""
+    from rayanom.data import decode_table
 
-    from rayanom.data import decode_image, read_bytes
+    def work() -> Iterator[int]:
+        for s in itertools.count(0, env.batch):
+            chunk = [paths[(s + j) % len(paths)] for j in range(env.batch)]
+            _check_scored(decode_table(pa.table({"path": chunk}), image_size), "decode")
+            yield len(chunk)
 
-    image_size = artifact.config.image_size
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # an fp32 extractor turns it off
-    extractor = _fp32_extractor(scorer, artifact, device)
-    out = {"files": min(PARITY_IMAGES, len(files["jpeg"]))}
-    try:
-        for fmt in FORMATS:
-            datas = [read_bytes(p) for p in files[fmt][:PARITY_IMAGES]]
-            ref = np.stack([decode_image(d, image_size) for d in datas])
-            got = torch_images(datas, fmt, image_size, device)[0].cpu().numpy()
-            out[f"{fmt}_image_max_abs_diff"] = float(np.abs(got - ref).max())
-            if fmt == "jpeg":
-                out["jpeg_feature_max_abs_diff"] = (None if extractor is None else
-                                                    float(np.abs(extractor(got) - extractor(ref)).max()))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    return out
+    return steady(work(), "cpu", env.seconds, warm=1)["ips"]
 
 
 # --- The run --------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Env:
-    """What every measurement shares: the machine, the files, their indexes, the pools, the settings."""
+    """What every measurement shares: the machine, the files, the settings, the decode rates per input size."""
 
     root: str
     device: str
@@ -504,84 +410,60 @@ class Env:
     cpus: int
     batch: int
     seconds: float
-    pools: tuple[str, ...]
-    decode_images: int
+    file_px: int
+    ray_importable: bool
     files: dict[str, list[str]] = field(default_factory=dict)
-    indexes: dict[str, tuple[str, object]] = field(default_factory=dict)
     decode: dict[tuple, dict[str, float]] = field(default_factory=dict)
-    _procs: ProcessPoolExecutor | None = None
 
-    def procs(self) -> ProcessPoolExecutor:
-        """One spawned process pool for the run (spawn: safe beside CUDA), warmed up once."""
-        if self._procs is None:
-            import multiprocessing
-
-            self._procs = ProcessPoolExecutor(self.cpus, mp_context=multiprocessing.get_context("spawn"))
-            for f in [self._procs.submit(time.sleep, 0.2) for _ in range(2 * self.cpus)]:
-                f.result()
-        return self._procs
-
-    def index(self, fmt: str, rows: int):
-        path = os.path.join(self.root, f"index-{fmt}.parquet")
-        if fmt not in self.indexes:
-            self.indexes[fmt] = (path, write_index(path, self.files[fmt], rows))
-        return self.indexes[fmt]
-
-    def decode_rates(self, fmt: str, image_size: tuple[int, int]) -> dict[str, float]:
-        key = (fmt, tuple(image_size))
+    def decode_rates(self, image_size: tuple[int, int]) -> dict[str, float]:
+        key = tuple(image_size)
         if key not in self.decode:
-            self.decode[key] = decode_bound(self.files[fmt], image_size, self)
-            logger.info("decode bound %s -> %s: %s", fmt, image_size,
+            self.decode[key] = {fmt: decode_per_core(self.files[fmt], image_size, self) for fmt in FORMATS}
+            logger.info("decode per core to %s: %s", image_size,
                         ", ".join(f"{k} {v:.1f}/s" for k, v in self.decode[key].items()))
         return self.decode[key]
 
 
-def bench_model(name: str, args: argparse.Namespace, env: Env) -> list[dict]:
-    """One model's rows: fit, build the actor, then ceiling, decode bound, e2e (and torch-JPEG) per format."""
-    from rayanom.data import decode_table
-    from rayanom.index import read_rows
-
+def bench_model(name: str, args: argparse.Namespace, env: Env) -> dict:
+    """One model's row: fit, build the model stage, then bare forward, stage, actor call, decode, end to end."""
     config = model_config(name, args)
-    precision = "fp32" if name == "rkde" else env.precision  # the region model runs in fp32 only
-    rows = args.rkde_rows if name == "rkde" else args.rows
-    fit_n = min(args.fit_images, 32) if name == "rkde" else args.fit_images
-    artifact = fit_artifact(config, env.files["png"][:fit_n], env.device, precision, env.batch)
-    ps = part_scorer(artifact, os.path.join(env.root, f"scores-{name}"), env.device, precision, env.batch,
-                     args.decode_threads)
-    _, png_info = env.index("png", 2 * env.batch + max(args.rows, args.rkde_rows))
-    decoded = decode_table(read_rows(png_info, 0, env.batch), config.image_size)
-    ceil = ceilings(ps.scorer, decoded, env, rows)
-    logger.info("%s: ceiling %.1f images/s (%s input; host arrays %.1f)", name, ceil["ceiling_ips"],
-                ceil["ceiling_input"], ceil["ceiling_host_ips"])
-    torch_jpeg = args.torch_jpeg == "on" or (args.torch_jpeg == "auto" and env.device == "cuda")
-    parity = decode_parity(ps.scorer, artifact, env.files, env.device) if torch_jpeg else {}
-    per_part = min(args.rows_per_part, max(env.batch, rows // 4))  # several parts: --seconds can stop after any
-    out = []
-    for offset, fmt in enumerate(FORMATS):
-        rates = env.decode_rates(fmt, config.image_size)
-        pool = max(rates, key=rates.get)
-        path, info = env.index(fmt, 2 * env.batch + max(args.rows, args.rkde_rows))
-        e2e, e2e_util, timed = end_to_end(ps, info, offset * JPEG_PART_OFFSET, rows, per_part, env)
-        logger.info("%s %s: end to end %.1f images/s (%d rows)", name, fmt, e2e, timed)
-        tj, tj_util = (torch_jpeg_e2e(ps.scorer, path, rows, config.image_size, env)
-                       if torch_jpeg and fmt == "jpeg" else (None, None))
-        out.append({"model": name, "format": fmt, "backbone": getattr(config, "backbone", "faster-rcnn r50-fpn"),
-                    "image_size": list(config.image_size), "precision": precision, "batch_size": env.batch,
-                    **ceil, "decode_ips": rates[pool],
-                    "decode_pool": pool, "decode_cpus": env.cpus, "decode_rates": rates, "e2e_ips": e2e,
-                    "e2e_rows": timed, "e2e_decode_threads": ps.decoder.threads, "gpu_util_e2e": e2e_util,
-                    "torch_jpeg_ips": tj, "gpu_util_torch_jpeg": tj_util,
-                    "torch_jpeg_input": None if tj is None else "staged" if _feeds_device(ps.scorer) else "host",
-                    "ratio": e2e / min(ceil["ceiling_ips"], rates[pool]), "parity": parity})
-    ps.decoder.pool.shutdown()
-    del ps
+    artifact = fit_artifact(config, env.files["png"][:args.fit_images], env.device, env.precision, env.batch)
+    per_part = min(args.rows_per_part, args.rows)
+    stage_rows = max(1, args.rows // per_part) * per_part  # whole parts: each pass joins them
+    per_format = -(-max(args.e2e_rows, stage_rows) // per_part) * per_part
+    root = os.path.join(env.root, name)
+    os.makedirs(root)
+    info = write_index(os.path.join(root, "index.parquet"), env.files, per_format)
+    sb = score_batches(artifact, os.path.join(root, "scores"), info, env)
+    t = time.perf_counter()
+    rows = batch_rows(sb, info, parts_of(0, stage_rows, per_part), env)
+    logger.info("%s: %d batch rows of %d images decoded in %.1f s", name, len(rows), stage_rows,
+                time.perf_counter() - t)
+    out = {"model": name, "backbone": config.backbone, "image_size": list(config.image_size),
+           "precision": env.precision, "batch_size": env.batch, "stage_rows": stage_rows, "rows_per_part": per_part}
+    for key, work, warm in (("bare", bare_forward(sb.scorer.extractor, config.image_size, env), 3),
+                            ("stage", stage_alone(sb, rows), 2), ("call", actor_calls(sb, rows), 1)):
+        r = steady(work, env.device, env.seconds, warm)
+        out.update({f"{key}_ips": r["ips"], f"gpu_util_{key}": r["gpu_util"], f"{key}_timed": r["rows"]})
+        logger.info("%s: %s %.1f images/s (GPU %s %%)", name, key, r["ips"], _pct(r["gpu_util"]))
+    del rows
+    out["stage_ratio"], out["call_ratio"] = out["stage_ips"] / out["bare_ips"], out["call_ips"] / out["bare_ips"]
+    out["decode_per_core"] = env.decode_rates(config.image_size)
+    out["cpus_needed"] = {fmt: {k: out[f"{k}_ips"] / out["decode_per_core"][fmt] for k in ("bare", "stage")}
+                          for fmt in FORMATS}
+    out["e2e"] = {} if args.skip_e2e else {fmt: e2e_rate(sb, info, i, per_format, per_part, env)
+                                           for i, fmt in enumerate(FORMATS)}
+    del sb
     _empty_cache(env.device)
     return out
 
 
-def cpus_needed(rows: list[dict]) -> dict[str, float]:
-    """Per model and format: decode CPUs one GPU needs to reach its ceiling = ceiling / (decode bound / CPUs)."""
-    return {f"{r['model']}/{r['format']}": r["ceiling_ips"] / (r["decode_ips"] / r["decode_cpus"]) for r in rows}
+def e2e_rate(sb, info, i: int, per_format: int, per_part: int, env: Env) -> dict:
+    """End to end over the parts of format ``i``'s rows (the index's rows [i F, (i + 1) F))."""
+    r = steady(end_to_end(sb, info, parts_of(i * per_format, (i + 1) * per_format, per_part), env), env.device,
+               env.seconds, warm=env.cpus)
+    logger.info("%s %s: end to end %.1f images/s (%d images)", sb.scorer.config.model, FORMATS[i], r["ips"], r["rows"])
+    return r
 
 
 def _num(x: float | None) -> str:
@@ -594,54 +476,54 @@ def _pct(x: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The result table, one line per model and format."""
-    head = ["model", "format", "prec", "ceiling/s (host in)", "decode/s (pool x CPUs)", "e2e/s (dec thr)",
-            "torch-JPEG e2e/s (in)", "GPU% ceil", "GPU% e2e", "GPU% tJPEG", "e2e/min(ceil,dec)"]
-    lines = [[r["model"], r["format"], r["precision"],
-              _num(r["ceiling_ips"]) + (f" ({_num(r['ceiling_host_ips'])})" if r["ceiling_input"] == "staged" else ""),
-              f"{_num(r['decode_ips'])} ({r['decode_pool']} x {r['decode_cpus']})",
-              f"{_num(r['e2e_ips'])} ({r['e2e_decode_threads']})",
-              "-" if r["format"] != "jpeg" else "n/a" if r["torch_jpeg_ips"] is None else
-              f"{_num(r['torch_jpeg_ips'])} ({r['torch_jpeg_input']})", _pct(r["gpu_util_ceiling"]),
-              _pct(r["gpu_util_e2e"]), _pct(r["gpu_util_torch_jpeg"]) if r["format"] == "jpeg" else "-",
-              f"{r['ratio']:.2f}"] for r in rows]
+    """The result table, one line per model: images/s, and in brackets the fraction of the bare forward and the GPU
+    utilisation (%)."""
+    head = ["model", "prec", "backbone", "input", "bare fwd/s (GPU%)", "stage/s (x bare, GPU%)",
+            "call/s (x bare, GPU%)", *[f"e2e {fmt.upper()}/s (GPU%)" for fmt in FORMATS]]
+    lines = []
+    for r in rows:
+        e2e = r.get("e2e") or {}
+        lines.append([r["model"], r["precision"], r["backbone"], "x".join(map(str, r["image_size"])),
+                      f"{_num(r['bare_ips'])} ({_pct(r['gpu_util_bare'])})",
+                      *[f"{_num(r[f'{k}_ips'])} ({r[f'{k}_ratio']:.2f}, {_pct(r[f'gpu_util_{k}'])})"
+                        for k in ("stage", "call")],
+                      *[f"{_num(e2e[fmt]['ips'])} ({_pct(e2e[fmt]['gpu_util'])})" if fmt in e2e else "-"
+                        for fmt in FORMATS]])
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, lines)])
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
-    """Below the table: decode CPUs per GPU, and how far torch's decode is from Pillow's."""
-    need = cpus_needed(rows)
+def summary_lines(rows: list[dict], env: Env) -> list[str]:
+    """Below the table: decode per core, the decode CPUs one GPU needs, the stage against its targets."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        parts = [f"{fmt.upper()} {need[f'{model}/{fmt}']:.3g}" for fmt in FORMATS if f"{model}/{fmt}" in need]
-        out.append(f"decode CPUs one GPU needs to reach its ceiling, {model}: {', '.join(parts)} "
-                   "(ceiling / decode rate per CPU)")
+    for size in dict.fromkeys(tuple(r["image_size"]) for r in rows):
+        rates = env.decode[size]
+        out.append(f"decode per core (one thread, decode_table {env.file_px}² -> {size[0]}x{size[1]}): "
+                   + ", ".join(f"{fmt.upper()} {_num(rates[fmt])}/s" for fmt in FORMATS))
     for r in rows:
-        p = r["parity"]
-        if r["format"] != "jpeg" or not p:
-            continue
-        feats = p["jpeg_feature_max_abs_diff"]
-        out.append(f"torch decode vs rayanom.data.decode_image, {r['model']} ({p['files']} files): JPEG images "
-                   f"max |diff| {p['jpeg_image_max_abs_diff']:.3g}, their fp32 features "
-                   f"{'n/a' if feats is None else f'{feats:.3g}'} (decode moves into torch only within 1e-4); "
-                   f"PNG, same pixels, torch's resize: images {p['png_image_max_abs_diff']:.3g}")
+        need = r["cpus_needed"]
+        out.append(f"decode CPUs one GPU needs, {r['model']}: "
+                   + ", ".join(f"{fmt.upper()} {need[fmt]['bare']:.3g} (bare forward) / {need[fmt]['stage']:.3g} "
+                               "(stage)" for fmt in FORMATS))
+    for r in rows:
+        util = r["gpu_util_stage"]
+        out.append(f"target, {r['model']}: stage {r['stage_ratio']:.2f} of the bare forward (>= {STAGE_TARGET}: "
+                   f"{'met' if r['stage_ratio'] >= STAGE_TARGET else 'missed'}), GPU {_pct(util)} % (>= "
+                   f"{UTIL_TARGET:.0f}: {'n/a' if util is None else 'met' if util >= UTIL_TARGET else 'missed'})")
     return out
 
 
 def header(env: Env) -> str:
     import torch
-    import torchvision
 
     from rayanom.features import device_kind
 
-    return (f"device {device_kind(env.device)}, {env.cpus} CPUs; torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}; precision {env.precision} (rkde fp32); batch {env.batch}; "
-            f"ray importable: {_ray_importable()}")
+    return (f"device {device_kind(env.device)}, {env.cpus} CPUs; torch {torch.__version__}; precision "
+            f"{env.precision}; batch {env.batch}; seconds {env.seconds:g}; ray importable: {env.ray_importable}")
 
 
 def _ray_importable() -> bool:
@@ -655,53 +537,51 @@ def _ray_importable() -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="dfkde,dfm,rkde", help="comma-separated, of dfkde, dfm, rkde")
-    p.add_argument("--rows", type=int, default=3072, help="images per end-to-end measurement (DFKDE, DFM)")
-    p.add_argument("--rkde-rows", type=int, default=192, help="images per end-to-end measurement (RKDE)")
-    p.add_argument("--rows-per-part", type=int, default=512, help="rows per part scored end to end")
-    p.add_argument("--image-size", type=int, default=256, help="DFKDE/DFM network input (RKDE: 240 x 360)")
-    p.add_argument("--backbone", help="DFKDE/DFM timm backbone (default: the model's, resnet50)")
+    p.add_argument("--models", default="dfkde,dfm", help="comma-separated, of dfkde, dfm")
+    p.add_argument("--rows", type=int, default=1024,
+                   help="images decoded once for the stage measurements (whole parts of --rows-per-part)")
+    p.add_argument("--rows-per-part", type=int, default=512, help="rows per part (at most --rows)")
+    p.add_argument("--e2e-rows", type=int, default=16384, help="most images per format end to end")
+    p.add_argument("--skip-e2e", action="store_true", help="no end-to-end measurement")
+    p.add_argument("--image-size", type=int, default=256, help="network input")
+    p.add_argument("--backbone", help="timm backbone (default: the model's, resnet50)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="DFKDE/DFM; auto: bf16 where it measures fast (rayanom.features.bf16_is_fast)")
+                   help="auto: bf16 where it measures fast (rayanom.features.bf16_is_fast)")
     p.add_argument("--seconds", type=float, default=8.0, help="cap on each measurement's steady phase")
-    p.add_argument("--decode-threads", type=int, default=0, help="PartScorer's decode threads (0: its default)")
-    p.add_argument("--decode-pools", default="threads,procs", help="decode-bound pools: threads, procs or both")
-    p.add_argument("--torch-jpeg", choices=["auto", "on", "off"], default="auto",
-                   help="torch-JPEG row and decode parity; auto: with CUDA only (on: also on CPU, to test the path)")
     p.add_argument("--file-px", type=int, default=512, help="generated images are FILE_PX x FILE_PX")
-    p.add_argument("--distinct", type=int, default=128, help="distinct generated images (the indexes cycle them)")
+    p.add_argument("--distinct", type=int, default=128, help="distinct generated images (the index cycles them)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--fit-images", type=int, default=64,
-                   help="distinct images the heads are fitted on (RKDE: at most 32); at most --distinct")
+    p.add_argument("--fit-images", type=int, default=64, help="distinct images the heads are fitted on")
     p.add_argument("--json", help="also write the rows and settings here")
     p.add_argument("--verbose", action="store_true", help="rayanom's INFO logs too")
     args = p.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    pools = tuple(x for x in args.decode_pools.split(",") if x)
-    if not models or set(models) - set(MODELS) or not pools or set(pools) - {"threads", "procs"}:
-        p.error(f"--models: some of {list(MODELS)}; --decode-pools: threads and/or procs")
+    args.models = [m for m in args.models.split(",") if m]
+    if not args.models or set(args.models) - set(MODELS):
+        p.error(f"--models: some of {list(MODELS)}")
     if args.fit_images > args.distinct:  # a repeated image makes the KDE's bandwidth degenerate
         p.error(f"--fit-images {args.fit_images} > --distinct {args.distinct}: the heads need distinct images")
-    args.models, args.decode_pools = models, pools
+    if min(args.rows, args.rows_per_part, args.batch_size) < 1:
+        p.error("--rows, --rows-per-part and --batch-size: at least 1")
     return args
 
 
-def make_env(args: argparse.Namespace, root: str) -> Env:
+def make_env(args: argparse.Namespace, root: str, ray_importable: bool) -> Env:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     precision = args.precision
-    if precision == "auto" and set(args.models) - {"rkde"}:
+    if precision == "auto":
         from rayanom.features import bf16_is_fast
 
-        precision = "bf16" if bf16_is_fast(device) else "fp32"
+        precision = "bf16" if bf16_is_fast(device, model_config(args.models[0], args)) else "fp32"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env = Env(root=root, device=device, precision="fp32" if precision == "auto" else precision, cpus=cpus,
-              batch=args.batch_size, seconds=args.seconds, pools=args.decode_pools, decode_images=args.rows)
+    env = Env(root=root, device=device, precision=precision, cpus=cpus, batch=args.batch_size, seconds=args.seconds,
+              file_px=args.file_px, ray_importable=ray_importable)
+    os.makedirs(os.path.join(root, "files"))
     env.files = make_files(os.path.join(root, "files"), args.distinct, args.file_px, args.jpeg_quality, cpus)
     return env
 
@@ -714,24 +594,22 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("rayanom").setLevel(logging.INFO)
     sys.path.insert(0, REPO)
     t = time.perf_counter()
+    ray_importable = _ray_importable()
+    _import_stages()
     root = tempfile.mkdtemp(prefix="rayanom-gpu-bench-")
-    env = None
     try:
-        os.makedirs(os.path.join(root, "files"))
-        env = make_env(args, root)
-        rows = [row for name in args.models for row in bench_model(name, args, env)]
+        env = make_env(args, root, ray_importable)
+        rows = [bench_model(name, args, env) for name in args.models]
     finally:
-        if env is not None and env._procs is not None:
-            env._procs.shutdown(cancel_futures=True)
         shutil.rmtree(root, ignore_errors=True)
     print(header(env))
     print(table(rows))
-    for line in summary_lines(rows):
+    for line in summary_lines(rows, env):
         print(line)
     print(f"total {time.perf_counter() - t:.0f} s", flush=True)
     if args.json:
-        meta = {"header": header(env), "args": vars(args), "cpus_needed": cpus_needed(rows),
-                "total_s": time.perf_counter() - t}
+        meta = {"header": header(env), "args": vars(args), "total_s": time.perf_counter() - t,
+                "decode_per_core": {"x".join(map(str, k)): v for k, v in env.decode.items()}}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

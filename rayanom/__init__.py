@@ -10,7 +10,7 @@ The public API, imported lazily (``import rayanom`` loads neither torch nor Ray,
     weights = rayanom.resolve_weights(config, None, pretrained=True)[1]
     result = rayanom.fit(index, config, weights, run)
     result.artifact.save("s3://bucket/models/m1")
-    rayanom.score(index, rayanom.Artifact.load("s3://bucket/models/m1"), "s3://bucket/scores/run1")
+    rayanom.score(index, rayanom.Artifact.load("s3://bucket/models/m1"), "s3://bucket/scores/run1", run)
     rayanom.evaluate("s3://bucket/scores/run1", "s3://bucket/scores/run1-report")   # no Ray needed
 """
 

@@ -1,7 +1,8 @@
 """Model and run configuration: what changes the numbers (model config) versus what changes only speed (run config).
 
 The model config is stored verbatim in the artifact; every field is validated in ``__post_init__`` so a bad value
-fails on the laptop, before any cluster work, with the field name, the value and what is allowed.
+fails on the laptop, before any cluster work, with the field name, the value and what is allowed (the jobs
+show the flag that sets the field instead: ``jobs/_cli.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ def fail(name: str, value: Any, allowed: str) -> None:
     raise UserError(msg)
 
 
-def _field(default: Any, about: str):
-    """A config field with its description: the fit job's flag shows it, with the default."""
-    return field(default=default, metadata={"help": about})
+def _field(default: Any, about: str, flag: str | None = None):
+    """A config field with its description: the fit job's flag shows it, with the default. ``flag``: the flag that
+    sets it where that is not ``--`` and the field's name (the field's own spelling stays a deprecated alias); the field
+    names never change, since they are stored in config.json and hashed into fingerprints."""
+    return field(default=default, metadata={"help": about, **({"flag": flag} if flag else {})})
 
 
 _BACKBONE = "timm CNN name, optionally with a tag"
@@ -118,7 +121,7 @@ class DfmConfig:
     """
 
     backbone: str = _field("resnet50", _BACKBONE)
-    layer: str = _field("layer3", "feature layer")
+    layer: str = _field("layer3", "DFM: exactly one feature layer", flag="--layers")
     pooling_kernel_size: int = _field(4, "average-pooling kernel")
     pca_level: float | int = _field(0.97, "variance fraction in (0, 1), or an integer number of components > 1")
     score_type: Literal["fre", "nll"] = _field("fre", "feature reconstruction error (with anomaly maps) or Gaussian "
@@ -215,14 +218,17 @@ class RunConfig:
     num_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
-    decode_threads: int = 0  # batches an actor decodes ahead, one thread each; 0: 1 on a CPU, more beside a GPU
+    progress: bool = True  # Ray Data's progress bars (one block of lines per interval where stdout is no terminal)
     threads_per_actor: int = 0  # 0: keep what Ray sets (OMP_NUM_THREADS from num_cpus)
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast where it measures fast (launch.start_ray); scores move slightly
+    bf16_speedup: float = 0.0  # what --precision auto measured where the actors run (0: not measured)
     io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
-    no_progress_s: float = 1800.0  # a model stage where no call finishes for this long ends the job (pool.ActorPool)
-    start_timeout_s: float = 600.0  # a model stage where no actor could start for this long ends the job
+    # A model stage where no call finishes for this long ends the job (Ray Data's no-progress guard); one where no
+    # actor could start for this long, too. ``flag``: the job flag that sets the field (messages name it).
+    no_progress_s: float = field(default=1800.0, metadata={"flag": "--no-progress-timeout"})
+    start_timeout_s: float = field(default=600.0, metadata={"flag": "--wait-for-actors"})
 
     def __post_init__(self) -> None:
         _check_int("batch_size", self.batch_size, 1)
@@ -231,7 +237,6 @@ class RunConfig:
         _check_int("rows_per_part", self.rows_per_part, 0)
         _check_int("num_actors", self.num_actors, 1)
         _check_int("threads_per_actor", self.threads_per_actor, 0)
-        _check_int("decode_threads", self.decode_threads, 0)
         for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

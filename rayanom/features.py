@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -87,7 +88,7 @@ def resolve_weights(config: ModelConfig, weights: str | None, pretrained: bool) 
         except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
             msg = (f"cannot load timm's pretrained weights for backbone={config.backbone!r} ({type(e).__name__}: "
                    f"{' '.join(str(e).split())[:300]}); without network access pass --weights PATH "
-                   "or --no-pretrained")
+                   f"or --no-pretrained ({timm_weights_source(config.backbone)})")
             raise UserError(msg) from e
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         tag = f"{cfg.get('architecture', config.backbone)}.{cfg.get('tag', '')}".rstrip(".")
@@ -125,9 +126,43 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
     raise UserError(msg)
 
 
+def timm_weights_source(backbone: str) -> str:
+    """Where timm's pretrained weights for ``backbone`` come from, in words: its tag and Hugging Face repository, the
+    file to download once for ``--weights``, and the cache (``HF_HOME``) timm reads instead of the network."""
+    import timm.models
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except Exception:  # noqa: BLE001 - an unknown name is reported where the backbone is built
+        cfg = None
+    hub = getattr(cfg, "hf_hub_id", None)
+    if not hub:
+        return f"timm has no pretrained tag on the Hugging Face Hub for backbone={backbone!r}"
+    return (f"timm's tag {hub.split('/', 1)[-1]}: the file model.safetensors of the Hugging Face repository {hub}, "
+            f"for --weights; or an HF_HOME cache that holds it, with HF_HUB_OFFLINE=1")
+
+
+HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # torch.hub's file names: NAME-<first hex digits of sha256>.pth
+
+
+def check_hash_in_name(path: str, sha: str, field: str = "weights") -> None:
+    """Log the sha256 of a weights file (INFO); where its name follows torch.hub's convention (torchvision's
+    ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``: the first hex digits of the file's sha256), a WARNING when they
+    differ (a partial download or another file under that name)."""
+    found = HASH_IN_NAME.search(str(path).rsplit("/", 1)[-1])
+    if found is None:
+        logger.info("%s=%s: sha256 %s", field, path, sha)
+    elif sha.startswith(found.group(1)):
+        logger.info("%s=%s: sha256 %s (matches the %s in its name)", field, path, sha, found.group(1))
+    else:
+        logger.warning("%s=%s: sha256 %s does not start with the %s in its name: a partial download, or another "
+                       "file under that name?", field, path, sha, found.group(1))
+
+
 def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.ndarray], str]:
-    """Read a state dict without unpickling anything; returns (arrays, sha256 of the file)."""
+    """Read a state dict without unpickling anything; returns (arrays, sha256 of the file), the sha256 logged."""
     data, sha = read_weights_file(path, field)
+    check_hash_in_name(path, sha, field)
     try:
         if path.endswith(".safetensors"):
             from safetensors.numpy import load
@@ -201,14 +236,15 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 is chosen where it measures at least this much fa
 
 
 def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int = 224, batch: int = 4,
-                 repeats: int = 3) -> float:
+                 repeats: int = 3, give_up: float = 0.0) -> float:
     """How many times faster ``config``'s backbone (random weights; resnet18 without a config) runs a forward pass here
     in bf16 (autocast + channels_last, the ``bf16`` path) than in fp32 (contiguous NCHW, the ``fp32`` path): the best
     of ``repeats`` timings of each, interleaved, after one warm-up each (resnet18 about 0.7 s, resnet50 about 2 s on 2
     CPU cores). Measured, not read from CPU flags: a flag list cannot tell a CPU with AMX from one with
     ``avx512_bf16`` only (about 3.9x on resnet50 at 256², measured on such an AMD EPYC) or one that emulates bf16
     (slower than fp32). The images must be large enough to be representative: on this 2-core Intel with AMX the ratio
-    was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224²."""
+    was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224². With ``give_up`` > 0, a warm-up ratio
+    below ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
     import time
 
     import torchvision
@@ -224,7 +260,7 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
     setups = {"fp32": (net, x, False),
               "bf16": (copy.deepcopy(net).to(memory_format=torch.channels_last),
                        x.contiguous(memory_format=torch.channels_last), True)}
-    best = {name: float("inf") for name in setups}
+    best, warm = {name: float("inf") for name in setups}, {}
     for i in range(repeats + 1):
         for name, (model, inp, bf16) in setups.items():
             t0 = time.perf_counter()
@@ -234,17 +270,29 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
                 torch.cuda.synchronize()
             if i:  # the first round warms up
                 best[name] = min(best[name], time.perf_counter() - t0)
+            else:
+                warm[name] = time.perf_counter() - t0
+        if not i and give_up and warm["bf16"] > give_up * warm["fp32"]:
+            return warm["fp32"] / warm["bf16"]
     return best["fp32"] / best["bf16"]
 
 
 def bf16_is_fast(device: str, config: ModelConfig | None = None) -> bool:
-    """Whether ``--precision auto`` picks bf16 on ``device`` here for ``config``'s backbone: its measured speed-up
-    (``bf16_speedup``) reaches ``BF16_MIN_SPEEDUP``."""
+    """Whether ``--precision auto`` picks bf16 on ``device`` here: :func:`probe_bf16`'s measured speed-up reaches
+    ``BF16_MIN_SPEEDUP``."""
+    return probe_bf16(device)[0] >= BF16_MIN_SPEEDUP
+
+
+def probe_bf16(device: str) -> tuple[float, float]:
+    """The ``--precision auto`` probe, about a second: resnet18's bf16 speed-up over fp32 at 224², batch 2, with the
+    threads of the process it runs in (an actor's); the warm-up decides alone where bf16 is emulated (4x slower or
+    worse). Returns (speed-up, seconds it took)."""
     t0 = time.perf_counter()
-    speedup = bf16_speedup(device, config)
-    logger.info("bf16 measured %.2fx fp32 on %s with %s in %.1f s (bf16 from %.1fx)", speedup, device,
-                config.backbone if config is not None else "resnet18", time.perf_counter() - t0, BF16_MIN_SPEEDUP)
-    return speedup >= BF16_MIN_SPEEDUP
+    speedup = bf16_speedup(device, None, image_size=224, batch=2, repeats=3, give_up=4.0)
+    seconds = time.perf_counter() - t0
+    logger.info("bf16 measured %.2fx fp32 on %s in %.1f s (bf16 from %.1fx)", speedup, device, seconds,
+                BF16_MIN_SPEEDUP)
+    return speedup, seconds
 
 
 class FeatureExtractor:

@@ -12,6 +12,8 @@ from rayanom.config import RunConfig, UserError
 
 logger = logging.getLogger(__name__)
 
+CPU_ACTOR_CPUS = 2  # CPUs (and threads) of each actor on a CPU-only cluster
+
 
 def start_ray(config, *, device: str = "auto", num_actors: int | None = None, threads_per_actor: int | None = None,
               precision: str = "auto", fitted_precision: str | None = None, **run) -> RunConfig:
@@ -35,37 +37,44 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
                         "or auto)")
     RunConfig(**run)  # a bad value is refused before Ray starts
     cluster = bool(os.environ.get("RAY_ADDRESS"))
-    device, why, gpus = _devices(device, cluster)
+    device, why, gpus, cpus = _devices(device, cluster)
+    # A CPU-only cluster runs an actor per CPU_ACTOR_CPUS of the CPUs it has or can add, each with that many threads
+    # (decode runs inside them: Ray Data fuses it into the actors where both ask for the same resources).
+    per_actor = CPU_ACTOR_CPUS if cluster and device == "cpu" else 1
     if num_actors is None:
-        # With GPUs, one actor per GPU the cluster has or its autoscaler can add: the pool asks for them all and
-        # works with those that start. Locally on CPU, one actor per core up to 4 (each decodes its own parts,
-        # beside its forward passes). Measured on 2 cores, 2 actors against 1: rows whose files are missing (pure
-        # pipeline cost) about 2x the rate, resnet18 fp32 at 64^2 52 s against 60 s for 20,000 PNGs, resnet50 bf16 at
-        # 256^2 73 s against 77 s for 2,048; each actor holds its own copy of the model.
-        num_actors = max(1, int(gpus)) if device == "cuda" else (1 if cluster else min(4, os.cpu_count() or 1))
+        # With GPUs, one actor per GPU the cluster has or its autoscaler can add; locally on CPU one per core, at
+        # most 4 (each holds its own copy of the model).
+        num_actors = (max(1, int(gpus)) if device == "cuda" else
+                      max(1, int(cpus) // per_actor) if cluster else min(4, os.cpu_count() or 1))
     if not cluster:
         # At least two CPUs beyond the actors' so tasks always find room; every core where there are more.
         ray.init(num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
                  logging_level=logging.WARNING)
     if threads_per_actor is None:
-        threads_per_actor = 0 if cluster else max(1, (os.cpu_count() or 1) // num_actors)
+        threads_per_actor = per_actor if cluster else max(1, (os.cpu_count() or 1) // num_actors)
     # Tests and dry runs on machines without CUDA: the actors ask for GPUs (so Ray places them, and an autoscaler
     # starts GPU nodes, as for real) and run the model on the CPU.
     fake_gpus = device == "cuda" and os.environ.get("RAYANOM_FAKE_GPUS") == "1"
     result = RunConfig(**run, num_actors=num_actors, device="cpu" if fake_gpus else device,
-                       num_gpus_per_actor=1.0 if device == "cuda" else 0.0, threads_per_actor=threads_per_actor)
+                       num_gpus_per_actor=1.0 if device == "cuda" else 0.0, num_cpus_per_actor=float(per_actor),
+                       threads_per_actor=threads_per_actor)
     logger.info("ray: device %s (%s)%s", device, why, "; RAYANOM_FAKE_GPUS=1: GPUs asked for, model on CPU"
                 if fake_gpus else "")
+    speedup = 0.0  # 0: not measured
     if precision == "auto":
-        precision = fitted_precision or (_fast_precision(result, cluster, config) if spec.bf16 else "fp32")
+        precision = fitted_precision or "fp32"
+        if not fitted_precision and spec.bf16:
+            precision, speedup = _fast_precision(result)
+            logger.info("ray: --precision auto: bf16 measured %.2fx fp32 where the actors run: %s", speedup,
+                        precision)
     logger.info("ray: %s, up to %d actor(s) on %s, %s",
                 "cluster at " + os.environ["RAY_ADDRESS"] if cluster else "local", num_actors, device, precision)
-    return dataclasses.replace(result, precision=precision)
+    return dataclasses.replace(result, precision=precision, bf16_speedup=round(speedup, 3))
 
 
-def _devices(choice: str, cluster: bool) -> tuple[str, str, float]:
-    """The actors' device for ``choice``, why, and the GPUs there are or an autoscaler can add. On a cluster this
-    connects to it (``ray.init``); locally it counts this machine's GPUs (Ray is started by the caller)."""
+def _devices(choice: str, cluster: bool) -> tuple[str, str, float, float]:
+    """The actors' device for ``choice``, why, and the GPUs and CPUs there are or an autoscaler can add. On a cluster
+    this connects to it (``ray.init``); locally it counts this machine's GPUs (Ray is started by the caller)."""
     import ray
 
     from rayanom.pool import autoscaler_max_resources, choose_device
@@ -79,7 +88,8 @@ def _devices(choice: str, cluster: bool) -> tuple[str, str, float]:
         except UserError:
             ray.shutdown()
             raise
-        return device, why, max(gpus, (most or {}).get("GPU", 0))
+        cpus = max(ray.cluster_resources().get("CPU", 0), (most or {}).get("CPU", 0))
+        return device, why, max(gpus, (most or {}).get("GPU", 0)), cpus
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
     gpus = 0
     if choice != "cpu":
@@ -89,7 +99,8 @@ def _devices(choice: str, cluster: bool) -> tuple[str, str, float]:
     device = choice if choice != "auto" else ("cuda" if gpus else "cpu")
     if device == "cuda" and not gpus:
         raise UserError("invalid device='cuda': this machine has no GPU (use --device cpu or auto)")
-    return device, f"{gpus} GPU(s) on this machine" if choice == "auto" else f"--device {choice}", gpus
+    why = f"{gpus} GPU(s) on this machine" if choice == "auto" else f"--device {choice}"
+    return device, why, gpus, float(os.cpu_count() or 1)
 
 
 def start_ray_for_tasks() -> None:
@@ -103,21 +114,74 @@ def start_ray_for_tasks() -> None:
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING)
 
 
-def _fast_precision(run: RunConfig, cluster: bool, config) -> str:
-    """bf16 when ``config``'s backbone runs fast in it where the actors run: on a cluster a probe task with an actor's
-    resources answers."""
+def _fast_precision(run: RunConfig) -> tuple[str, float]:
+    """bf16 when it runs fast where the actors run, and the speed-up measured: a probe task with an actor's resources
+    and threads answers (``features.probe_bf16``), before the pool exists and while nothing else runs there.
+
+    Raises:
+        UserError: no node could run the probe within ``--wait-for-actors``.
+    """
     import ray
 
-    from rayanom.features import bf16_is_fast
+    from rayanom.features import BF16_MIN_SPEEDUP
 
-    if not cluster:
-        return "bf16" if bf16_is_fast(run.device, config) else "fp32"
-    probe = ray.remote(bf16_is_fast).options(num_cpus=run.num_cpus_per_actor, num_gpus=run.num_gpus_per_actor)
+    probe = ray.remote(_probe).options(num_cpus=run.num_cpus_per_actor, num_gpus=run.num_gpus_per_actor)
     try:
-        fast = ray.get(probe.remote(run.device, config), timeout=run.start_timeout_s)
+        speedup = ray.get(probe.remote(run.device, run.threads_per_actor), timeout=run.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
         msg = (f"no node could run a task with an actor's resources ({run.num_cpus_per_actor:g} CPU, "
                f"{run.num_gpus_per_actor:g} GPU) in {run.start_timeout_s:.0f} s (--wait-for-actors); pass --precision "
                "to skip this probe, or ask for what the cluster has (--device, --num-actors)")
-        raise RuntimeError(msg) from None
-    return "bf16" if fast else "fp32"
+        raise UserError(msg) from None
+    return ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"), speedup
+
+
+def _probe(device: str, threads: int) -> float:
+    """``features.probe_bf16`` with an actor's threads (a Ray task's body)."""
+    import torch
+
+    from rayanom.features import probe_bf16
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return probe_bf16(device)[0]
+
+
+def check_output_location(paths: dict[str, str | None], shared: bool = False) -> None:
+    """Refuse local output paths on a Ray cluster that has or can add more than one node, where each node would
+    write its share to its own disk; right after connecting, before any work.
+
+    ``paths``: flag -> path (``{"--out": "runs/r1"}``; None: not given). A URI with a scheme (``s3://``, ``gs://``)
+    passes; a local path (no scheme, or ``file://``) passes where ``shared`` says it is a filesystem every node
+    mounts at the same place (``--shared-path``: NFS, EFS, ...), on an embedded local Ray (no ``RAY_ADDRESS``: one
+    machine), and on a cluster of one node whose autoscaler can add none. Nodes: those alive now, and more where the
+    node types' resources (``pool.autoscaler_max_resources``) exceed what is up. Connects for the check when Ray is not
+    connected yet, and then disconnects again.
+
+    Raises:
+        UserError: a local path on a cluster of several nodes, or one that can add nodes.
+    """
+    import ray
+
+    from rayanom.pool import autoscaler_max_resources
+
+    local = {flag: p for flag, p in paths.items() if p and ("://" not in p or p.startswith("file://"))}
+    if shared or not local or not os.environ.get("RAY_ADDRESS"):
+        return
+    connected = ray.is_initialized()
+    if not connected:
+        ray.init(logging_level=logging.WARNING)
+    try:
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        now, most = ray.cluster_resources(), autoscaler_max_resources() or {}
+        grows = any(value > now.get(key, 0) for key, value in most.items())
+    finally:
+        if not connected:
+            ray.shutdown()
+    logger.info("output location: %d node(s) up%s", nodes, ", the autoscaler can add more" if grows else "")
+    if nodes > 1 or grows:
+        named = ", ".join(f"{flag}={p!r}" for flag, p in local.items())
+        raise UserError(f"invalid {named}: a local path on a cluster of more than one node ({nodes} up now"
+                        f"{', its autoscaler can add more' if grows else ''}), where each node would write to its own "
+                        "disk: use a URI every node reaches (s3://bucket/..., gs://bucket/...), or a filesystem every "
+                        "node mounts at the same place (NFS, EFS) with --shared-path")

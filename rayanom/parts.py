@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import re
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,7 @@ from rayanom.data import ROW_COL, check_output_dir, resolve_filesystem
 logger = logging.getLogger(__name__)
 
 MANIFEST = "_rayanom_scores.json"
+FRAGMENTS = "_rayanom_fragments"  # scored batches of parts not yet complete: FRAGMENTS/JOB/PART/OFFSET-ROWS.parquet
 PART_RE = re.compile(r"^part-(\d{8})\.parquet$")
 AUTO_PARTS = 64  # the automatic layout cuts an index into about this many parts ...
 AUTO_ROWS = (1024, 4096)  # ... of a power of two rows within these bounds
@@ -65,7 +67,7 @@ def table_fingerprint(table: pa.Table) -> str:
 
 
 def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST, LEASE, MODEL_COPY) or bool(PART_RE.match(name))
+    return (name in (MANIFEST, LEASE, MODEL_COPY, FRAGMENTS) or bool(PART_RE.match(name))
             or (name.startswith((".part-", f".{MANIFEST}", f".{LEASE}")) and name.endswith((".tmp", ".probe"))))
 
 
@@ -418,14 +420,15 @@ class Lease:
 
 
 class CrashMarker:
-    """Beside part k while an actor scores it: ``.part-k.parquet.crash.tmp`` holding how many times the part was
-    begun (``attempts``), the rows known to kill the worker (``bad``) and, when scoring row by row, the row in
-    progress (``row``). Cleared when the part is written; still there when the part is begun again means the last
-    worker died on it (``pipeline.PartScorer``)."""
+    """Beside the parts while a worker decodes or scores a unit of work named ``name`` (``.NAME.crash.tmp``): how many
+    times the unit was begun (``attempts``), the rows known to kill the worker (``bad``) and, when working row by row,
+    the row in progress (``row``). Cleared when the unit is done; still there when it is begun again means the last
+    worker died on it (``plane.decode_rows``, ``pipeline.ScoreBatches``)."""
 
-    def __init__(self, output: str, k: int) -> None:
+    def __init__(self, output: str, name: str) -> None:
         self.fs, path = resolve_filesystem(output)
-        self.file = f"{path}/.{part_name(k)}.crash.tmp"
+        self.name = name
+        self.file = f"{path}/.{name}.crash.tmp"
 
     def begin(self) -> dict:
         previous = {}
@@ -445,8 +448,10 @@ class CrashMarker:
         self._write({**state, "row": row})
 
     def clear(self) -> None:
-        if self.fs.get_file_info(self.file).type != pafs.FileType.NotFound:
+        try:
             self.fs.delete_file(self.file)
+        except FileNotFoundError:
+            pass
 
     def _write(self, state: dict) -> None:
         with self.fs.open_output_stream(self.file) as f:
@@ -462,3 +467,50 @@ def failed_rows(output: str, parts: list[int]) -> dict[int, int]:
             errors = pq.ParquetFile(f).read(columns=["error"]).column(0)
         counts[k] = len(errors) - errors.null_count
     return counts
+
+
+_FRAGMENT_RE = re.compile(r"^(\d{10})-(\d{10})\.parquet$")
+
+
+def fragment_dir(output: str, job: str, k: int) -> tuple[pafs.FileSystem, str]:
+    fs, path = resolve_filesystem(output)
+    return fs, f"{path}/{FRAGMENTS}/{job}/{part_name(k)}"
+
+
+def write_fragment(output: str, job: str, k: int, offset: int, table: pa.Table) -> int:
+    """Write scored rows of part ``k``, named by the offset of their first batch and their number (a temporary name,
+    then moved into place: a retried call rewrites the same fragment); returns how many of the part's rows its
+    fragments hold now."""
+    fs, d = fragment_dir(output, job, k)
+    fs.create_dir(d, recursive=True)
+    name = f"{offset:010d}-{table.num_rows:010d}"
+    tmp, final = f"{d}/.{name}.{uuid.uuid4().hex}.tmp", f"{d}/{name}.parquet"
+    with fs.open_output_stream(tmp) as f:
+        pq.write_table(table, f)
+    fs.move(tmp, final)
+    return sum(int(m.group(2)) for i in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
+               if (m := _FRAGMENT_RE.match(i.base_name)))
+
+
+def read_fragments(output: str, job: str, k: int) -> pa.Table | None:
+    """Part ``k``'s fragments concatenated, in row order; None when they are gone (another call joined them)."""
+    fs, d = fragment_dir(output, job, k)
+    try:
+        names = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(d)) if _FRAGMENT_RE.match(i.base_name))
+        tables = []
+        for name in names:
+            with fs.open_input_file(name) as f:
+                tables.append(pq.read_table(f))
+    except FileNotFoundError:
+        return None
+    return pa.concat_tables(tables).sort_by(ROW_COL) if tables else None
+
+
+def drop_fragments(output: str, job: str | None = None, k: int | None = None) -> None:
+    """Delete the fragments of part ``k`` of ``job``, of all its parts, or (``job`` None) of every job."""
+    fs, path = resolve_filesystem(output)
+    d = f"{path}/{FRAGMENTS}" + (f"/{job}" if job else "") + (f"/{part_name(k)}" if k is not None else "")
+    try:
+        fs.delete_dir(d)
+    except FileNotFoundError:
+        pass

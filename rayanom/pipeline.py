@@ -1,27 +1,26 @@
 """Orchestration: the one place that runs the two jobs on Ray.
 
 fit:   index footers (driver) -> training rows whose keys can enter the bank (tasks: index.training_band; the
-       driver gets about K rows) -> decode + bank items (actor pool, chunks of rows) -> bank (driver:
+       driver gets about K rows) -> decode (tasks) -> bank items (``BankFeatures`` actors) -> bank (driver:
        bank.collect_bank, a pass, rarely more) -> head
-score: part descriptors (driver, from the index's footers) -> read rows, decode, features + head, write the part (one
-       actor call a part; the head read by each actor from a copy of the model beside the parts) -> one summary a
-       part (driver)
+score: part descriptors (driver, from the index's footers) -> units of rows -> read and decode (tasks, any node) ->
+       features + head, fragments joined into parts (``ScoreBatches`` actors; the head read by each actor from a
+       copy of the model beside the parts) -> one small row a forward batch (driver)
 
-Ray must already be initialised (``jobs/`` does it). The actors (``pool.ActorPool``) are built from small inline
-arguments and load the weights themselves (``load_weights``), so Ray can restart them anywhere. Forward batches are
-cut at fixed offsets (from the start of a fit chunk, itself at a multiple of ``batch_size``, or of a scoring part):
-each forward pass sees the same rows whatever the number of actors.
+Ray must already be initialised (``jobs/`` does it). Both run on ``plane`` (Ray Data). The actors load the weights
+themselves (``load_weights``). Forward batches are cut at fixed offsets (from the start of a fit chunk, itself at a
+multiple of ``batch_size``, or of a scoring part): each forward pass sees the same rows whatever the number of actors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,12 +33,22 @@ from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    ReadPolicy, decode_table, error_message, failed_table, images_of,
+    ReadPolicy, error_message, images_of,
 )
+from rayanom.decide import with_decisions
 from rayanom.features import device_kind
+from rayanom.index import read_rows
 from rayanom.models import Batch, ModelSpec, spec_of
+from rayanom.parts import (
+    AUTO_ROWS, CrashMarker, drop_fragments, open_parts, part_name, read_fragments, rows_per_part, table_fingerprint,
+    write_fragment, write_part,
+)
+from rayanom.plane import (
+    CAREFUL_AFTER, Nodes, Plan, batch_bytes, check_batch, crash_message, from_batch_row, ipc_bytes, result_cols,
+    unit_rows,
+)
+from rayanom.plane import run as run_plane
 from rayanom.summary import summarize
-from rayanom.parts import AUTO_ROWS, open_parts, rows_per_part, table_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -63,66 +72,44 @@ def _extractor(spec: ModelSpec, config: ModelConfig, weights: dict, files: dict 
     return spec.extractor(config, load_weights(config, weights, files, spec), device, threads, precision)
 
 
-class _Decoder:
-    """Forward batches decoded ahead in a thread pool (Pillow releases the GIL in its decoders and resampling),
-    ``threads`` batches at a time, each batch cut at a fixed offset from the start of its rows. On a CPU actor the
-    forward pass already uses the cores, and one decode thread measured best here: 22 us a row of pipeline cost
-    against 38 us with two threads splitting each batch (pure-Python work such as a missing file's error contends for
-    the GIL), and the same speed on PNGs. Beside a GPU more threads decode, so the device never waits on them."""
-
-    def __init__(self, image_size: tuple[int, int], policy: ReadPolicy, device: str, threads: int,
-                 stage=None) -> None:
-        self.image_size, self.policy, self.stage = image_size, policy, stage
-        self.threads = threads or (1 if device == "cpu" else max(2, (os.cpu_count() or 2) // 2))
-        self.pool = ThreadPoolExecutor(self.threads)
-
-    def _decode(self, rows: pa.Table):
-        decoded = decode_table(rows, self.image_size, self.policy)
-        if self.stage is None:
-            return decoded, None
-        try:
-            return decoded, self.stage(decoded)
-        except Exception as e:  # noqa: BLE001 - staged again by the forward pass, where a failure stays with its rows
-            logger.warning("staging a batch for the device failed (%s); it is copied in the forward pass",
-                           error_message(e))
-            return decoded, None
-
-    def batches(self, rows: pa.Table, batch_size: int):
-        """Decoded batches, each with ``stage``'s result on it (its input tensor for the device, made in the decode
-        thread: ``Scorer.stage``), or None."""
-        cuts = [rows.slice(s, batch_size) for s in range(0, rows.num_rows, batch_size)]
-        pending = deque(self.pool.submit(self._decode, c) for c in cuts[:self.threads])
-        for i in range(len(cuts)):
-            decoded = pending.popleft().result()
-            if i + self.threads < len(cuts):
-                pending.append(self.pool.submit(self._decode, cuts[i + self.threads]))
-            yield decoded
-
-
 class BankFeatures:
-    """Fit-stage actor: decodes a chunk of training rows (``row_index``, ``path``) and returns the bank items of its
-    rows whose key lies in [lo, hi) (``bank``), and the rows that failed with their errors.
+    """Fit-stage model actor: the bank items of a decoded forward batch (a ``plane`` batch row) whose keys lie in
+    [lo, hi) (``bank``), and the rows that failed with their errors.
 
     A model whose images give one item each (``slots`` 1) banks them with bank id = row index; one whose images give
     several (RKDE's regions) with bank id = row index * 65536 + item number, so the bank is a uniform subset of all
-    items of all training images. Forward batches are slices of ``batch_size`` rows from the chunk's start (chunks
+    items of all training images. Forward batches are slices of ``batch_size`` rows from their chunk's start (chunks
     start at multiples of it).
     """
 
     def __init__(self, config: ModelConfig, weights: dict, slots: int, device: str, threads: int,
-                 precision: str = "fp32", batch_size: int = 32, decode_threads: int = 0,
-                 policy: ReadPolicy = ReadPolicy(), spec: ModelSpec | None = None) -> None:
+                 precision: str = "fp32", batch_size: int = 32, spec: ModelSpec | None = None,
+                 lo: float = 0.0, hi: float = 1.0) -> None:
         self.spec = spec or spec_of(config)
         self.extractor = _extractor(self.spec, config, weights, None, device, threads, precision)
         self.slots = slots  # bank items a row can have (bank.lower_keys)
-        self.seed, self.batch_size = config.seed, batch_size
-        self.decoder = _Decoder(config.image_size, policy, device, decode_threads)
+        self.seed, self.batch_size, self.image_size = config.seed, batch_size, config.image_size
+        self.lo, self.hi = lo, hi
 
-    def items(self, rows: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
-        out = [self._batch(decoded, lo, hi) for decoded, _ in self.decoder.batches(rows, self.batch_size)]
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} if out else {}
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        """Batch rows in (``plane.to_batch_row``), one result row out for each: its bank items and failed rows."""
+        t0 = time.perf_counter()
+        out = []
+        for i, where in enumerate(rows.drop_columns(["meta", "pixels"]).to_pylist()):
+            decoded = from_batch_row(rows.slice(i, 1), self.image_size)
+            check_batch(where, decoded, self.batch_size)
+            out.append(self.items(decoded, self.lo, self.hi))
+        return pa.table(result_cols(rows, time.perf_counter() - t0, **{
+            KEY_COL: pa.array([o[KEY_COL] for o in out], pa.list_(pa.float64())),
+            BANK_ID_COL: pa.array([o[BANK_ID_COL] for o in out], pa.list_(pa.int64())),
+            FEATURES_COL: pa.array([np.ascontiguousarray(o[FEATURES_COL], np.float32).tobytes() for o in out],
+                                   pa.large_binary()),
+            "failed_rows": pa.array([o["failed_rows"] for o in out], pa.list_(pa.int64())),
+            "errors": pa.array([list(o["errors"]) for o in out], pa.list_(pa.string())),
+            "dim": pa.array([self.extractor.dim] * len(out), pa.int64())}))
 
-    def _batch(self, table: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
+    def items(self, table: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
+        """The bank items of a decoded table (``decode_table``'s) with keys in [lo, hi), and its failed rows."""
         rows = table.column(ROW_COL).to_numpy()
         errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -203,18 +190,23 @@ class Scorer:
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
 
 
-def _pool(cls: type, kwargs: dict, run: RunConfig, size: int):
-    """``run.num_actors`` actors (at most ``size``), each with ``num_cpus_per_actor`` CPUs and, on a GPU cluster,
-    ``num_gpus_per_actor`` GPUs; the rest of the node's CPUs stay free for the index and footer tasks."""
-    from rayanom.pool import ActorPool
-
-    return ActorPool(cls, kwargs, size=min(run.num_actors, max(1, size)), num_cpus=run.num_cpus_per_actor,
-                     num_gpus=run.num_gpus_per_actor, no_progress_s=run.no_progress_s,
-                     start_timeout_s=run.start_timeout_s)
-
-
 def read_policy(run: RunConfig) -> ReadPolicy:
     return ReadPolicy(retries=run.io_retries, max_file_bytes=run.max_file_bytes)
+
+
+def fit_unit_rows(unit: dict) -> tuple[pa.Table, dict]:
+    """A fit chunk's rows (carried in the unit) and where its batches sit (``plane.decode_units``'s ``rows_of``)."""
+    rows = pa.ipc.open_stream(unit["rows"]).read_all()
+    return rows, {"part": unit["part"], "first": 0, "stop": rows.num_rows, "retry": 0, "offset": 0,
+                  "total": rows.num_rows}
+
+
+def bank_items(block: pa.Table):
+    """The bank items and failures of ``BankFeatures`` result rows, as ``bank.collect_bank`` takes them."""
+    for r in block.select([KEY_COL, BANK_ID_COL, FEATURES_COL, "dim", "failed_rows", "errors"]).to_pylist():
+        keys = np.asarray(r[KEY_COL], np.float64)
+        feats = np.frombuffer(r[FEATURES_COL], np.float32).reshape(len(keys), r["dim"])
+        yield keys, np.asarray(r[BANK_ID_COL], np.int64), feats, list(zip(r["failed_rows"], r["errors"]))
 
 
 @dataclass
@@ -259,6 +251,11 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
                 k)
     candidates = Candidates(n, lambda lo, hi: training_band(index, config.seed, slots, lo, hi)[1:], first,
                             tuple(band))
+    kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
+              "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
+              "spec": spec}
+    decode = {"rows_of": fit_unit_rows, "batch_size": run.batch_size, "image_size": config.image_size,
+              "policy": read_policy(run)}
     def run_pass(todo: np.ndarray, lo: float, hi: float):
         """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
         where = {int(r): i for i, r in enumerate(candidates.rows)}
@@ -268,17 +265,15 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
         # part's rows.
         batches = -(-len(todo) // (4 * run.num_actors * run.batch_size))
         chunk = run.batch_size * max(1, min(batches, -(-(run.rows_per_part or AUTO_ROWS[1]) // run.batch_size)))
-        chunks = [rows.slice(s, chunk) for s in range(0, rows.num_rows, chunk)]
-        for out in actors.map_unordered("items", [(c, lo, hi) for c in chunks]):
-            if out:
-                yield (out[KEY_COL], out[BANK_ID_COL], out[FEATURES_COL],
-                       list(zip(out["failed_rows"].tolist(), out["errors"].tolist())))
+        units = [{"part": i, "rows": ipc_bytes(rows.slice(s, chunk))} for i, s in enumerate(range(0, len(todo), chunk))]
+        plan = plan_of(dataclasses.replace(run, num_actors=min(run.num_actors, len(units))), config, chunk)
+        nodes, started = Nodes(), time.time()
+        for block in run_plane(units, decode, BankFeatures, {**kwargs, "lo": lo, "hi": hi}, plan, run.progress):
+            nodes.add(block)
+            yield from bank_items(block)
+        logger.info(nodes.line("fit pass", time.time() - started))
 
-    kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
-              "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
-              "decode_threads": run.decode_threads, "policy": read_policy(run), "spec": spec}
-    with _pool(BankFeatures, kwargs, run, -(-min(n, len(candidates.rows)) // run.batch_size)) as actors:
-        bank = collect_bank(candidates, config.seed, k, slots, run_pass)
+    bank = collect_bank(candidates, config.seed, k, slots, run_pass)
     return _fitted(bank, n, t0, index, index_name, config, weights_source, run)
 
 
@@ -310,28 +305,22 @@ def _fitted(bank, n: int, t0: float, index, index_name: str, config: ModelConfig
     return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
-CAREFUL_AFTER = 2  # a part whose worker died this many times is scored row by row, skipping the rows that kill it
+class ScoreBatches:
+    """Score-stage model actor: one decoded forward batch a call (a ``plane`` batch row), scored (``Scorer``) and
+    written as a fragment of its part; the call that completes a part joins its fragments into the part
+    (``parts.write_part``), with its decisions and metadata. Only a one-row result goes back, never a row's data.
 
-
-class PartScorer:
-    """Score-stage actor whose unit of work is one output part: it reads the part's index rows (``index.read_rows``),
-    decodes them in a thread pool (the next batches while the current one runs), scores them in forward batches cut at
-    fixed offsets from the part's start (``Scorer``), and writes the part (``parts.write_part``). Only a one-row
-    summary goes back, so no row passes through the driver and every run forms the same batches.
-
-    Failures stay with their rows. A batch whose model stage raises is scored again in halves down to single rows,
-    so only the offending row gets an ``error`` naming the exception; an out-of-memory error also lowers this
-    actor's batch size for the rest of its life. A row that kills the worker process is found by a crash marker
-    beside the part (``parts.CrashMarker``): Ray restarts the actor and retries the part; after ``CAREFUL_AFTER``
-    deaths the part is scored one row at a time, the marker naming the row in progress, and the row that killed the
-    worker again is skipped with an error. Both change batch composition: those rows' scores (and, after an OOM, the
-    actor's later batches) agree with an undisturbed run within ``heads.BATCH_RTOL``, not bit for bit.
+    Failures stay with their rows. A batch whose model stage raises is scored again in halves down to single rows, so
+    only the offending row gets an ``error`` naming the exception; an out-of-memory error also lowers this actor's
+    batch size for the rest of its life. A batch whose worker died ``plane.CAREFUL_AFTER`` times (a crash marker
+    beside the parts, ``parts.CrashMarker``) is scored one row at a time, the marker naming the row in progress, and
+    the row that killed the worker again is skipped with an error. Both change batch composition: those rows' scores
+    agree with an undisturbed run within ``heads.BATCH_RTOL``, not bit for bit.
     """
 
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
-                 output: str, job: str, batch_size: int, decode_threads: int = 0,
-                 policy: ReadPolicy = ReadPolicy(), threshold: dict | None = None, files: dict | None = None,
-                 spec: ModelSpec | None = None) -> None:
+                 output: str, job: str, batch_size: int, index, threshold: dict | None = None,
+                 files: dict | None = None, spec: ModelSpec | None = None) -> None:
         from rayanom.decide import Threshold
 
         artifact = Artifact.load(model, spec)
@@ -340,33 +329,47 @@ class PartScorer:
             raise RuntimeError(msg)
         self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision, files, spec)
         self.device_kind, self.precision = device_kind(device), precision
-        self.output, self.job, self.batch_size = output, job, batch_size
+        self.output, self.job, self.batch_size, self.index = output, job, batch_size, index
         self.max_batch = batch_size  # lowered by an out-of-memory error
-        self.image_size, self.policy = artifact.config.image_size, policy
-        self.decoder = _Decoder(artifact.config.image_size, policy, device, decode_threads, self.scorer.stage)
+        self.image_size = artifact.config.image_size
         self.threshold = Threshold(**threshold) if threshold else None
 
-    def score_part(self, part: dict) -> dict[str, int]:
-        """Score and write part ``part["part"]``: rows [start, stop) of ``part["index"]`` (``IndexInfo.part_of``);
-        with ``part["retry"]`` only the failed rows of the complete part. Returns the part and its row count."""
-        from rayanom.decide import with_decisions
-        from rayanom.index import read_rows
-        from rayanom.parts import CrashMarker, write_part
-
-        k, start, stop = part["part"], part["start"], part["stop"]
-        rows = index_rows = read_rows(part["index"], start, stop)
-        previous = None
-        if part.get("retry"):  # --retry-failed: only the failed rows of a complete part
-            previous, rows = self._failed_rows(k, rows)
-        marker = CrashMarker(self.output, k)
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        """Batch rows in (``plane.to_batch_row``; a few forward batches a call), one result row out for each: its
+        place and nodes, and the rows of the part its group completed (0 when the part still misses batches)."""
+        t0 = time.perf_counter()
+        places = rows.drop_columns(["meta", "pixels"]).to_pylist()
+        first = places[0]
+        marker = CrashMarker(self.output, f"{part_name(first['part'])}.batch-{first['offset']}")
         state = marker.begin()
         if state["attempts"] > CAREFUL_AFTER:
-            logger.warning("part %d killed its worker %d times: scoring it row by row", k, state["attempts"] - 1)
-            scored = self._row_by_row(rows, marker, state)
-        else:
-            scored = self._batches(rows)
-        table = pa.concat_tables(scored) if scored else rows
-        if previous is not None:  # the rows retried, back among the others in row order
+            logger.warning("%s killed its worker %d times: scoring it row by row", marker.name, state["attempts"] - 1)
+        groups: dict[int, list] = {}  # part -> its scored batches in this call
+        for i, where in enumerate(places):
+            decoded = from_batch_row(rows.slice(i, 1), self.image_size)
+            check_batch(where, decoded, self.batch_size)
+            scored = (pa.concat_tables(self._row_by_row(decoded, marker, state)) if state["attempts"] > CAREFUL_AFTER
+                      else self._score(decoded))
+            groups.setdefault(where["part"], []).append((where, scored))
+        written = {}
+        for k, batches in groups.items():
+            where = batches[0][0]
+            held = write_fragment(self.output, self.job, k, where["offset"], pa.concat_tables([t for _, t in batches]))
+            written[(k, where["offset"])] = self._join(where) if held >= where["total"] else 0
+        marker.clear()
+        return pa.table(result_cols(rows, time.perf_counter() - t0, written=pa.array(
+            [written.get((w["part"], w["offset"]), 0) for w in places], pa.int64())))
+
+    def _join(self, where: dict) -> int:
+        """Part ``where["part"]`` from its fragments (with the part's earlier rows for a retry), decided and written;
+        its rows, or 0 where another call joined it first."""
+        k, first, stop = where["part"], where["first"], where["stop"]
+        table = read_fragments(self.output, self.job, k)
+        if table is None:
+            return 0
+        index_rows = read_rows(self.index.part_of(first, stop), first, stop)
+        if where["retry"]:  # --retry-failed: the rows retried, back among the others in row order
+            previous = failed_rows_of(self.output, k, index_rows)[0]
             kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
             table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
         table = with_decisions(table, self.threshold)
@@ -376,51 +379,30 @@ class PartScorer:
                                                b"rayanom_input_sha256": table_fingerprint(index_rows).encode(),
                                                b"rayanom_device": self.device_kind.encode(),
                                                b"rayanom_precision": self.precision.encode()})
-        write_part(self.output, k, table, self.job)
-        marker.clear()
-        return {"part": k, "rows": table.num_rows}
+        write_part(self.output, k, table, f"{self.job}-{uuid.uuid4().hex[:8]}")  # two joins never share a file
+        drop_fragments(self.output, self.job, k)
+        return table.num_rows
 
-    def _failed_rows(self, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-        """The complete part ``k`` as written, and the index rows of its failed rows."""
-        import pyarrow.parquet as pq
-
-        from rayanom.data import resolve_filesystem
-        from rayanom.parts import part_name
-
-        fs, path = resolve_filesystem(self.output)
-        with fs.open_input_file(f"{path}/{part_name(k)}") as f:
-            previous = pq.read_table(f)
-        previous = previous.replace_schema_metadata(None)  # decided again below, with the rest of the part
-        previous = previous.drop_columns([c for c in (DECISION_COL, NORMALIZED_COL) if c in previous.column_names])
-        failed = np.flatnonzero(previous.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False))
-        return previous, rows.take(pa.array(failed))
-
-    def _batches(self, rows: pa.Table) -> list[pa.Table]:
-        return [self._score(decoded, staged) for decoded, staged in self.decoder.batches(rows, self.batch_size)]
-
-    def _row_by_row(self, rows: pa.Table, marker, state: dict) -> list[pa.Table]:
+    def _row_by_row(self, decoded: pa.Table, marker, state: dict) -> list[pa.Table]:
         bad, scored = set(state["bad"]), []
-        for i in range(rows.num_rows):
-            row = rows.slice(i, 1)
+        for i in range(decoded.num_rows):
+            row = decoded.slice(i, 1)
             r = int(row.column(ROW_COL)[0].as_py())
             if r in bad:
-                msg = (f"WorkerCrash: the worker process died while reading or scoring this row "
-                       f"({state['attempts'] - 1} deaths of its part's worker); the row was skipped")
-                scored.append(self.scorer(failed_table(row, self.image_size, msg)))
+                scored.append(self.scorer(_failed(row, crash_message(state))))
                 continue
             marker.at(state, r)
-            scored.append(self._score(decode_table(row, self.image_size, self.policy)))
+            scored.append(self._score(row))
         return scored
 
-    def _score(self, decoded: pa.Table, staged=None) -> pa.Table:
-        """``Scorer`` on a decoded batch (``staged``: its input tensor made ahead, ``Scorer.stage``); when it raises,
-        the batch in halves down to single rows (the row that still raises alone gets the exception as its
-        ``error``). An out-of-memory error lowers ``max_batch``."""
+    def _score(self, decoded: pa.Table) -> pa.Table:
+        """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still
+        raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
         n = decoded.num_rows
         if n > self.max_batch:
             return pa.concat_tables([self._score(decoded.slice(s, self.max_batch)) for s in range(0, n, self.max_batch)])
         try:
-            return self.scorer(decoded, staged)
+            return self.scorer(decoded)
         except Exception as e:  # noqa: BLE001 - a model-stage failure is narrowed to its row, the job goes on
             if _is_out_of_memory(e) and n > 1:
                 self.max_batch = max(1, min(self.max_batch, n // 2))
@@ -433,6 +415,49 @@ class PartScorer:
                 return self.scorer(_failed(decoded, error_message(e)))
             half = -(-n // 2)
             return pa.concat_tables([self._score(decoded.slice(0, half)), self._score(decoded.slice(half))])
+
+
+def failed_rows_of(output: str, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The complete part ``k`` as written (its decisions dropped: decided again with the rest), and the rows of
+    ``rows`` (the part's index rows) that failed in it."""
+    import pyarrow.parquet as pq
+
+    from rayanom.data import resolve_filesystem
+
+    fs, path = resolve_filesystem(output)
+    with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+        previous = pq.read_table(f)
+    previous = previous.replace_schema_metadata(None)
+    previous = previous.drop_columns([c for c in (DECISION_COL, NORMALIZED_COL) if c in previous.column_names])
+    failed = np.flatnonzero(previous.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False))
+    return previous, rows.take(pa.array(failed))
+
+
+def score_unit_rows(unit: dict, index, output: str) -> tuple[pa.Table, dict]:
+    """A scoring unit's index rows and where its batches sit (``plane.decode_units``'s ``rows_of``): rows
+    [start, end) of its part, or the failed rows of the complete part for a retry."""
+    first, stop = unit["first"], unit["stop"]
+    where = {"part": unit["part"], "first": first, "stop": stop, "retry": unit["retry"]}
+    if unit["retry"]:
+        rows = failed_rows_of(output, unit["part"], read_rows(index.part_of(first, stop), first, stop))[1]
+        return rows, {**where, "offset": 0, "total": rows.num_rows}
+    start, end = unit["start"], unit["end"]
+    return read_rows(index.part_of(start, end), start, end), {**where, "offset": start - first, "total": stop - first}
+
+
+def score_unit_marker(unit: dict, output: str) -> CrashMarker:
+    return CrashMarker(output, f"{part_name(unit['part'])}.rows-{unit['start']}")
+
+
+def score_units(todo: list[dict], per_unit: int) -> list[dict]:
+    """The decode units of the parts ``todo``: rows [start, end) of each part in ``per_unit`` rows (a multiple of the
+    batch size, so batches sit at the same offsets whatever the unit), a retried part whole."""
+    units = []
+    for t in todo:
+        step = t["stop"] - t["start"] if t["retry"] else per_unit
+        units += [{"part": t["part"], "first": t["start"], "stop": t["stop"], "retry": t["retry"], "start": s,
+                   "end": min(s + step, t["stop"])} for s in range(t["start"], t["stop"], step)]
+    return units
 
 
 def _failpoints(table: pa.Table, ok: np.ndarray) -> None:
@@ -494,7 +519,7 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
                 manifest["n_parts"], len(todo) - len(retry),
                 f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
-        _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
+        nodes = _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
     if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
         from rayanom.decide import apply_to_parts
 
@@ -506,34 +531,57 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
         msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"
         raise RuntimeError(msg)
     summary["threshold"] = dataclasses.asdict(threshold) if threshold else None
+    # Rows per node id of each stage (O(nodes)): where decode and the model ran in this run.
+    summary["nodes"] = {"decode": dict(nodes.decode), "model": dict(nodes.model)} if todo else {}
     return summary
 
 
 def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
-                 job: str | None, files: dict | None, threshold) -> None:
-    """Score the parts ``todo`` on a pool of ``PartScorer`` actors; checks that every part and row was written."""
-    import uuid
-
+                 job: str | None, files: dict | None, threshold) -> Nodes:
+    """Score the parts ``todo`` on the plane (decode tasks, ``ScoreBatches`` actors); checks that every part and
+    row was written, and returns where the stages ran."""
     from rayanom.parts import MODEL_COPY
 
     t0 = time.time()
     model = f"{output.rstrip('/')}/{MODEL_COPY}"
     artifact.save(model, overwrite=True)
+    job = job or uuid.uuid4().hex[:12]
+    drop_fragments(output)  # an interrupted job's: its complete parts are kept, the rest is scored again
     kwargs = {"model": model, "fingerprint": fingerprint, "weights": artifact.weights, "files": files,
-              "spec": spec_of(artifact.config),
+              "spec": spec_of(artifact.config), "index": index,
               "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
-              "output": output, "job": job or uuid.uuid4().hex[:12], "batch_size": run.batch_size,
-              "decode_threads": run.decode_threads, "policy": read_policy(run),
+              "output": output, "job": job, "batch_size": run.batch_size,
               "threshold": dataclasses.asdict(threshold) if threshold else None}
-    calls = [({**t, "index": index.part_of(t["start"], t["stop"])},) for t in todo]
-    with _pool(PartScorer, kwargs, run, len(todo)) as actors:
-        written = list(actors.map_unordered("score_part", calls))
-    n_done = sum(int(r["rows"]) for r in written)
+    decode = {"rows_of": functools.partial(score_unit_rows, index=index, output=output),
+              "marker_of": functools.partial(score_unit_marker, output=output), "batch_size": run.batch_size,
+              "image_size": artifact.config.image_size, "policy": read_policy(run)}
+    per_unit = unit_rows(index.n_rows, todo[0]["stop"] - todo[0]["start"], run.batch_size)
+    nodes, written = Nodes(), {}
+    for block in run_plane(score_units(todo, per_unit), decode, ScoreBatches, kwargs,
+                           plan_of(run, artifact.config, per_unit), run.progress):
+        nodes.add(block)
+        written.update((k, w) for k, w in zip(block.column("part").to_pylist(), block.column("written").to_pylist())
+                       if w)
+    drop_fragments(output)
+    n_done = sum(written.values())
     if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
         msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
         raise RuntimeError(msg)
-    logger.info("score: %d rows in %.1f s (%.1f rows/s, actor start-up included)", n_done, time.time() - t0,
-                n_done / max(time.time() - t0, 1e-9))
+    logger.info(nodes.line("score", time.time() - t0))
+    return nodes
+
+
+CALL_BYTES = 256 * 2**20  # at most this much of images in one model-stage call
+
+
+def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
+    """The plane's actors for ``run``, with units of ``unit`` rows: a call takes a unit's batches (at most
+    ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap of a model and two calls."""
+    one = batch_bytes(run.batch_size, config.image_size)
+    calls = max(1, min(-(-unit // run.batch_size), CALL_BYTES // one))
+    return Plan(num_actors=run.num_actors, batches_per_call=calls, num_cpus=run.num_cpus_per_actor,
+                num_gpus=run.num_gpus_per_actor, memory=2**30 + 2 * calls * one, no_progress_s=run.no_progress_s,
+                start_timeout_s=run.start_timeout_s)
 
 
 def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:

@@ -6,6 +6,8 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # Ray Data's progress lines: noise in test logs
+logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 # Small and fast: resnet18 at 64 x 64 on a few dozen 96-pixel images.
 SMALL = dict(backbone="resnet18", image_size=(64, 64), n_pca_components=4, max_training_points=40_000, seed=0)

@@ -41,8 +41,8 @@ def remove_when_started():
     deadline = time.time() + 120
     while time.time() < deadline:
         if os.path.isdir(out) and sum(n.startswith("part-") for n in os.listdir(out)) >= 2:
-            alive = list_actors(filters=[("class_name", "=", "PartScorer"), ("state", "=", "ALIVE")])
-            held = {a.node_id for a in alive}
+            alive = list_actors(filters=[("state", "=", "ALIVE")])
+            held = {a.node_id for a in alive if "ScoreBatches" in a.class_name}  # Ray Data's MapWorker(...) actors
             victim = next((w for w in workers if w.node_id in held), None)
             if victim is not None:
                 cluster.remove_node(victim)

@@ -87,8 +87,8 @@ def test_config_dict_round_trip_and_validation():
         DfkdeConfig(max_training_points=10)
     with pytest.raises(UserError, match="invalid batch_size=0"):
         RunConfig(batch_size=0)
-    with pytest.raises(UserError, match="invalid decode_threads=-1"):
-        RunConfig(decode_threads=-1)
+    with pytest.raises(UserError, match="invalid rows_per_part=-1"):
+        RunConfig(rows_per_part=-1)
     with pytest.raises(UserError, match="invalid no_progress_s=0"):
         RunConfig(no_progress_s=0)
 

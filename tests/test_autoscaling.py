@@ -41,23 +41,23 @@ def test_device_cuda_is_refused_where_no_node_type_has_a_gpu():
         choose_device("cuda", 0, 0)
 
 
-class _Idle:
-    def ping(self) -> int:
-        return 1
-
-
 def test_a_pool_that_no_node_can_hold_ends_with_a_clear_error(ray_local):
     """No actor can start (the local Ray has 4 CPUs, the actors ask for 64 each): after the timeout an error names
     what the cluster has, instead of a silent wait."""
-    from rayanom.pool import ActorPool
+    import test_reliability
     from ray import cloudpickle
+    from test_reliability import _one_row_unit, _Stuck
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
+    from rayanom.config import UserError
+    from rayanom.data import ReadPolicy
+    from rayanom.plane import Plan, run
 
-    with ActorPool(_Idle, {}, size=2, num_cpus=64, start_timeout_s=2.0) as pool:
-        with pytest.raises(RuntimeError, match=r"no _Idle actor \(64 CPU\) could start in 2 s of waiting: the "
-                                               r"cluster has no room for one \(4 CPUs and 0 GPUs up now; "):
-            list(pool.map_unordered("ping", [()] * 3))
+    cloudpickle.register_pickle_by_value(test_reliability)  # workers cannot import a test module by name
+    decode = {"rows_of": _one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
+    plan = Plan(num_actors=2, batches_per_call=1, num_cpus=64, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=2)
+    with pytest.raises(UserError, match=r"no _Stuck actor \(64 CPU, 0 GPU\) could start in 2 s of waiting: the "
+                                        r"cluster has no room for one \(4 CPUs and 0 GPUs up now; "):
+        list(run([{"part": 0}], decode, _Stuck, {"seconds": 0.0}, plan, progress=False))
 
 
 def test_node_types_add_up_from_the_autoscaler_config(tmp_path, monkeypatch):
@@ -109,7 +109,8 @@ def autoscaling_head():
     try:
         proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env, "ray": ray_cli, "config": path}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", "env": env, "ray": ray_cli,
+               "config": path}
     finally:
         kill_ray_of(temp)
         time.sleep(1)
@@ -122,8 +123,22 @@ def autoscaling_head():
 @pytest.mark.timeout(420)
 def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, demo_set, tmp_path):
     """`jobs/fit.py --score` with `--device auto` on a cluster with no GPU up: the job reads the node types, asks
-    for GPU actors, the autoscaler starts the nodes, the actors land on them and every row comes back."""
+    for GPU actors, the autoscaler starts the nodes, the actors land on them and every row comes back. Its local
+    --out is refused there first (the cluster can add nodes, each with its own disk), then accepted with
+    --shared-path (the simulated nodes share this machine's disk)."""
     out = str(tmp_path / "run")
+    env = {**autoscaling_head["env"], "RAY_ADDRESS": autoscaling_head["gcs"],
+           "RAYANOM_CLUSTER_CONFIG": autoscaling_head["config"]}
+    refused = subprocess.run([sys.executable, os.path.join(REPO, "jobs", "fit.py"), "--model", "dfkde", "--index",
+                              demo_set["index"], "--out", out, "--backbone", "resnet18", "--no-pretrained", "--quiet"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert error == [f"error: invalid --out={out!r}: a local path on a cluster of more than one node (1 up now, its "
+                     "autoscaler can add more), where each node would write to its own disk: use a URI every node "
+                     "reaches (s3://bucket/..., gs://bucket/...), or a filesystem every node mounts at the same place "
+                     "(NFS, EFS) with --shared-path"], refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr and not os.path.exists(out)  # before any work
     runtime_env = ('{"env_vars": {"RAYANOM_FAKE_GPUS": "1", "RAYANOM_CLUSTER_CONFIG": "%s"}}'
                    % autoscaling_head["config"])
     # No --working-dir here (test_cluster.py's job test covers it): the simulated nodes share this machine's disk and
@@ -132,7 +147,7 @@ def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, 
     submit = [autoscaling_head["ray"], "job", "submit", "--address", autoscaling_head["address"],
               "--runtime-env-json", runtime_env, "--",
               sys.executable, os.path.join(REPO, "jobs", "fit.py"), "--model", "dfkde", "--index", demo_set["index"],
-              "--out", out,
+              "--out", out, "--shared-path",
               "--score", demo_set["test"], "--backbone", "resnet18", "--image-size", "64", "--n-pca-components", "4",
               "--no-pretrained", "--batch-size", "8", "--rows-per-part", "4", "--precision", "fp32",
               "--wait-for-actors", "240"]
@@ -149,8 +164,8 @@ def test_fit_and_score_scale_up_a_cluster_from_zero_gpu_nodes(autoscaling_head, 
     # two it may start, depending on how soon the second node comes up for so small a job).
     import re
 
-    for pool in ("BankFeatures", "PartScorer"):
-        assert re.search(pool + r": [12] of 2 actors \(1 CPU, 1 GPU each\) ran, on [12] node\(s\)", log), log[-4000:]
+    for stage in ("fit pass", "score"):
+        assert re.search(stage + r": \d+ rows in .* model [\d.]+ rows/s per actor on [12] node\(s\)", log), log[-4000:]
     import pyarrow.parquet as pq
 
     scores = pq.read_table(os.path.join(out, "scores"))

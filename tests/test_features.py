@@ -247,8 +247,23 @@ def test_auto_precision_is_decided_by_measuring_bf16_against_fp32(monkeypatch):
     assert features.bf16_speedup("cuda") == 0.0 and not features.bf16_is_fast("cuda")  # this machine has no CUDA
     for measured, chosen in ((features.BF16_MIN_SPEEDUP - 0.01, False), (features.BF16_MIN_SPEEDUP, True), (0.5, False),
                              (3.9, True)):
-        monkeypatch.setattr(features, "bf16_speedup", lambda device, config=None, m=measured: m)
+        monkeypatch.setattr(features, "bf16_speedup", lambda device, config=None, m=measured, **kw: m)
         assert features.bf16_is_fast("cpu") is chosen
+
+
+def test_the_precision_probe_gives_up_early_where_bf16_is_many_times_slower(monkeypatch):
+    """The probe's warm-up alone decides where bf16 is emulated: a warm-up ratio under 1/give_up ends it there (the
+    timings are stubbed: the first bf16 pass 5x the fp32 one); otherwise it measures every repeat."""
+    from rayanom import features
+
+    calls = []
+    clock = iter([0.0, 1.0, 1.0, 6.0] + [float(t) for t in range(10, 100)])
+    monkeypatch.setattr(features.time, "perf_counter", lambda: calls.append(1) or next(clock))
+    assert features.bf16_speedup("cpu", None, image_size=32, batch=1, repeats=3, give_up=4.0) == pytest.approx(0.2)
+    assert len(calls) == 4  # one fp32 and one bf16 warm-up pass, nothing more
+    monkeypatch.undo()  # the real clock: the probe as the jobs run it
+    speedup, seconds = features.probe_bf16("cpu")
+    assert speedup > 0 and seconds > 0
 
 
 def test_fp32_turns_tf32_off_through_one_api():

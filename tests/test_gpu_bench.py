@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py runs without Ray (the GPU machine has none): tiny, on CPU, every row it prints."""
+"""benchmarks/gpu.py runs without Ray (the GPU machine has none): tiny, on CPU, every number it prints."""
 
 import json
 import math
@@ -14,7 +14,12 @@ RUN = ("import sys; sys.modules['ray'] = None; import runpy; sys.argv = ['benchm
        "runpy.run_path('benchmarks/gpu.py', run_name='__main__')")
 TINY = ["--device", "cpu", "--models", "dfkde,dfm", "--backbone", "resnet18", "--image-size", "64", "--file-px", "96",
         "--rows", "16", "--batch-size", "8", "--distinct", "32", "--fit-images", "32", "--precision", "fp32",
-        "--seconds", "1", "--torch-jpeg", "on"]
+        "--seconds", "1"]
+FORMATS = ("png", "jpeg")
+
+
+def _positive(*xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs)
 
 
 @pytest.mark.timeout(300)
@@ -26,16 +31,27 @@ def test_gpu_benchmark_runs_without_ray(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ray importable: False" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["format"]) for r in rows] == [(m, f) for m in ("dfkde", "dfm") for f in ("png", "jpeg")]
-    table = proc.stdout.splitlines()
+    assert [r["model"] for r in rows] == ["dfkde", "dfm"]
+    lines = proc.stdout.splitlines()
     for r in rows:
-        assert any(line.split()[:3] == [r["model"], r["format"], "fp32"] for line in table)
-        rates = [r["ceiling_ips"], r["decode_ips"], r["e2e_ips"], r["ratio"], *r["decode_rates"].values()]
-        assert all(math.isfinite(x) and x > 0 for x in rates), r
-        assert set(r["decode_rates"]) == {"threads", "procs"} and r["e2e_rows"] >= 8
-        assert r["gpu_util_ceiling"] is None and r["gpu_util_e2e"] is None  # CPU: n/a
-        if r["format"] == "jpeg":  # the torch decode path, on CPU here
-            assert math.isfinite(r["torch_jpeg_ips"]) and r["torch_jpeg_ips"] > 0
-            assert r["parity"]["png_image_max_abs_diff"] < 1e-4  # same pixels: torch's resize agrees with Pillow's
-            assert math.isfinite(r["parity"]["jpeg_feature_max_abs_diff"])
-    assert sum("decode CPUs one GPU needs" in line for line in table) == 2
+        assert (r["precision"], r["backbone"], r["image_size"], r["batch_size"]) == ("fp32", "resnet18", [64, 64], 8)
+        assert _positive(r["bare_ips"], r["stage_ips"], r["call_ips"], *r["decode_per_core"].values())
+        assert set(r["decode_per_core"]) == set(FORMATS) == set(r["e2e"]) == set(r["cpus_needed"])
+        assert r["stage_rows"] == 16 and min(r["bare_timed"], r["stage_timed"], r["call_timed"]) >= 8
+        assert r["call_timed"] % r["rows_per_part"] == 0  # the actor-call phase is timed in whole joined parts
+        assert r["stage_ratio"] == pytest.approx(r["stage_ips"] / r["bare_ips"])
+        assert r["call_ratio"] == pytest.approx(r["call_ips"] / r["bare_ips"])
+        for fmt in FORMATS:
+            assert _positive(r["e2e"][fmt]["ips"]) and r["e2e"][fmt]["rows"] >= 8
+            for k in ("bare", "stage"):  # the decode CPUs one GPU needs: the model rate / decode per core
+                assert r["cpus_needed"][fmt][k] == pytest.approx(r[f"{k}_ips"] / r["decode_per_core"][fmt])
+        utils = [r[f"gpu_util_{k}"] for k in ("bare", "stage", "call")] + [e["gpu_util"] for e in r["e2e"].values()]
+        assert utils == [None] * 5  # CPU: n/a
+        line = next(x for x in lines if x.split()[:1] == [r["model"]])
+        assert line.split()[:4] == [r["model"], "fp32", "resnet18", "64x64"]
+        assert f"({r['stage_ratio']:.2f}, n/a)" in line and f"({r['call_ratio']:.2f}, n/a)" in line
+        assert any(x.startswith(f"decode CPUs one GPU needs, {r['model']}: PNG ") and "JPEG" in x for x in lines)
+        assert any(x.startswith(f"target, {r['model']}: stage {r['stage_ratio']:.2f} of the bare forward")
+                   for x in lines)
+    assert sum("decode CPUs one GPU needs" in x for x in lines) == 2
+    assert sum(x.startswith("decode per core (one thread, decode_table 96² -> 64x64): PNG ") for x in lines) == 1

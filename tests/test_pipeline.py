@@ -147,17 +147,21 @@ def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
              "--batch-size", "8", "--precision", "fp32", "--quiet"]  # score.py's auto precision follows the model
     run_dir = str(tmp_path / "run")
     fit = _job("jobs/fit.py", "--model", "dfkde", "--index", demo_set["index"], "--out", run_dir,
-               "--score", demo_set["test"], *small)
+               "--score", demo_set["test"], "--evaluate", *small)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "scored 12 of 12 rows, 0 failed, image AUROC" in fit.stdout
+    # The report of OUT/scores is OUT/scores-report, as every job's report of a scores directory S is S-report.
+    assert os.path.isfile(os.path.join(run_dir, "scores-report", "metrics.json"))
+    assert not os.path.exists(os.path.join(run_dir, "report"))
     model = Artifact.load(os.path.join(run_dir, "model"))
     assert model.provenance["n_train_rows"] == 24 and model.weights == {"kind": "random", "seed": 0}
-    again = _job("jobs/score.py", "--model", os.path.join(run_dir, "model"), "--index", demo_set["test"],
+    again = _job("jobs/score.py", "--model-dir", os.path.join(run_dir, "model"), "--index", demo_set["test"],
                  "--out", str(tmp_path / "scores2"), "--evaluate", "--quiet")
     assert again.returncode == 0, again.stderr[-3000:]
-    # Ray's error line for actors that cannot be restarted (constructor arguments in the object store): never printed,
-    # since every actor argument is inline (pool.check_inline), where Ray Data's actor pools printed it per actor.
-    assert "constructor arguments in the object store" not in fit.stderr + again.stderr
+    # Ray's line for actors whose constructor arguments are in the object store (Ray Data's pools pass their context by
+    # reference, held by the driver): logged once per job process, however many actors and pools (fit: 2 pools).
+    for proc in (fit, again):
+        assert proc.stderr.count("constructor arguments in the object store") <= 1, proc.stderr[-3000:]
     metrics = json.load(open(tmp_path / "scores2-report" / "metrics.json"))
     assert (metrics["rows"], metrics["scored"], metrics["n_normal"], metrics["n_anomalous"]) == (12, 12, 6, 6)
     assert json.load(open(tmp_path / "scores2" / "_rayanom_scores.json"))["precision"] == "fp32"  # as fitted
@@ -168,10 +172,10 @@ def test_fit_py_with_score_then_score_py(demo_set, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--n-pca-components", "0"], "invalid n_pca_components=0: expected an integer >= 1"),
-    (["--layers", "layer7"], "invalid layers=['layer7']"),
+    (["--n-pca-components", "0"], "invalid --n-pca-components=0: expected an integer >= 1"),
+    (["--layers", "layer7"], "invalid --layers=['layer7']"),
     (["--index", "/nonexistent/index.parquet", "--out", "x"], "cannot read index '/nonexistent/index.parquet'"),
-    (["--weights", "/nonexistent/w.pth"], "invalid weights='/nonexistent/w.pth'"),
+    (["--weights", "/nonexistent/w.pth"], "invalid --weights='/nonexistent/w.pth'"),
 ])
 def test_user_errors_exit_2_without_traceback(demo_set, tmp_path, args, message):
     base = ["jobs/fit.py", "--model", "dfkde", "--backbone", "resnet18", "--quiet"]
@@ -184,9 +188,9 @@ def test_user_errors_exit_2_without_traceback(demo_set, tmp_path, args, message)
 
 def test_rkde_refuses_bf16_before_ray_starts(demo_set, tmp_path):
     proc = _job("jobs/fit.py", "--model", "rkde", "--index", demo_set["index"], "--out", str(tmp_path / "r"),
-                "--precision", "bf16", "--quiet", timeout=120)
+                "--precision", "bf16", "--no-pretrained", "--quiet", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "invalid precision='bf16' for rkde" in proc.stderr and "Traceback" not in proc.stderr
+    assert "invalid --precision='bf16' for rkde" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "r" / "model")
 
 
@@ -237,14 +241,15 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "dfm", "--layers", "layer3"], "invalid --layers: it applies to --model dfkde, not dfm"),
-    (["--model", "dfm", "--pca-level", "1"], "invalid pca_level=1"),
-    (["--model", "dfkde", "--heatmaps", "3", "--score", "TEST"], "heat maps need a DFM model with score_type 'fre'"),
+    (["--model", "rkde", "--layers", "layer3"], "invalid --layers: it applies to --model dfkde or dfm, not rkde"),
+    (["--model", "dfm", "--pca-level", "1"], "invalid --pca-level=1"),
+    (["--model", "dfkde", "--heatmaps", "3", "--score", "TEST"], "heat maps need a DFM model with --score-type 'fre'"),
     (["--model", "rkde", "--backbone", "resnet18"], "invalid --backbone: it applies to --model dfkde or dfm, not rkde"),
-    (["--model", "dfm", "--boxes", "2", "--score", "TEST"], "invalid boxes=2, region_rows=False: they need an RKDE"),
+    (["--model", "dfm", "--boxes", "2", "--score", "TEST"],
+     "invalid --boxes=2, --region-rows=False: they need an RKDE"),
     (["--model", "rkde", "--roi-stage", "fast"], "argument --roi-stage: invalid choice"),
-    (["--model", "rkde", "--iou-threshold", "1.5"], "invalid iou_threshold=1.5: expected a number in [0, 1]"),
-    (["--model", "rkde", "--detector-weights", "/nonexistent.pth"], "invalid detector_weights='/nonexistent.pth'"),
+    (["--model", "rkde", "--iou-threshold", "1.5"], "invalid --iou-threshold=1.5: expected a number in [0, 1]"),
+    (["--model", "rkde", "--detector-weights", "/nonexistent.pth"], "invalid --detector-weights='/nonexistent.pth'"),
 ])
 def test_model_specific_flags(demo_set, tmp_path, args, message):
     args = [demo_set["test"] if a == "TEST" else a for a in args]
@@ -330,18 +335,3 @@ def test_refit_is_skipped_for_the_same_inputs_and_precision(demo_set, tmp_path):
     refit = _job(*flags, "--precision", "bf16", "--overwrite")
     assert refit.returncode == 0 and "fitted dfkde" in refit.stdout, refit.stderr[-2000:]
     assert Artifact.load(str(tmp_path / "r" / "model")).provenance["run"]["precision"] == "bf16"
-
-
-def test_a_batch_whose_staging_fails_is_scored_unstaged(demo_set, caplog):
-    """The decode threads stage each batch for the device; when that raises (a pinned-memory or CUDA error), the
-    batch comes back unstaged with a warning, and the forward pass copies it itself: no batch or row is lost."""
-    rows = with_row_index(read_index(demo_set["index"])).slice(0, 5)
-
-    def broken(table):
-        raise RuntimeError("CUDA error: out of memory (pinned host memory)")
-
-    decoder = pipeline._Decoder(SMALL["image_size"], pipeline.ReadPolicy(), "cpu", 1, stage=broken)
-    with caplog.at_level("WARNING", logger="rayanom.pipeline"):
-        got = list(decoder.batches(rows, 2))
-    assert [t.num_rows for t, _ in got] == [2, 2, 1] and all(staged is None for _, staged in got)
-    assert "staging a batch for the device failed (RuntimeError: CUDA error" in caplog.text

@@ -20,6 +20,7 @@ from test_hostile import make_hostile
 
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
+from rayanom.data import decode_table
 from rayanom.index import describe_index
 from rayanom.features import device_kind, resolve_weights
 from rayanom.index import read_rows
@@ -99,7 +100,7 @@ def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
     reference = str(tmp_path / "reference")
     pipeline.score(info, artifact, reference, run)
     out, killed = str(tmp_path / "scores"), []
-    killer = threading.Thread(target=_kill_once, args=("ray::PartScorer", lambda: len(_parts(out)) >= 2,
+    killer = threading.Thread(target=_kill_once, args=("ScoreBatches", lambda: len(_parts(out)) >= 2,
                                                        killed))
     killer.start()
     pipeline.score(info, artifact, out, run)
@@ -172,7 +173,7 @@ def test_a_second_job_on_the_same_output_is_refused(model, demo_set, tmp_path):
     index = _long_index(demo_set)
     pq.write_table(index, tmp_path / "long.parquet")
     out = str(tmp_path / "scores")
-    cmd = [sys.executable, "jobs/score.py", "--model", str(tmp_path / "model"), "--index",
+    cmd = [sys.executable, "jobs/score.py", "--model-dir", str(tmp_path / "model"), "--index",
            str(tmp_path / "long.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size", "2", "--quiet"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -203,13 +204,23 @@ def _poisoned_index(demo_set, tmp_path):
 
 
 def _score_part(artifact, info, out, batch_size=4):
-    from rayanom.pipeline import PartScorer, artifact_fingerprint
+    """Part 0 (the whole index) scored by the two stages as plain objects, without Ray: the decode stage's batch rows
+    fed one by one to a ``ScoreBatches`` actor, which joins the part when its last batch is in."""
+    import functools
+
+    from rayanom.data import ReadPolicy
+    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows, score_units
+    from rayanom.plane import decode_units
 
     os.makedirs(out)
     artifact.save(os.path.join(out, "_rayanom_model"))
-    scorer = PartScorer(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights, "cpu",
-                        1, "fp32", out, "job", batch_size)
-    scorer.score_part({"part": 0, "start": 0, "stop": info.n_rows, "index": info})
+    scorer = ScoreBatches(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights, "cpu",
+                          1, "fp32", out, "job", batch_size, info)
+    units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": info.n_rows, "retry": 0}], 2 * batch_size))
+    rows_of = functools.partial(score_unit_rows, index=info, output=out)
+    written = [scorer(row)["written"][0].as_py() for row in decode_units(units, rows_of, batch_size,
+                                                                          artifact.config.image_size, ReadPolicy())]
+    assert written[-1] == info.n_rows and not any(written[:-1])  # the last batch in joins the part
     return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
 
 
@@ -236,7 +247,7 @@ def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path,
 
     artifact = model
     index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
-    rows = index.slice(4, 4).select(["row_index", "path"])  # rows 4-7, row 5 poisoned
+    rows = decode_table(index.slice(4, 4).select(["row_index", "path"]), artifact.config.image_size)  # row 5 poisoned
     actor = BankFeatures(artifact.config, artifact.weights, 1, "cpu", 1, batch_size=4)
     clean = actor.items(rows, 0.0, 2.0)
     monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
@@ -268,7 +279,7 @@ def test_a_row_that_kills_its_worker_is_recorded_and_the_job_finishes(model, dem
     out = str(tmp_path / "scores")
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
            "RAYANOM_FAILPOINT_EXIT_ON_PATH": "poison.png"}
-    proc = subprocess.run([sys.executable, "jobs/score.py", "--model", str(tmp_path / "model"), "--index",
+    proc = subprocess.run([sys.executable, "jobs/score.py", "--model-dir", str(tmp_path / "model"), "--index",
                            str(tmp_path / "index.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size",
                            "2", "--num-actors", "1", "--max-failed-fraction", "0.5", "--quiet"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=540)
@@ -327,7 +338,7 @@ def test_interrupted_score_job_resumes_to_the_same_output(demo_set, tmp_path):
     index_path = str(tmp_path / "long.parquet")
     index = _long_index(demo_set)
     pq.write_table(index, index_path)
-    cmd = [sys.executable, "jobs/score.py", "--model", os.path.join(run_dir, "model"), "--index", index_path,
+    cmd = [sys.executable, "jobs/score.py", "--model-dir", os.path.join(run_dir, "model"), "--index", index_path,
            "--batch-size", "2", "--rows-per-part", "4", "--quiet", "--out"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full = subprocess.run(cmd + [str(tmp_path / "full")], cwd=REPO, env=env, capture_output=True, text=True,
@@ -393,33 +404,34 @@ def test_node_lost_mid_job_loses_nothing(demo_set, tmp_path):
 
 
 class _Stuck:
+    """A model stage that sleeps ``seconds`` on every batch."""
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
-    def wait(self, i: int, seconds: float | None = None) -> int:
-        time.sleep(self.seconds if seconds is None else seconds)
-        return i
+    def __call__(self, row):
+        time.sleep(self.seconds)
+        return row.select(["part", "n"])
 
 
-def test_actor_arguments_stay_inline_and_a_stalled_pool_ends_with_an_error(ray_local):
-    """Constructor arguments that would reach the object store (large, or a reference) are refused, so Ray can restart
-    any actor from its creation task alone; a pool where no call finishes in time raises, naming what it waited on."""
-    import ray
+def _one_row_unit(unit):
+    rows = pa.table({"row_index": pa.array([unit["part"]], pa.int64()), "path": pa.array(["/nonexistent.png"])})
+    return rows, {"part": unit["part"], "first": 0, "stop": 1, "retry": 0, "offset": 0, "total": 1}
 
-    from rayanom.pool import ActorPool, check_inline
+
+def test_a_stalled_plane_ends_with_an_error(ray_local):
+    """A model stage where no batch finishes within --no-progress-timeout raises, naming the stage and the flag; the
+    same stage that keeps moving gives every unit's batch back."""
     from ray import cloudpickle
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
+    from rayanom.plane import Plan, run
 
-    with pytest.raises(ValueError, match="constructor argument 'state' is .* bytes serialised"):
-        check_inline({"state": np.zeros(100_000, np.float32)}, "BankFeatures")
-    with pytest.raises(ValueError, match="no object references"):
-        check_inline({"head": ray.put(1)}, "PartScorer")
-    with ActorPool(_Stuck, {"seconds": 0.0}, size=2, num_cpus=0.5) as pool:
-        assert sorted(pool.map_unordered("wait", [(i,) for i in range(7)])) == list(range(7))
-    with ActorPool(_Stuck, {"seconds": 60.0}, size=1, num_cpus=0.5) as pool:
-        assert list(pool.map_unordered("wait", [(0, 0.0)])) == [0]  # started (however long that takes under load)
-        pool.no_progress_s = 3.0
-        with pytest.raises(RuntimeError, match=r"no progress for \d+ s: 1 of 1 _Stuck actors \(0.5 CPU each\) "
-                                               r"started, 2 calls running, 1 waiting"):
-            list(pool.map_unordered("wait", [(i,) for i in range(3)]))
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
+    decode = {"rows_of": _one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": pipeline.ReadPolicy()}
+    units = [{"part": i} for i in range(7)]
+    quick = Plan(num_actors=2, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=120)
+    got = pa.concat_tables(run(units, decode, _Stuck, {"seconds": 0.0}, quick, progress=False))
+    assert sorted(got.column("part").to_pylist()) == list(range(7))
+    stuck = Plan(num_actors=1, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=3, start_timeout_s=120)
+    with pytest.raises(RuntimeError, match=r"no progress for 3 s in the _Stuck plane \(raise --no-progress-timeout"):
+        list(run(units, decode, _Stuck, {"seconds": 60.0}, stuck, progress=False))

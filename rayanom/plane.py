@@ -1,0 +1,240 @@
+"""The data plane on Ray Data: a CPU decode stage that runs on any node, and a model stage of accelerator actors.
+
+units (small rows: a row range of a part, or a chunk of fit rows) -> ``decode_units`` (Ray Data tasks: one output
+row per forward batch, its images as float32 bytes) -> a model stage class (``ActorPoolStrategy``, ``batch_size=1``:
+one forward batch a call) -> small result rows, streamed to the driver. Forward batches are cut at fixed offsets from
+the start of their part or chunk, and every batch the model sees is checked against what it should hold, so results
+do not depend on how Ray Data cuts blocks or on how many actors run. Where decode and model ask for the same
+resources (CPU only) Ray Data fuses them into the actors: decode then runs in the model's process, with nothing to
+ship between them; with an accelerator it runs as tasks on any node with a free CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rayanom.config import UserError
+from rayanom.data import ERROR_COL, HEIGHT_COL, IMAGE_COL, ROW_COL, ReadPolicy, decode_table, failed_table, images_of
+
+logger = logging.getLogger(__name__)
+
+CAREFUL_AFTER = 2  # a unit or batch whose worker died this many times is done row by row, skipping the rows that kill it
+# Where a forward batch sits: its part (or fit chunk) and the part's rows [first, stop), whether it re-scores the part's
+# failed rows only (retry), the batch's offset in the rows it is cut from, their number (total) and its own rows (n).
+BATCH_COLS = ("part", "first", "stop", "retry", "offset", "total", "n")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the plane runs: the actors (count, resources, device, precision) and Ray Data's limits."""
+
+    num_actors: int
+    batches_per_call: int  # forward batches a model-stage call takes (its fragments and crash marker are per call)
+    num_cpus: float
+    num_gpus: float
+    memory: int  # bytes of heap each model actor reserves (Ray Data does not count it)
+    no_progress_s: float
+    start_timeout_s: float
+
+
+def batch_bytes(n: int, image_size: tuple[int, int]) -> int:
+    """Bytes of one forward batch between the stages: float32 images at the model's input size."""
+    return n * 3 * image_size[0] * image_size[1] * 4
+
+
+def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> int:
+    """Rows per decode unit: about ``units`` units for a small job (so a few thousand rows spread over every worker),
+    a part for a large one; a multiple of ``batch_size`` (batches then sit at the same offsets whatever the unit)."""
+    def up(n: int) -> int:
+        return -(-n // batch_size) * batch_size
+
+    return min(up(per_part), max(batch_size, up(-(-n_rows // units))))
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (one cell of a row between the stages)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def to_batch_row(decoded: pa.Table, where: dict, decode_s: float, node: str) -> pa.Table:
+    """One forward batch as one row: its place (``BATCH_COLS``), its decoded table without the images (Arrow IPC),
+    the images of the rows that decoded (float32 bytes; a failed row's image is zeros, never shipped) and where and
+    how long the decode ran."""
+    ok = decoded.column(ERROR_COL).is_null().to_numpy(zero_copy_only=False)
+    images = np.ascontiguousarray(images_of(decoded)[ok], dtype=np.float32)
+    cols = {k: pa.array([int(where[k])], pa.int64()) for k in BATCH_COLS}
+    return pa.table({**cols, "meta": pa.array([ipc_bytes(decoded.drop_columns([IMAGE_COL]))], pa.large_binary()),
+                     "pixels": pa.array([images.tobytes()], pa.large_binary()),
+                     "decode_node": pa.array([node]), "decode_s": pa.array([decode_s])})
+
+
+def from_batch_row(row: pa.Table, image_size: tuple[int, int]) -> pa.Table:
+    """The decoded table of a :func:`to_batch_row` row: its images back as the fixed-shape tensor column, in place."""
+    rest = pa.ipc.open_stream(row.column("meta")[0].as_buffer()).read_all()
+    ok = rest.column(ERROR_COL).is_null().to_numpy(zero_copy_only=False)
+    pixels = np.frombuffer(row.column("pixels")[0].as_buffer(), dtype=np.float32).reshape(-1, 3, *image_size)
+    if not ok.all():
+        full = np.zeros((rest.num_rows, 3, *image_size), np.float32)
+        full[ok] = pixels
+        pixels = full
+    images = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
+    return rest.add_column(rest.schema.get_field_index(HEIGHT_COL), IMAGE_COL, images)
+
+
+def check_batch(where: dict, decoded: pa.Table, batch_size: int) -> None:
+    """Refuse a batch whose rows are not the ones its place says (a short or merged batch would change results)."""
+    n_expected = min(batch_size, int(where["total"]) - int(where["offset"]))
+    problem = None
+    if decoded.num_rows != n_expected or int(where["n"]) != n_expected:
+        problem = f"{decoded.num_rows} rows (expected {n_expected})"
+    elif int(where["offset"]) % batch_size:
+        problem = f"offset {where['offset']} is not a multiple of the batch size {batch_size}"
+    if problem:
+        msg = (f"a forward batch of part {where['part']} at offset {where['offset']} holds {problem}: batches are "
+               "cut at fixed offsets, so results would depend on how the data was split")
+        raise RuntimeError(msg)
+
+
+def node_id() -> str:
+    """The id of the Ray node this runs on ("" outside Ray: the stages also run as plain objects, Ray or not)."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[int, int], policy: ReadPolicy,
+                marker=None) -> Iterator[pa.Table]:
+    """``rows`` decoded in forward batches cut at multiples of ``batch_size`` from ``where["offset"]`` (itself one),
+    each as a batch row. With a crash marker whose unit killed its worker ``CAREFUL_AFTER`` times: row by row, the
+    marker naming the row in progress, and a row that killed the worker before failed without being read."""
+    node, state = node_id(), marker.begin() if marker is not None else None
+    careful = state is not None and state["attempts"] > CAREFUL_AFTER
+    if careful:
+        logger.warning("%s killed its worker %d times: decoding it row by row", marker.name, state["attempts"] - 1)
+    for s in range(0, rows.num_rows, batch_size):
+        t0 = time.perf_counter()
+        cut = rows.slice(s, batch_size)
+        decoded = careful_decode(cut, image_size, policy, marker, state) if careful else \
+            decode_table(cut, image_size, policy)
+        yield to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
+                           time.perf_counter() - t0, node)
+    if marker is not None:
+        marker.clear()
+
+
+def careful_decode(rows: pa.Table, image_size: tuple[int, int], policy: ReadPolicy, marker, state: dict) -> pa.Table:
+    """``decode_table`` one row at a time, the marker naming each row first; rows known to kill the worker fail."""
+    out = []
+    for i in range(rows.num_rows):
+        row = rows.slice(i, 1)
+        r = int(row.column(ROW_COL)[0].as_py())
+        if r in set(state["bad"]):
+            out.append(failed_table(row, image_size, crash_message(state)))
+            continue
+        marker.at(state, r)
+        out.append(decode_table(row, image_size, policy))
+    return pa.concat_tables(out)
+
+
+def crash_message(state: dict) -> str:
+    return (f"WorkerCrash: the worker process died while reading or scoring this row ({state['attempts'] - 1} "
+            "deaths of its worker); the row was skipped")
+
+
+def decode_units(units: pa.Table, rows_of: Callable, batch_size: int, image_size: tuple[int, int],
+                 policy: ReadPolicy, marker_of: Callable | None = None) -> Iterator[pa.Table]:
+    """The decode stage (a Ray Data generator UDF over unit rows): ``rows_of(unit)`` gives a unit's rows, decoded in
+    forward batches (:func:`decode_rows`); one output row per batch."""
+    for unit in units.to_pylist():
+        rows, where = rows_of(unit)
+        marker = marker_of(unit) if marker_of is not None else None
+        yield from decode_rows(rows, where, batch_size, image_size, policy, marker)
+
+
+def run(units: list[dict], decode: dict, stage: type, kwargs: dict, plan: Plan,
+        progress: bool = True) -> Iterator[pa.Table]:
+    """Stream ``units`` through decode tasks (``decode_units`` with the arguments ``decode``) and a pool of ``stage``
+    actors (created from ``kwargs``); yields the model stage's result blocks on the driver as they come."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = plan.no_progress_s
+    ctx.wait_for_min_actors_s = plan.start_timeout_s
+    ctx.enable_progress_bars = progress
+    # Equal resources let Ray Data fuse decode into the actors (CPU only); with a GPU, decode runs as CPU tasks.
+    decode_args = ({"num_cpus": plan.num_cpus, "memory": plan.memory} if not plan.num_gpus else {"num_cpus": 1})
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(decode_units, fn_kwargs=decode, batch_size=1, batch_format="pyarrow", **decode_args)
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=plan.num_actors, initial_size=plan.num_actors)
+    ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, compute=pool, batch_size=plan.batches_per_call,
+                        batch_format="pyarrow",
+                        num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None, memory=plan.memory)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
+    except ray.data.exceptions.ExecutionTimeoutError as e:
+        msg = (f"no progress for {plan.no_progress_s:g} s in the {stage.__name__} plane (raise --no-progress-timeout "
+               f"if the cluster is slow to give resources): {e}")
+        raise RuntimeError(msg) from None
+    except ray.exceptions.GetTimeoutError as e:
+        if "starting actors" not in str(e):
+            raise
+        from rayanom.pool import offer
+
+        msg = (f"no {stage.__name__} actor ({plan.num_cpus:g} CPU, {plan.num_gpus:g} GPU) could start in "
+               f"{plan.start_timeout_s:g} s of waiting: the cluster has no room for one ({offer()}). Raise "
+               "--wait-for-actors while its autoscaler is still starting nodes, or ask for what it has (--device, "
+               "--num-actors)")
+        raise UserError(msg) from None
+
+
+class Nodes:
+    """Where the work ran, counted on the driver from the result rows: rows per decode node and per model node."""
+
+    def __init__(self) -> None:
+        self.decode: Counter = Counter()
+        self.model: Counter = Counter()
+        self.rows = 0
+        self.decode_s = 0.0
+        self.model_s = 0.0
+
+    def add(self, block: pa.Table) -> None:
+        if not block.num_rows:
+            return
+        for col, counter in (("decode_node", self.decode), ("node", self.model)):
+            for r in block.group_by(col).aggregate([("n", "sum")]).to_pylist():
+                counter[r[col]] += int(r["n_sum"])
+        self.rows += int(pc.sum(block.column("n")).as_py())
+        self.decode_s += float(pc.sum(block.column("decode_s")).as_py())
+        self.model_s += float(pc.sum(block.column("model_s")).as_py())
+
+    def line(self, what: str, wall_s: float) -> str:
+        """The closing line: rows/s of the job and per stage (per busy second of a task or actor), and the nodes."""
+        def where(c: Counter) -> str:
+            return ", ".join(f"{n} rows on node ...{k[-8:]}" for k, n in sorted(c.items()))
+
+        return (f"{what}: {self.rows} rows in {wall_s:.1f} s ({self.rows / max(wall_s, 1e-9):.1f} rows/s); decode "
+                f"{self.rows / max(self.decode_s, 1e-9):.1f} rows/s per task on {len(self.decode)} node(s) "
+                f"({where(self.decode)}); model {self.rows / max(self.model_s, 1e-9):.1f} rows/s per actor on "
+                f"{len(self.model)} node(s) ({where(self.model)})")
+
+
+def result_cols(rows: pa.Table, model_s: float, **extra) -> dict:
+    """The columns every model-stage result row carries (one per batch row of a call): the batch's place, where its
+    decode and model ran, and its share of the call's time."""
+    n = rows.num_rows
+    return {**{k: rows.column(k) for k in ("part", "offset", "n", "decode_node", "decode_s")},
+            "node": pa.array([node_id()] * n), "model_s": pa.array([model_s / n] * n), **extra}
