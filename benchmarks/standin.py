@@ -69,7 +69,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from rayanom import plane
-    from rayanom.data import ReadPolicy
+    from rayanom.data import ReadPolicy, ipc_bytes
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = tempfile.mkdtemp(prefix="standin")
@@ -81,7 +81,7 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     table = pa.table({"path": paths, "row_index": np.arange(args.rows, dtype=np.int64)})
     bs = args.batch_size
-    units = [{"part": i, "rows": plane.ipc_bytes(table.slice(s, 8 * bs))} for i, s in enumerate(range(0, args.rows,
+    units = [{"part": i, "rows": ipc_bytes(table.slice(s, 8 * bs))} for i, s in enumerate(range(0, args.rows,
                                                                                                      8 * bs))]
 
     def rows_of(unit):

@@ -355,6 +355,14 @@ def error_message(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"[:500]
 
 
+def ipc_bytes(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (what a part's input fingerprint hashes, what crosses between the stages)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def images_of(table: pa.Table) -> np.ndarray:
     """The decoded images of a ``decode_table`` table, (n, 3, h, w) float32 (its fixed-shape tensor column)."""
     return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, check_output_dir, resolve_filesystem
+from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ def rows_per_part(output: str, n_rows: int, requested: int = 0, overwrite: bool 
 
 def table_fingerprint(table: pa.Table) -> str:
     """sha256 of a table's content (schema and values), via its Arrow IPC serialisation."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+    return hashlib.sha256(ipc_bytes(table)).hexdigest()
 
 
 def _is_ours(name: str) -> bool:

@@ -33,7 +33,7 @@ from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
     DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    ReadPolicy, error_message, images_of,
+    ReadPolicy, error_message, images_of, ipc_bytes,
 )
 from rayanom.decide import with_decisions
 from rayanom.features import device_kind
@@ -44,8 +44,7 @@ from rayanom.parts import (
     write_fragment, write_part,
 )
 from rayanom.plane import (
-    CAREFUL_AFTER, Nodes, Plan, batch_bytes, check_batch, crash_message, from_batch_row, ipc_bytes, result_cols,
-    unit_rows,
+    CAREFUL_AFTER, Nodes, Plan, batch_bytes, checked_batches, result_cols, row_by_row, unit_rows,
 )
 from rayanom.plane import run as run_plane
 from rayanom.summary import summarize
@@ -94,11 +93,8 @@ class BankFeatures:
     def __call__(self, rows: pa.Table) -> pa.Table:
         """Batch rows in (``plane.to_batch_row``), one result row out for each: its bank items and failed rows."""
         t0 = time.perf_counter()
-        out = []
-        for i, where in enumerate(rows.drop_columns(["meta", "pixels"]).to_pylist()):
-            decoded = from_batch_row(rows.slice(i, 1), self.image_size)
-            check_batch(where, decoded, self.batch_size)
-            out.append(self.items(decoded, self.lo, self.hi))
+        out = [self.items(decoded, self.lo, self.hi)
+               for _, decoded in checked_batches(rows, self.image_size, self.batch_size)]
         return pa.table(result_cols(rows, time.perf_counter() - t0, **{
             KEY_COL: pa.array([o[KEY_COL] for o in out], pa.list_(pa.float64())),
             BANK_ID_COL: pa.array([o[BANK_ID_COL] for o in out], pa.list_(pa.int64())),
@@ -338,19 +334,20 @@ class ScoreBatches:
         """Batch rows in (``plane.to_batch_row``; a few forward batches a call), one result row out for each: its
         place and nodes, and the rows of the part its group completed (0 when the part still misses batches)."""
         t0 = time.perf_counter()
-        places = rows.drop_columns(["meta", "pixels"]).to_pylist()
-        first = places[0]
+        first = rows.slice(0, 1).drop_columns(["meta", "pixels"]).to_pylist()[0]
         marker = CrashMarker(self.output, f"{part_name(first['part'])}.batch-{first['offset']}")
         state = marker.begin()
-        if state["attempts"] > CAREFUL_AFTER:
+        careful = state["attempts"] > CAREFUL_AFTER
+        if careful:
             logger.warning("%s killed its worker %d times: scoring it row by row", marker.name, state["attempts"] - 1)
         groups: dict[int, list] = {}  # part -> its scored batches in this call
-        for i, where in enumerate(places):
-            decoded = from_batch_row(rows.slice(i, 1), self.image_size)
-            check_batch(where, decoded, self.batch_size)
-            scored = (pa.concat_tables(self._row_by_row(decoded, marker, state)) if state["attempts"] > CAREFUL_AFTER
+        places = []
+        for where, decoded in checked_batches(rows, self.image_size, self.batch_size):
+            scored = (row_by_row(decoded, marker, state, self._score,
+                                 lambda row, message: self.scorer(_failed(row, message))) if careful
                       else self._score(decoded))
             groups.setdefault(where["part"], []).append((where, scored))
+            places.append(where)
         written = {}
         for k, batches in groups.items():
             where = batches[0][0]
@@ -382,18 +379,6 @@ class ScoreBatches:
         write_part(self.output, k, table, f"{self.job}-{uuid.uuid4().hex[:8]}")  # two joins never share a file
         drop_fragments(self.output, self.job, k)
         return table.num_rows
-
-    def _row_by_row(self, decoded: pa.Table, marker, state: dict) -> list[pa.Table]:
-        bad, scored = set(state["bad"]), []
-        for i in range(decoded.num_rows):
-            row = decoded.slice(i, 1)
-            r = int(row.column(ROW_COL)[0].as_py())
-            if r in bad:
-                scored.append(self.scorer(_failed(row, crash_message(state))))
-                continue
-            marker.at(state, r)
-            scored.append(self._score(row))
-        return scored
 
     def _score(self, decoded: pa.Table) -> pa.Table:
         """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still

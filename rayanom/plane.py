@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayanom.config import UserError
-from rayanom.data import ERROR_COL, HEIGHT_COL, IMAGE_COL, ROW_COL, ReadPolicy, decode_table, failed_table, images_of
+from rayanom.data import (
+    ERROR_COL, HEIGHT_COL, IMAGE_COL, ROW_COL, ReadPolicy, decode_table, failed_table, images_of, ipc_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +61,6 @@ def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> i
     return min(up(per_part), max(batch_size, up(-(-n_rows // units))))
 
 
-def ipc_bytes(table: pa.Table) -> bytes:
-    """A table as Arrow IPC stream bytes (one cell of a row between the stages)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
 def to_batch_row(decoded: pa.Table, where: dict, decode_s: float, node: str) -> pa.Table:
     """One forward batch as one row: its place (``BATCH_COLS``), its decoded table without the images (Arrow IPC),
     the images of the rows that decoded (float32 bytes; a failed row's image is zeros, never shipped) and where and
@@ -90,6 +84,14 @@ def from_batch_row(row: pa.Table, image_size: tuple[int, int]) -> pa.Table:
         pixels = full
     images = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
     return rest.add_column(rest.schema.get_field_index(HEIGHT_COL), IMAGE_COL, images)
+
+
+def checked_batches(rows: pa.Table, image_size: tuple[int, int], batch_size: int) -> Iterator[tuple[dict, pa.Table]]:
+    """The place and decoded table of each batch row of a model-stage call, each checked (:func:`check_batch`)."""
+    for i, where in enumerate(rows.drop_columns(["meta", "pixels"]).to_pylist()):
+        decoded = from_batch_row(rows.slice(i, 1), image_size)
+        check_batch(where, decoded, batch_size)
+        yield where, decoded
 
 
 def check_batch(where: dict, decoded: pa.Table, batch_size: int) -> None:
@@ -127,25 +129,27 @@ def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[
     for s in range(0, rows.num_rows, batch_size):
         t0 = time.perf_counter()
         cut = rows.slice(s, batch_size)
-        decoded = careful_decode(cut, image_size, policy, marker, state) if careful else \
-            decode_table(cut, image_size, policy)
+        decoded = (row_by_row(cut, marker, state, lambda row: decode_table(row, image_size, policy),
+                              lambda row, message: failed_table(row, image_size, message)) if careful
+                   else decode_table(cut, image_size, policy))
         yield to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
                            time.perf_counter() - t0, node)
     if marker is not None:
         marker.clear()
 
 
-def careful_decode(rows: pa.Table, image_size: tuple[int, int], policy: ReadPolicy, marker, state: dict) -> pa.Table:
-    """``decode_table`` one row at a time, the marker naming each row first; rows known to kill the worker fail."""
-    out = []
+def row_by_row(rows: pa.Table, marker, state: dict, work: Callable, fail: Callable) -> pa.Table:
+    """``work`` on each row alone, the crash marker naming the row first; a row known to kill the worker (``state``'s
+    ``bad``) is not worked on but given to ``fail`` with the message that says so. Both stages' careful mode."""
+    bad, out = set(state["bad"]), []
     for i in range(rows.num_rows):
         row = rows.slice(i, 1)
         r = int(row.column(ROW_COL)[0].as_py())
-        if r in set(state["bad"]):
-            out.append(failed_table(row, image_size, crash_message(state)))
+        if r in bad:
+            out.append(fail(row, crash_message(state)))
             continue
         marker.at(state, r)
-        out.append(decode_table(row, image_size, policy))
+        out.append(work(row))
     return pa.concat_tables(out)
 
 
