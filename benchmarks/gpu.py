@@ -295,7 +295,7 @@ def stage_alone(sb, rows: list[pa.Table]) -> Iterator[int]:
     from rayanom.plane import from_batch_row
 
     for row in itertools.cycle(rows):
-        out = sb._score(from_batch_row(row, sb.image_size))
+        out = sb._score(from_batch_row(row["meta"][0], row["pixels"][0], sb.image_size, sb.bf16))
         _check_scored(out, "stage")
         yield out.num_rows
 
@@ -334,16 +334,17 @@ def _check_scored(table: pa.Table, what: str) -> None:
         raise RuntimeError(msg)
 
 
-def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int, int]) -> list[pa.Table]:
+def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int, int],
+                bf16: bool = False) -> list[pa.Table]:
     """The decode stage on one unit, as the job runs it (``decode_units`` with the unit's rows and crash marker):
     its batch rows."""
     from rayanom.data import ReadPolicy
     from rayanom.pipeline import score_unit_marker, score_unit_rows
     from rayanom.plane import decode_units
 
-    return list(decode_units(pa.Table.from_pylist([unit]), functools.partial(score_unit_rows, index=info,
-                                                                                output=output),
-                             batch, image_size, ReadPolicy(), functools.partial(score_unit_marker, output=output)))
+    tables = decode_units(pa.Table.from_pylist([unit]), functools.partial(score_unit_rows, index=info, output=output),
+                          batch, image_size, ReadPolicy(), functools.partial(score_unit_marker, output=output), bf16)
+    return [t.slice(i, 1) for t in tables for i in range(t.num_rows)]
 
 
 def parts_of(first: int, stop: int, per_part: int) -> list[dict]:
@@ -356,7 +357,8 @@ def batch_rows(sb, info, parts: list[dict], env: Env) -> list[pa.Table]:
     """The batch rows of ``parts``, decoded once on a thread pool of every CPU, in order."""
     from rayanom.pipeline import score_units
 
-    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size)
+    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size,
+                               bf16=sb.bf16)
     with ThreadPoolExecutor(env.cpus) as pool:
         return [row for rows in pool.map(decode, score_units(parts, env.batch)) for row in rows]
 
@@ -367,7 +369,8 @@ def end_to_end(sb, info, parts: list[dict], env: Env) -> Iterator[int]:
     images."""
     from rayanom.pipeline import score_units
 
-    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size)
+    decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size,
+                               bf16=sb.bf16)
     units = iter(score_units(parts, env.batch))
     with ThreadPoolExecutor(env.cpus) as pool:
         ahead = deque(pool.submit(decode, u) for u in itertools.islice(units, env.cpus))
@@ -392,7 +395,7 @@ def decode_per_core(paths: list[str], image_size: tuple[int, int], env: Env) -> 
     def work() -> Iterator[int]:
         for s in itertools.count(0, env.batch):
             chunk = [paths[(s + j) % len(paths)] for j in range(env.batch)]
-            _check_scored(decode_table(pa.table({"path": chunk}), image_size), "decode")
+            _check_scored(decode_table(pa.table({"path": chunk}), image_size).table, "decode")
             yield len(chunk)
 
     return steady(work(), "cpu", env.seconds, warm=1)["ips"]

@@ -259,6 +259,8 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
     if path is None or not str(path).strip():
         msg = "empty path"
         raise ValueError(msg)
+    if "://" not in str(path):
+        return _read_local(str(path), policy)
     fs, p = resolve_filesystem(str(path))
     try:
         f = _with_retries(lambda: fs.open_input_file(p), policy)
@@ -278,6 +280,24 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
         raise
     with f:
         size = f.size()
+        if size > policy.max_file_bytes:
+            msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
+            raise ValueError(msg)
+        return _with_retries(lambda: _read_all(f), policy)
+
+
+def _read_local(path: str, policy: ReadPolicy) -> bytes:
+    """:func:`read_bytes` of a local path with Python's own file objects (a missing file costs a third of pyarrow's)."""
+    try:
+        f = _with_retries(lambda: open(path, "rb"), policy)  # noqa: SIM115 - closed below
+    except FileNotFoundError as e:
+        msg = f"missing file {path}"
+        raise FileNotFoundError(msg) from e
+    except IsADirectoryError as e:
+        msg = f"{path} is a directory, expected an image file"
+        raise IsADirectoryError(msg) from e
+    with f:
+        size = os.fstat(f.fileno()).st_size
         if size > policy.max_file_bytes:
             msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
             raise ValueError(msg)
@@ -363,35 +383,93 @@ def ipc_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def images_of(table: pa.Table) -> np.ndarray:
-    """The decoded images of a ``decode_table`` table, (n, 3, h, w) float32 (its fixed-shape tensor column)."""
-    return table.column(IMAGE_COL).combine_chunks().to_numpy_ndarray()
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded batch: the input rows with ``image_height``, ``image_width`` and ``error``, and the images of the rows
+    that decoded, (m, 3, h, w) in row order (a failed row has no image: nothing to allocate or ship): float32 RGB in
+    [0, 1], or for bf16 runs normalised bfloat16 as uint16 bits (:func:`bf16_bits`)."""
+
+    table: pa.Table
+    images: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Which rows decoded (no ``error``)."""
+        return self.table.column(ERROR_COL).is_null().to_numpy(zero_copy_only=False)
+
+    def column(self, name: str):
+        return self.table.column(name)
+
+    def slice(self, start: int, n: int | None = None) -> Decoded:
+        ok = self.ok
+        stop = len(ok) if n is None else start + n
+        first = int(ok[:start].sum())
+        return Decoded(self.table.slice(start, stop - start), self.images[first:first + int(ok[start:stop].sum())])
+
+    def images_where(self, rows: np.ndarray) -> np.ndarray:
+        """The images of the rows selected by the mask ``rows`` (decoded rows only)."""
+        return self.images[rows[self.ok]]
+
+    def failed(self, message: str) -> Decoded:
+        """Every row failed with ``message`` (a model stage then computes nothing for them)."""
+        i = self.table.schema.get_field_index(ERROR_COL)
+        table = self.table.set_column(i, ERROR_COL, pa.array([message] * self.num_rows, pa.string()))
+        return Decoded(table, self.images[:0])
+
+    @staticmethod
+    def concat(parts: list[Decoded]) -> Decoded:
+        return Decoded(pa.concat_tables([d.table for d in parts]), np.concatenate([d.images for d in parts]))
 
 
-def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> pa.Table:
-    """The decode stage on an arrow block (run by the actors' decode threads, ``pipeline._Decoder``; this module does
-    not import torch): every input column unchanged, plus ``image`` (tensor), the original ``image_height``/
-    ``image_width`` and ``error`` (string)."""
-    paths = table.column(PATH_COL).to_pylist()
-    out = decode_batch({PATH_COL: paths}, image_size, policy)
-    return _decoded_table(table, out[IMAGE_COL], out[HEIGHT_COL], out[WIDTH_COL], out[ERROR_COL])
+def bf16_bits(images: np.ndarray) -> np.ndarray:
+    """Images (m, 3, h, w) float32 in [0, 1], normalised with the ImageNet mean and std as the feature stage does, then
+    rounded to bfloat16 (to nearest, ties to even, as torch) as uint16 bits: half the bytes of float32, and the very
+    values a bf16 run's first convolution gets (autocast rounds its input the same way)."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    bits = ((np.asarray(images, np.float32) - mean) / std).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def failed_table(table: pa.Table, image_size: tuple[int, int], message: str) -> pa.Table:
+def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> Decoded:
+    """The decode stage on an arrow table: every input column unchanged, plus the original ``image_height``/
+    ``image_width`` and ``error`` (string), and the images of the rows that decoded."""
+    images, sizes, errors = _decode_paths(table.column(PATH_COL).to_pylist(), image_size, policy)
+    return Decoded(_with_decode_columns(table, sizes, errors), images)
+
+
+def failed_table(table: pa.Table, image_size: tuple[int, int], message: str) -> Decoded:
     """What ``decode_table`` gives for rows that failed with ``message``, without reading them."""
     n = table.num_rows
-    zeros = np.zeros(n, dtype=np.int32)
-    return _decoded_table(table, np.zeros((n, 3, *image_size), dtype=np.float32), zeros, zeros, [message] * n)
+    return Decoded(_with_decode_columns(table, np.zeros((n, 2), np.int32), [message] * n),
+                   np.zeros((0, 3, *image_size), np.float32))
 
 
-def _decoded_table(table: pa.Table, images: np.ndarray, heights, widths, errors) -> pa.Table:
-    """``table`` with the decoded columns; the images as pyarrow's own fixed-shape tensor column (no copy either way,
-    and no Ray needed: the actor class runs without it, benchmarks/gpu.py)."""
-    images = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(images, dtype=np.float32))
-    return (table.append_column(IMAGE_COL, images)
-            .append_column(HEIGHT_COL, pa.array(heights))
-            .append_column(WIDTH_COL, pa.array(widths))
+def _with_decode_columns(table: pa.Table, sizes: np.ndarray, errors) -> pa.Table:
+    return (table.append_column(HEIGHT_COL, pa.array(sizes[:, 0]))
+            .append_column(WIDTH_COL, pa.array(sizes[:, 1]))
             .append_column(ERROR_COL, pa.array(errors, pa.string())))
+
+
+def _decode_paths(paths: list, image_size: tuple[int, int], policy: ReadPolicy):
+    """Read and decode every path: the images that decoded (m, 3, h, w) float32, the original sizes (n, 2; 0 where a
+    row failed) and each row's error (None when decoded). A failure is its row's error, never an exception."""
+    images, sizes = [], np.zeros((len(paths), 2), dtype=np.int32)
+    errors = [None] * len(paths)
+    crash_on = os.environ.get("RAYANOM_FAILPOINT_EXIT_ON_PATH")  # tests: a file whose reading kills the worker
+    for i, p in enumerate(paths):
+        if crash_on and p and crash_on in str(p):
+            os._exit(77)
+        try:
+            image, sizes[i] = decode_image_sized(read_bytes(p, policy), image_size)
+            images.append(image)
+        except Exception as e:  # noqa: BLE001 - any per-file failure is recorded in its row, the job goes on
+            errors[i] = error_message(e)
+    return (np.stack(images) if images else np.zeros((0, 3, *image_size), np.float32)), sizes, errors
 
 
 def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int],
@@ -401,21 +479,11 @@ def decode_batch(batch: dict[str, np.ndarray], image_size: tuple[int, int],
     Returns a new dict: every input column, plus ``image`` (n, 3, h, w) float32 (zeros for failed rows),
     ``image_height``/``image_width`` (original size, 0 for failed rows) and ``error`` (None when decoded).
     """
-    paths = batch[PATH_COL]
-    n = len(paths)
-    images = np.zeros((n, 3, *image_size), dtype=np.float32)
-    sizes = np.zeros((n, 2), dtype=np.int32)
-    errors = np.full(n, None, dtype=object)
-    crash_on = os.environ.get("RAYANOM_FAILPOINT_EXIT_ON_PATH")  # tests: a file whose reading kills the worker
-    for i, p in enumerate(paths):
-        if crash_on and p and crash_on in str(p):
-            os._exit(77)
-        try:
-            images[i], sizes[i] = decode_image_sized(read_bytes(p, policy), image_size)
-        except Exception as e:  # noqa: BLE001 - any per-file failure is recorded in its row, the job goes on
-            errors[i] = error_message(e)
+    images, sizes, errors = _decode_paths(batch[PATH_COL], image_size, policy)
+    errors = np.asarray(errors, dtype=object)
     out = dict(batch)
-    out[IMAGE_COL] = images
+    out[IMAGE_COL] = np.zeros((len(errors), 3, *image_size), dtype=np.float32)
+    out[IMAGE_COL][[e is None for e in errors]] = images
     out[HEIGHT_COL], out[WIDTH_COL] = sizes[:, 0], sizes[:, 1]
     out[ERROR_COL] = errors
     return out

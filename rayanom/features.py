@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any
 
@@ -295,6 +296,14 @@ def probe_bf16(device: str) -> tuple[float, float]:
     return speedup, seconds
 
 
+def input_tensor(images: np.ndarray, device) -> torch.Tensor:
+    """Images (n, 3, h, w) as a float32 tensor on ``device``, without a copy on the CPU; the array may be read-only
+    (the object store's): the feature stages never write their input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+
+
 class FeatureExtractor:
     """Backbone features of pre-processed images; arrays in, arrays out, usable without Ray.
 
@@ -326,34 +335,19 @@ class FeatureExtractor:
         self.map_shape = tuple(probe.shape[1:])
         self.dim = int(np.prod(self.map_shape))
 
-    def stage(self, images: np.ndarray) -> torch.Tensor:
-        """Images (n, 3, h, w) float32 as the input tensor of :meth:`features`, made ready ahead of the forward pass
-        (``pipeline`` calls this in a decode thread). On a GPU: pinned host memory, copied by a non-blocking copy on a
-        side stream, so the copy overlaps the forward pass in progress; the forward pass's stream waits for it
-        (an event), and the tensor is recorded on that stream for the caching allocator. On a CPU: the array itself."""
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self.device.type != "cuda":
-            return x
-        stream = self.__dict__.setdefault("_copy_stream", torch.cuda.Stream(self.device))
-        with torch.cuda.stream(stream):
-            y = x.pin_memory().to(self.device, non_blocking=True)
-            y.copy_done = torch.cuda.Event()
-            y.copy_done.record(stream)
-        return y
-
-    def features(self, images) -> torch.Tensor:
-        """(n, 3, h, w) float32 RGB in [0, 1] (an array, or :meth:`stage`'s tensor) -> (n, dim) float32 features,
-        a tensor on the device (the heads score them there)."""
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        """(n, 3, h, w) float32 RGB in [0, 1] (or, bf16 runs, normalised bf16 bits) -> (n, dim) float32 features, a
+        tensor on the device (the heads score them there)."""
         if len(images) == 0:
             return torch.zeros((0, self.dim), device=self.device)
-        x = images if isinstance(images, torch.Tensor) else self.stage(images)
-        if x.device.type == "cuda" and hasattr(x, "copy_done"):
-            torch.cuda.current_stream(self.device).wait_event(x.copy_done)
-            x.record_stream(torch.cuda.current_stream(self.device))
-        return self._forward(x.to(self.device)).reshape(len(x), -1).float()
+        if images.dtype == np.uint16:  # normalised bf16 bits (data.bf16_bits): the first convolution's very input
+            x = torch.from_numpy(np.ascontiguousarray(images).view(np.int16)).view(torch.bfloat16).to(self.device)
+            return self._forward(x, normalised=True).reshape(len(x), -1).float()
+        x = input_tensor(images, self.device)
+        return self._forward(x).reshape(len(x), -1).float()
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+    def _forward(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
+        x = (x if normalised else (x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             maps = [m.float() for m in self.model(x)]
             if not self.pool:

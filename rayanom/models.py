@@ -27,7 +27,6 @@ import pyarrow as pa
 from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
-    images_of,
 )
 
 logger = logging.getLogger(__name__)
@@ -35,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """A decoded batch as a model's ``outputs`` sees it: the table (``decode_table``'s), which rows decoded (``ok``),
-    the error of each row (a list the outputs may fill), and the actor's feature stage, head and device."""
+    """A decoded batch as a model's ``outputs`` sees it: the table (``decode_table``'s), which rows decoded (``ok``)
+    and their images, the error of each row (a list the outputs may fill), and the actor's feature stage, head and
+    device."""
 
     table: pa.Table
     ok: np.ndarray
@@ -45,20 +45,15 @@ class Batch:
     head: Any
     config: Any
     device: str
-    staged: Any = None  # ``Scorer.stage`` of this table, made ahead in a decode thread, or None
+    images: np.ndarray  # (m, 3, h, w) float32: the ``ok`` rows' images
 
     @property
     def n(self) -> int:
         return self.table.num_rows
 
-    def images(self) -> np.ndarray:
-        """The decoded images of the ``ok`` rows, (m, 3, h, w) float32."""
-        return images_of(self.table)[self.ok]
-
     def features(self):
-        """The ``ok`` rows' features from the feature stage (a tensor on the device), from the staged input if any."""
-        staged = self.staged[1] if self.staged is not None and self.staged[0] is self.table else None
-        return self.extractor.features(staged if staged is not None else self.images())
+        """The ``ok`` rows' features from the feature stage (a tensor on the device)."""
+        return self.extractor.features(self.images)
 
     def valid(self, score: np.ndarray, what: str = "anomaly score") -> np.ndarray:
         """Rows with a score: decoded, no error, a finite ``score``; a decoded row whose score is not finite gets an

@@ -32,8 +32,8 @@ from rayanom.artifact import Artifact
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
 from rayanom.data import (
-    DECISION_COL, ERROR_COL, HEIGHT_COL, IMAGE_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    ReadPolicy, error_message, images_of, ipc_bytes,
+    DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
+    Decoded, ReadPolicy, error_message, ipc_bytes,
 )
 from rayanom.decide import with_decisions
 from rayanom.features import device_kind
@@ -88,13 +88,13 @@ class BankFeatures:
         self.extractor = _extractor(self.spec, config, weights, None, device, threads, precision)
         self.slots = slots  # bank items a row can have (bank.lower_keys)
         self.seed, self.batch_size, self.image_size = config.seed, batch_size, config.image_size
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.bf16 = lo, hi, precision == "bf16"
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         """Batch rows in (``plane.to_batch_row``), one result row out for each: its bank items and failed rows."""
         t0 = time.perf_counter()
         out = [self.items(decoded, self.lo, self.hi)
-               for _, decoded in checked_batches(rows, self.image_size, self.batch_size)]
+               for _, decoded in checked_batches(rows, self.image_size, self.batch_size, self.bf16)]
         return pa.table(result_cols(rows, time.perf_counter() - t0, **{
             KEY_COL: pa.array([o[KEY_COL] for o in out], pa.list_(pa.float64())),
             BANK_ID_COL: pa.array([o[BANK_ID_COL] for o in out], pa.list_(pa.int64())),
@@ -104,22 +104,22 @@ class BankFeatures:
             "errors": pa.array([list(o["errors"]) for o in out], pa.list_(pa.string())),
             "dim": pa.array([self.extractor.dim] * len(out), pa.int64())}))
 
-    def items(self, table: pa.Table, lo: float, hi: float) -> dict[str, np.ndarray]:
-        """The bank items of a decoded table (``decode_table``'s) with keys in [lo, hi), and its failed rows."""
-        rows = table.column(ROW_COL).to_numpy()
-        errors = np.asarray(table.column(ERROR_COL).to_pylist(), dtype=object)
+    def items(self, decoded: Decoded, lo: float, hi: float) -> dict[str, np.ndarray]:
+        """The bank items of a decoded batch (``decode_table``'s) with keys in [lo, hi), and its failed rows."""
+        rows = decoded.column(ROW_COL).to_numpy()
+        errors = np.asarray(decoded.column(ERROR_COL).to_pylist(), dtype=object)
         ok = np.array([e is None for e in errors], dtype=bool)
-        ids, keys, feats = self._safe_items(table, rows, ok, errors)
+        ids, keys, feats = self._safe_items(decoded, rows, ok, errors)
         ok = np.array([e is None for e in errors], dtype=bool)  # rows the model stage failed on are failed rows
         keep = (keys >= lo) & (keys < hi)
         return {"failed_rows": rows[~ok], "errors": errors[~ok], KEY_COL: keys[keep], BANK_ID_COL: ids[keep],
                 FEATURES_COL: feats[keep]}
 
-    def _safe_items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
+    def _safe_items(self, decoded: Decoded, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
         """``_items``; when the model stage raises, the rows in halves down to the single row that fails, whose
         ``errors`` entry then names the exception (as scoring does, ``PartScorer``)."""
         try:
-            return self._items(table, rows, ok)
+            return self._items(decoded, rows, ok)
         except Exception as e:  # noqa: BLE001 - narrowed to its row; the fit goes on
             where = np.flatnonzero(ok)
             if len(where) <= 1:
@@ -131,13 +131,13 @@ class BankFeatures:
             for half in (where[:len(where) // 2], where[len(where) // 2:]):
                 mask = np.zeros_like(ok)
                 mask[half] = True
-                parts.append(self._safe_items(table, rows, mask, errors))
+                parts.append(self._safe_items(decoded, rows, mask, errors))
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
-    def _items(self, table: pa.Table, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bank ids, keys, features) of the decoded rows' items."""
-        _failpoints(table, ok)
-        counts, feats = (self.spec.items(self.extractor, images_of(table)[ok]) if ok.any() else
+    def _items(self, decoded: Decoded, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bank ids, keys, features) of the ``ok`` rows' items."""
+        _failpoints(decoded.table, ok)
+        counts, feats = (self.spec.items(self.extractor, decoded.images_where(ok)) if ok.any() else
                          (np.zeros(0, np.int64), np.zeros((0, self.extractor.dim), np.float32)))
         if self.slots == 1:
             return rows[ok], row_keys(rows[ok], self.seed), feats
@@ -160,27 +160,18 @@ class Scorer:
         self.config = config
         self.device = device
 
-    def stage(self, table: pa.Table):
-        """The decoded batch's good images as the feature stage's input tensor (``FeatureExtractor.stage``: on a GPU
-        a pinned, non-blocking copy under way), with the table it belongs to; None for a feature stage that takes
-        arrays only. Runs in a decode thread."""
-        if not hasattr(self.extractor, "stage"):
-            return None
-        ok = np.array([e is None for e in table.column(ERROR_COL).to_pylist()], dtype=bool)
-        return table, self.extractor.stage(images_of(table)[ok]) if ok.any() else None
-
-    def __call__(self, table: pa.Table, staged=None) -> pa.Table:
-        """Score a decoded batch; ``staged``: :meth:`stage` of this very table, if made ahead."""
-        errors = table.column(ERROR_COL).to_pylist()
+    def __call__(self, decoded: Decoded) -> pa.Table:
+        """Score a decoded batch."""
+        errors = decoded.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
-        _failpoints(table, ok)
-        columns = self.spec.outputs(Batch(table, ok, errors, self.extractor, self.head, self.config, self.device,
-                                           staged))
+        _failpoints(decoded.table, ok)
+        columns = self.spec.outputs(Batch(decoded.table, ok, errors, self.extractor, self.head, self.config,
+                                          self.device, decoded.images))
         if list(columns) != [SCORE_COL, *self.spec.columns(self.config)]:  # what the report checks rely on
             msg = (f"{self.config.model}: outputs gave {list(columns)}, its spec declares "
                    f"{[SCORE_COL, *self.spec.columns(self.config)]}")
             raise RuntimeError(msg)
-        out = table.drop_columns([IMAGE_COL, ERROR_COL, HEIGHT_COL, WIDTH_COL])
+        out = decoded.table.drop_columns([ERROR_COL, HEIGHT_COL, WIDTH_COL])
         for name, column in columns.items():
             out = out.append_column(name, column)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
@@ -251,7 +242,7 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
               "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
               "spec": spec}
     decode = {"rows_of": fit_unit_rows, "batch_size": run.batch_size, "image_size": config.image_size,
-              "policy": read_policy(run)}
+              "policy": read_policy(run), "bf16": run.precision == "bf16"}
     def run_pass(todo: np.ndarray, lo: float, hi: float):
         """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
         where = {int(r): i for i, r in enumerate(candidates.rows)}
@@ -327,7 +318,7 @@ class ScoreBatches:
         self.device_kind, self.precision = device_kind(device), precision
         self.output, self.job, self.batch_size, self.index = output, job, batch_size, index
         self.max_batch = batch_size  # lowered by an out-of-memory error
-        self.image_size = artifact.config.image_size
+        self.image_size, self.bf16 = artifact.config.image_size, precision == "bf16"
         self.threshold = Threshold(**threshold) if threshold else None
 
     def __call__(self, rows: pa.Table) -> pa.Table:
@@ -342,26 +333,31 @@ class ScoreBatches:
             logger.warning("%s killed its worker %d times: scoring it row by row", marker.name, state["attempts"] - 1)
         groups: dict[int, list] = {}  # part -> its scored batches in this call
         places = []
-        for where, decoded in checked_batches(rows, self.image_size, self.batch_size):
+        for where, decoded in checked_batches(rows, self.image_size, self.batch_size, self.bf16):
             scored = (row_by_row(decoded, marker, state, self._score,
-                                 lambda row, message: self.scorer(_failed(row, message))) if careful
+                                 lambda row, message: self.scorer(row.failed(message))) if careful
                       else self._score(decoded))
+            scored = pa.concat_tables(scored) if careful else scored
             groups.setdefault(where["part"], []).append((where, scored))
             places.append(where)
         written = {}
         for k, batches in groups.items():
-            where = batches[0][0]
-            held = write_fragment(self.output, self.job, k, where["offset"], pa.concat_tables([t for _, t in batches]))
+            where, scored = batches[0][0], pa.concat_tables([t for _, t in batches])
+            offsets = [w["offset"] for w, _ in batches]
+            if offsets[0] == 0 and offsets == sorted(offsets) and scored.num_rows == where["total"]:  # a whole part
+                written[(k, 0)] = self._join(where, scored)  # written at once, without fragments
+                continue
+            held = write_fragment(self.output, self.job, k, where["offset"], scored)
             written[(k, where["offset"])] = self._join(where) if held >= where["total"] else 0
         marker.clear()
         return pa.table(result_cols(rows, time.perf_counter() - t0, written=pa.array(
             [written.get((w["part"], w["offset"]), 0) for w in places], pa.int64())))
 
-    def _join(self, where: dict) -> int:
-        """Part ``where["part"]`` from its fragments (with the part's earlier rows for a retry), decided and written;
-        its rows, or 0 where another call joined it first."""
+    def _join(self, where: dict, whole: pa.Table | None = None) -> int:
+        """Part ``where["part"]`` from its fragments, or ``whole`` (all its scored rows), with the part's earlier rows
+        for a retry, decided and written; its rows, or 0 where another call joined it first."""
         k, first, stop = where["part"], where["first"], where["stop"]
-        table = read_fragments(self.output, self.job, k)
+        table = read_fragments(self.output, self.job, k) if whole is None else whole
         if table is None:
             return 0
         index_rows = read_rows(self.index.part_of(first, stop), first, stop)
@@ -377,10 +373,11 @@ class ScoreBatches:
                                                b"rayanom_device": self.device_kind.encode(),
                                                b"rayanom_precision": self.precision.encode()})
         write_part(self.output, k, table, f"{self.job}-{uuid.uuid4().hex[:8]}")  # two joins never share a file
-        drop_fragments(self.output, self.job, k)
+        if whole is None:
+            drop_fragments(self.output, self.job, k)
         return table.num_rows
 
-    def _score(self, decoded: pa.Table) -> pa.Table:
+    def _score(self, decoded: Decoded) -> pa.Table:
         """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still
         raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
         n = decoded.num_rows
@@ -397,7 +394,7 @@ class ScoreBatches:
                 logger.warning("the model stage failed on a batch of %d (%s): scoring it in halves", n,
                                error_message(e))
             if n == 1:
-                return self.scorer(_failed(decoded, error_message(e)))
+                return self.scorer(decoded.failed(error_message(e)))
             half = -(-n // 2)
             return pa.concat_tables([self._score(decoded.slice(0, half)), self._score(decoded.slice(half))])
 
@@ -458,12 +455,6 @@ def _failpoints(table: pa.Table, ok: np.ndarray) -> None:
 
         msg = f"CUDA out of memory (failpoint: more than {oom_above} images in a batch)"
         raise torch.cuda.OutOfMemoryError(msg)
-
-
-def _failed(decoded: pa.Table, message: str) -> pa.Table:
-    """``decoded`` with every row failed with ``message`` (the scorer then computes nothing for them)."""
-    i = decoded.schema.get_field_index(ERROR_COL)
-    return decoded.set_column(i, ERROR_COL, pa.array([message] * decoded.num_rows, pa.string()))
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
@@ -539,7 +530,7 @@ def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: l
               "threshold": dataclasses.asdict(threshold) if threshold else None}
     decode = {"rows_of": functools.partial(score_unit_rows, index=index, output=output),
               "marker_of": functools.partial(score_unit_marker, output=output), "batch_size": run.batch_size,
-              "image_size": artifact.config.image_size, "policy": read_policy(run)}
+              "image_size": artifact.config.image_size, "policy": read_policy(run), "bf16": run.precision == "bf16"}
     per_unit = unit_rows(index.n_rows, todo[0]["stop"] - todo[0]["start"], run.batch_size)
     nodes, written = Nodes(), {}
     for block in run_plane(score_units(todo, per_unit), decode, ScoreBatches, kwargs,
@@ -562,7 +553,7 @@ CALL_BYTES = 256 * 2**20  # at most this much of images in one model-stage call
 def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
     """The plane's actors for ``run``, with units of ``unit`` rows: a call takes a unit's batches (at most
     ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap of a model and two calls."""
-    one = batch_bytes(run.batch_size, config.image_size)
+    one = batch_bytes(run.batch_size, config.image_size, run.precision == "bf16")
     calls = max(1, min(-(-unit // run.batch_size), CALL_BYTES // one))
     return Plan(num_actors=run.num_actors, batches_per_call=calls, num_cpus=run.num_cpus_per_actor,
                 num_gpus=run.num_gpus_per_actor, memory=2**30 + 2 * calls * one, no_progress_s=run.no_progress_s,

@@ -1,7 +1,7 @@
 """The data plane on Ray Data: a CPU decode stage that runs on any node, and a model stage of accelerator actors.
 
 units (small rows: a row range of a part, or a chunk of fit rows) -> ``decode_units`` (Ray Data tasks: one output
-row per forward batch, its images as float32 bytes) -> a model stage class (``ActorPoolStrategy``, ``batch_size=1``:
+row per forward batch, its images as float32 bytes, bf16 for bf16 runs) -> a model stage class (``ActorPoolStrategy``, ``batch_size=1``:
 one forward batch a call) -> small result rows, streamed to the driver. Forward batches are cut at fixed offsets from
 the start of their part or chunk, and every batch the model sees is checked against what it should hold, so results
 do not depend on how Ray Data cuts blocks or on how many actors run. Where decode and model ask for the same
@@ -22,9 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayanom.config import UserError
-from rayanom.data import (
-    ERROR_COL, HEIGHT_COL, IMAGE_COL, ROW_COL, ReadPolicy, decode_table, failed_table, images_of, ipc_bytes,
-)
+from rayanom.data import ROW_COL, Decoded, ReadPolicy, bf16_bits, decode_table, failed_table, ipc_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +30,7 @@ CAREFUL_AFTER = 2  # a unit or batch whose worker died this many times is done r
 # Where a forward batch sits: its part (or fit chunk) and the part's rows [first, stop), whether it re-scores the part's
 # failed rows only (retry), the batch's offset in the rows it is cut from, their number (total) and its own rows (n).
 BATCH_COLS = ("part", "first", "stop", "retry", "offset", "total", "n")
+GROUP_BYTES = 32 * 2**20  # the decode stage emits its batch rows in tables of about this much of images
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,10 @@ class Plan:
     start_timeout_s: float
 
 
-def batch_bytes(n: int, image_size: tuple[int, int]) -> int:
-    """Bytes of one forward batch between the stages: float32 images at the model's input size."""
-    return n * 3 * image_size[0] * image_size[1] * 4
+def batch_bytes(n: int, image_size: tuple[int, int], bf16: bool = False) -> int:
+    """Bytes of one forward batch between the stages: images at the model's input size, float32 or (bf16 runs)
+    bfloat16."""
+    return n * 3 * image_size[0] * image_size[1] * (2 if bf16 else 4)
 
 
 def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> int:
@@ -61,35 +61,37 @@ def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> i
     return min(up(per_part), max(batch_size, up(-(-n_rows // units))))
 
 
-def to_batch_row(decoded: pa.Table, where: dict, decode_s: float, node: str) -> pa.Table:
-    """One forward batch as one row: its place (``BATCH_COLS``), its decoded table without the images (Arrow IPC),
-    the images of the rows that decoded (float32 bytes; a failed row's image is zeros, never shipped) and where and
-    how long the decode ran."""
-    ok = decoded.column(ERROR_COL).is_null().to_numpy(zero_copy_only=False)
-    images = np.ascontiguousarray(images_of(decoded)[ok], dtype=np.float32)
-    cols = {k: pa.array([int(where[k])], pa.int64()) for k in BATCH_COLS}
-    return pa.table({**cols, "meta": pa.array([ipc_bytes(decoded.drop_columns([IMAGE_COL]))], pa.large_binary()),
-                     "pixels": pa.array([images.tobytes()], pa.large_binary()),
-                     "decode_node": pa.array([node]), "decode_s": pa.array([decode_s])})
+def to_batch_row(decoded: Decoded, where: dict, decode_s: float, node: str) -> dict:
+    """One forward batch as one row (a dict of columns): its place (``BATCH_COLS``), its decoded table (Arrow IPC),
+    the images of the rows that decoded (their bytes, float32 or bf16; a failed row has none) and where and how long
+    the decode ran."""
+    images = np.ascontiguousarray(decoded.images)
+    return {**{k: int(where[k]) for k in BATCH_COLS}, "meta": ipc_bytes(decoded.table), "pixels": images.tobytes(),
+            "decode_node": node, "decode_s": decode_s}
 
 
-def from_batch_row(row: pa.Table, image_size: tuple[int, int]) -> pa.Table:
-    """The decoded table of a :func:`to_batch_row` row: its images back as the fixed-shape tensor column, in place."""
-    rest = pa.ipc.open_stream(row.column("meta")[0].as_buffer()).read_all()
-    ok = rest.column(ERROR_COL).is_null().to_numpy(zero_copy_only=False)
-    pixels = np.frombuffer(row.column("pixels")[0].as_buffer(), dtype=np.float32).reshape(-1, 3, *image_size)
-    if not ok.all():
-        full = np.zeros((rest.num_rows, 3, *image_size), np.float32)
-        full[ok] = pixels
-        pixels = full
-    images = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
-    return rest.add_column(rest.schema.get_field_index(HEIGHT_COL), IMAGE_COL, images)
+def batch_rows_table(rows: list[dict]) -> pa.Table:
+    """Batch rows (:func:`to_batch_row`'s) as one Arrow table: the decode stage's output block."""
+    cols = {k: pa.array([r[k] for r in rows], pa.int64()) for k in BATCH_COLS}
+    return pa.table({**cols, "meta": pa.array([r["meta"] for r in rows], pa.large_binary()),
+                     "pixels": pa.array([r["pixels"] for r in rows], pa.large_binary()),
+                     "decode_node": pa.array([r["decode_node"] for r in rows], pa.string()),
+                     "decode_s": pa.array([r["decode_s"] for r in rows], pa.float64())})
 
 
-def checked_batches(rows: pa.Table, image_size: tuple[int, int], batch_size: int) -> Iterator[tuple[dict, pa.Table]]:
-    """The place and decoded table of each batch row of a model-stage call, each checked (:func:`check_batch`)."""
-    for i, where in enumerate(rows.drop_columns(["meta", "pixels"]).to_pylist()):
-        decoded = from_batch_row(rows.slice(i, 1), image_size)
+def from_batch_row(meta, pixels, image_size: tuple[int, int], bf16: bool = False) -> Decoded:
+    """The decoded batch of a batch row, from its ``meta`` and ``pixels`` values (Arrow binary scalars)."""
+    table = pa.ipc.open_stream(meta.as_buffer()).read_all()
+    images = np.frombuffer(pixels.as_buffer(), dtype=np.uint16 if bf16 else np.float32)
+    return Decoded(table, images.reshape(-1, 3, *image_size))
+
+
+def checked_batches(rows: pa.Table, image_size: tuple[int, int], batch_size: int,
+                    bf16: bool = False) -> Iterator[tuple[dict, Decoded]]:
+    """The place and decoded batch of each batch row of a model-stage call, each checked (:func:`check_batch`)."""
+    metas, pixels = rows.column("meta"), rows.column("pixels")
+    for i, where in enumerate(rows.select(list(BATCH_COLS)).to_pylist()):
+        decoded = from_batch_row(metas[i], pixels[i], image_size, bf16)
         check_batch(where, decoded, batch_size)
         yield where, decoded
 
@@ -118,29 +120,40 @@ def node_id() -> str:
 
 
 def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[int, int], policy: ReadPolicy,
-                marker=None) -> Iterator[pa.Table]:
+                marker=None, bf16: bool = False) -> Iterator[pa.Table]:
     """``rows`` decoded in forward batches cut at multiples of ``batch_size`` from ``where["offset"]`` (itself one),
-    each as a batch row. With a crash marker whose unit killed its worker ``CAREFUL_AFTER`` times: row by row, the
-    marker naming the row in progress, and a row that killed the worker before failed without being read."""
+    as batch rows, a table of them for every ``GROUP_BYTES`` of images. With a crash marker whose unit killed its
+    worker ``CAREFUL_AFTER`` times: row by row, the marker naming the row in progress, and a row that killed the
+    worker before failed without being read. ``bf16``: the images as a bf16 run's first convolution takes them."""
     node, state = node_id(), marker.begin() if marker is not None else None
     careful = state is not None and state["attempts"] > CAREFUL_AFTER
     if careful:
         logger.warning("%s killed its worker %d times: decoding it row by row", marker.name, state["attempts"] - 1)
+    group, held = [], 0
     for s in range(0, rows.num_rows, batch_size):
         t0 = time.perf_counter()
         cut = rows.slice(s, batch_size)
-        decoded = (row_by_row(cut, marker, state, lambda row: decode_table(row, image_size, policy),
-                              lambda row, message: failed_table(row, image_size, message)) if careful
-                   else decode_table(cut, image_size, policy))
-        yield to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
-                           time.perf_counter() - t0, node)
+        decoded = (Decoded.concat(row_by_row(cut, marker, state, lambda row: decode_table(row, image_size, policy),
+                                             lambda row, message: failed_table(row, image_size, message)))
+                   if careful else decode_table(cut, image_size, policy))
+        if bf16:
+            decoded = Decoded(decoded.table, bf16_bits(decoded.images))
+        group.append(to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
+                                  time.perf_counter() - t0, node))
+        held += len(group[-1]["pixels"])
+        if held >= GROUP_BYTES:
+            yield batch_rows_table(group)
+            group, held = [], 0
+    if group:
+        yield batch_rows_table(group)
     if marker is not None:
         marker.clear()
 
 
-def row_by_row(rows: pa.Table, marker, state: dict, work: Callable, fail: Callable) -> pa.Table:
+def row_by_row(rows: pa.Table, marker, state: dict, work: Callable, fail: Callable) -> list:
     """``work`` on each row alone, the crash marker naming the row first; a row known to kill the worker (``state``'s
-    ``bad``) is not worked on but given to ``fail`` with the message that says so. Both stages' careful mode."""
+    ``bad``) is not worked on but given to ``fail`` with the message that says so; each row's result. Both stages'
+    careful mode."""
     bad, out = set(state["bad"]), []
     for i in range(rows.num_rows):
         row = rows.slice(i, 1)
@@ -150,7 +163,7 @@ def row_by_row(rows: pa.Table, marker, state: dict, work: Callable, fail: Callab
             continue
         marker.at(state, r)
         out.append(work(row))
-    return pa.concat_tables(out)
+    return out
 
 
 def crash_message(state: dict) -> str:
@@ -159,13 +172,13 @@ def crash_message(state: dict) -> str:
 
 
 def decode_units(units: pa.Table, rows_of: Callable, batch_size: int, image_size: tuple[int, int],
-                 policy: ReadPolicy, marker_of: Callable | None = None) -> Iterator[pa.Table]:
+                 policy: ReadPolicy, marker_of: Callable | None = None, bf16: bool = False) -> Iterator[pa.Table]:
     """The decode stage (a Ray Data generator UDF over unit rows): ``rows_of(unit)`` gives a unit's rows, decoded in
     forward batches (:func:`decode_rows`); one output row per batch."""
     for unit in units.to_pylist():
         rows, where = rows_of(unit)
         marker = marker_of(unit) if marker_of is not None else None
-        yield from decode_rows(rows, where, batch_size, image_size, policy, marker)
+        yield from decode_rows(rows, where, batch_size, image_size, policy, marker, bf16)
 
 
 def run(units: list[dict], decode: dict, stage: type, kwargs: dict, plan: Plan,

@@ -44,7 +44,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
 from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, same_file
-from rayanom.features import load_state_file, match_state, seeded
+from rayanom.features import input_tensor, load_state_file, match_state, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class RegionModel:
             raise ValueError(msg)
         if not len(images):
             return []
-        x = torch.as_tensor(np.ascontiguousarray(images, dtype=np.float32), device=self.device)
+        x = input_tensor(images, self.device)
         with torch.inference_mode():
             boxes = [b[_keep(b, s, **self.options)] for b, s in self._candidates(x)]
             features = self._features(x, boxes)
@@ -368,7 +368,7 @@ def region_outputs(b) -> dict:
     from rayanom.heads import anomaly_probability
 
     n = b.n
-    results = b.extractor(b.images()) if b.ok.any() else []
+    results = b.extractor(b.images) if b.ok.any() else []
     counts = np.zeros(n, np.int64)
     counts[np.flatnonzero(b.ok)] = [len(boxes) for boxes, _ in results]
     owner = np.repeat(np.arange(n), counts)  # the row of each region

@@ -101,6 +101,24 @@ def test_batch_contract_of_features(precision):
             np.testing.assert_allclose(other, whole, rtol=0, atol=BATCH_RTOL * scale)
 
 
+def test_bf16_images_between_the_stages_give_the_very_features_of_float32_ones():
+    """A bf16 run's decode stage ships normalised bf16 bits (half the bytes): the features are bit-identical to those
+    of float32 images normalised on the actor, and the bits are torch's own rounding of the normalised values."""
+    import torch
+
+    from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, bf16_bits
+
+    config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
+    extractor = FeatureExtractor(config, _perturbed_state(config), precision="bf16")
+    images = np.random.default_rng(2).random((4, 3, 64, 64), dtype=np.float32)
+    bits = bf16_bits(images)
+    assert bits.dtype == np.uint16 and bits.nbytes == images.nbytes // 2
+    x = (torch.from_numpy(images) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1)
+    np.testing.assert_array_equal(bits, x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(extractor(bits), extractor(images))
+
+
 def test_unknown_layer_and_backbone_are_clear_errors():
     with pytest.raises(UserError, match=r"\['layer9'\] not in resnet18's feature layers \['act1', 'layer1'"):
         layer_indices("resnet18", ("layer9",))

@@ -14,7 +14,7 @@ import pytest
 from conftest import SMALL, index_at
 
 from rayanom import plane
-from rayanom.data import ReadPolicy, decode_table, with_row_index
+from rayanom.data import ReadPolicy, decode_batch, decode_table, with_row_index
 from rayanom.parts import CrashMarker, part_name
 from rayanom.pipeline import score_units
 
@@ -53,12 +53,15 @@ def test_a_batch_row_gives_back_the_decoded_table(demo_set):
     rows = rows.set_column(rows.schema.get_field_index("path"), "path", pa.array(paths[:2] + ["/missing.png"] +
                                                                                paths[3:]))
     decoded = decode_table(rows, SMALL["image_size"])
-    assert decoded.column("error").null_count == 4
-    row = plane.to_batch_row(decoded, {"part": 3, "first": 0, "stop": 9, "retry": 0, "offset": 4, "total": 9, "n": 5},
-                             0.1, "node")
+    assert decoded.column("error").null_count == 4 and len(decoded.images) == 4
+    row = plane.batch_rows_table([plane.to_batch_row(
+        decoded, {"part": 3, "first": 0, "stop": 9, "retry": 0, "offset": 4, "total": 9, "n": 5}, 0.1, "node")])
     assert row.num_rows == 1 and row["part"][0].as_py() == 3 and row["offset"][0].as_py() == 4
-    assert plane.from_batch_row(row, SMALL["image_size"]).equals(decoded)
+    back = plane.from_batch_row(row["meta"][0], row["pixels"][0], SMALL["image_size"])
+    assert back.table.equals(decoded.table) and np.array_equal(back.images, decoded.images)
     assert len(row["pixels"][0].as_py()) == plane.batch_bytes(4, SMALL["image_size"])  # the 4 rows that decoded
+    full = decode_batch({"path": np.array(rows.column("path").to_pylist(), dtype=object)}, SMALL["image_size"])
+    np.testing.assert_array_equal(back.images, full["image"][[0, 1, 3, 4]])  # the images as the row-aligned decode
 
 
 @pytest.mark.parametrize("where,problem", [
@@ -87,10 +90,10 @@ def test_decode_stage_skips_the_row_that_killed_its_worker_twice(demo_set, tmp_p
     out = str(tmp_path)
     rows = with_row_index(pq.read_table(demo_set["test"])).slice(0, 6)
     marker = _marker_after_deaths(out, "unit", 3)
-    got = [plane.from_batch_row(r, SMALL["image_size"]) for r in plane.decode_rows(
-        rows, {"part": 0, "first": 0, "stop": 6, "retry": 0, "offset": 0, "total": 6}, 4, SMALL["image_size"],
-        ReadPolicy(), marker)]
-    errors = pa.concat_tables(got).column("error").to_pylist()
+    tables = list(plane.decode_rows(rows, {"part": 0, "first": 0, "stop": 6, "retry": 0, "offset": 0, "total": 6}, 4,
+                                    SMALL["image_size"], ReadPolicy(), marker))
+    got = [d for t in tables for _, d in plane.checked_batches(t, SMALL["image_size"], 4)]
+    errors = pa.concat_tables([d.table for d in got]).column("error").to_pylist()
     assert errors[3].startswith("WorkerCrash: the worker process died while reading or scoring this row (2 deaths")
     assert errors[:3] + errors[4:] == [None] * 5
     assert [t.num_rows for t in got] == [4, 2]  # the same batches as an undisturbed run
@@ -109,11 +112,34 @@ def test_model_stage_skips_the_row_that_killed_its_worker_twice(fitted_small, de
     _marker_after_deaths(out, f"{part_name(0)}.batch-4", 5)
     units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": 6, "retry": 0}], 8))
     rows_of = functools.partial(score_unit_rows, index=info, output=out)
-    for row in plane.decode_units(units, rows_of, 4, artifact.config.image_size, ReadPolicy()):
-        scorer(row)
+    for rows in plane.decode_units(units, rows_of, 4, artifact.config.image_size, ReadPolicy()):
+        for i in range(rows.num_rows):  # calls of one batch each, as a plan with batches_per_call 1 makes them
+            scorer(rows.slice(i, 1))
     errors = pq.read_table(os.path.join(out, part_name(0))).column("error").to_pylist()
     assert errors[5].startswith("WorkerCrash") and errors[:5] == [None] * 5
     assert not [n for n in os.listdir(out) if n.endswith(".crash.tmp")]
+
+
+def test_a_bf16_run_ships_half_the_bytes_and_scores_as_from_float32(fitted_small, demo_set, tmp_path):
+    from rayanom.index import read_rows
+    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows
+
+    artifact, out, size = fitted_small, str(tmp_path / "scores"), fitted_small.config.image_size
+    info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]).slice(0, 6))
+    os.makedirs(out)
+    artifact.save(os.path.join(out, "_rayanom_model"))
+    scorer = ScoreBatches(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights,
+                          "cpu", 1, "bf16", out, "job", 4, info)
+    units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": 6, "retry": 0}], 8))
+    rows_of = functools.partial(score_unit_rows, index=info, output=out)
+    tables = list(plane.decode_units(units, rows_of, 4, size, ReadPolicy(), bf16=True))
+    assert sum(len(p.as_py()) for t in tables for p in t["pixels"]) == plane.batch_bytes(6, size, bf16=True)
+    for t in tables:
+        scorer(t)
+    got = pq.read_table(os.path.join(out, part_name(0))).column("anomaly_score").to_pylist()
+    rows = read_rows(info, 0, 6)  # the same batches of float32 images, normalised on the same bf16 actor
+    expected = [x for s in (0, 4) for x in scorer.scorer(decode_table(rows.slice(s, 4), size))["anomaly_score"]]
+    assert got == [x.as_py() for x in expected]
 
 
 @pytest.fixture(scope="module")

@@ -218,8 +218,8 @@ def _score_part(artifact, info, out, batch_size=4):
                           1, "fp32", out, "job", batch_size, info)
     units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": info.n_rows, "retry": 0}], 2 * batch_size))
     rows_of = functools.partial(score_unit_rows, index=info, output=out)
-    written = [scorer(row)["written"][0].as_py() for row in decode_units(units, rows_of, batch_size,
-                                                                          artifact.config.image_size, ReadPolicy())]
+    written = [w for rows in decode_units(units, rows_of, batch_size, artifact.config.image_size, ReadPolicy())
+               for w in scorer(rows)["written"].to_pylist()]
     assert written[-1] == info.n_rows and not any(written[:-1])  # the last batch in joins the part
     return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
 
