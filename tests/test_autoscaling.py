@@ -46,18 +46,18 @@ def test_a_pool_that_no_node_can_hold_ends_with_a_clear_error(ray_local):
     what the cluster has, instead of a silent wait."""
     import test_reliability
     from ray import cloudpickle
-    from test_reliability import _one_row_unit, _Stuck
+    from test_reliability import Stuck, one_row_unit
 
     from rayanom.config import UserError
     from rayanom.data import ReadPolicy
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(test_reliability)  # workers cannot import a test module by name
-    decode = {"rows_of": _one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
+    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
     plan = Plan(num_actors=2, batches_per_call=1, num_cpus=64, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=2)
-    with pytest.raises(UserError, match=r"no _Stuck actor \(64 CPU, 0 GPU\) could start in 2 s of waiting: the "
+    with pytest.raises(UserError, match=r"no Stuck actor \(64 CPU, 0 GPU\) could start in 2 s of waiting: the "
                                         r"cluster has no room for one \(4 CPUs and 0 GPUs up now; "):
-        list(run([{"part": 0}], decode, _Stuck, {"seconds": 0.0}, plan, progress=False))
+        list(run([{"part": 0}], decode, Stuck, {"seconds": 0.0}, plan, progress=False))
 
 
 def test_node_types_add_up_from_the_autoscaler_config(tmp_path, monkeypatch):
