@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated image set, and one local Ray for the whole session (marker ``ray``)."""
+"""Shared fixtures: a tiny generated image set, and one local Ray for the whole session (marker ``ray``); tests marked
+``gpu`` skip where there is no CUDA GPU."""
 
 import logging
 import os
@@ -11,6 +12,15 @@ logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 # Small and fast: resnet18 at 64 x 64 on a few dozen 96-pixel images.
 SMALL = dict(backbone="resnet18", image_size=(64, 64), n_pca_components=4, max_training_points=40_000, seed=0)
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``gpu`` is skipped, with the reason, on a machine without a CUDA GPU."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (marker gpu): torch.cuda.is_available() is False here")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The jobs' flags: renamed flags and their deprecated spellings, one report location rule, messages that name flags,
-user errors that exit 2 with one line, and the refusal of a local output path on a cluster of several nodes."""
+and user errors that exit 2 with one line."""
 
 import logging
 import os
@@ -205,43 +205,3 @@ def test_ray_get_timeout_exits_2(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         compare.cli()
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
-
-
-@pytest.fixture
-def cluster(monkeypatch):
-    """A connected cluster as ``check_output_location`` sees it: set ``nodes`` (alive), ``now`` (resources up) and
-    ``most`` (the autoscaler's node types, None: unknown)."""
-    import ray
-
-    import rayanom.pool
-
-    state = {"nodes": 1, "now": {"CPU": 4.0}, "most": None}
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * state["nodes"] + [{"Alive": False}])
-    monkeypatch.setattr(ray, "cluster_resources", lambda: state["now"])
-    monkeypatch.setattr(rayanom.pool, "autoscaler_max_resources", lambda: state["most"])
-    return state
-
-
-def test_local_output_is_refused_on_a_cluster_of_several_nodes(cluster, monkeypatch):
-    from rayanom.config import UserError
-    from rayanom.launch import check_output_location
-
-    check_output_location({"--out": "runs/r1"})  # one node (a dead one is not counted), no autoscaler
-    cluster["most"] = {"CPU": 4.0}
-    check_output_location({"--out": "runs/r1"})  # node types that add nothing beyond what is up
-    cluster["nodes"] = 2
-    refused = (r"invalid --out='runs/r1': a local path on a cluster of more than one node \(2 up now\), .* "
-               r"\(s3://bucket/\.\.\., gs://bucket/\.\.\.\), .*--shared-path")
-    with pytest.raises(UserError, match=refused):
-        check_output_location({"--out": "runs/r1", "--model-dir": "s3://b/m"})
-    cluster["nodes"], cluster["most"] = 1, {"CPU": 8.0, "GPU": 2.0}
-    with pytest.raises(UserError, match=r"invalid --out='file:///x', --model-dir='/m': .* \(1 up now, its "
-                                        r"autoscaler can add more\)"):
-        check_output_location({"--out": "file:///x", "--model-dir": "/m"})
-    check_output_location({"--out": "/mnt/nfs/r1", "--model-dir": "/mnt/nfs/m"}, shared=True)  # --shared-path
-    check_output_location({"--out": "s3://bucket/r1", "--model-dir": "gs://bucket/m"})
-    check_output_location({"--out": "runs/r1", "--model-dir": None}, shared=True)
-    monkeypatch.delenv("RAY_ADDRESS")
-    check_output_location({"--out": "runs/r1"})  # an embedded local Ray: one machine
