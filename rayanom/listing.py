@@ -155,7 +155,7 @@ def _local_kind(entry: os.DirEntry) -> tuple[str, int]:
 
 
 def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``list_folder`` on a local folder, with ``os.scandir``: pyarrow's local listing leaves broken links out unseen."""
+    """``list_folder`` on a local folder with ``os.scandir`` (pyarrow's local listing leaves broken links out)."""
     files, dirs, bad = [], [], []
     stack = [rel]
     while stack:
