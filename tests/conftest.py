@@ -39,7 +39,9 @@ def ray_local():
     # 4 logical CPUs on 2 cores: actors (1 CPU each, at most 2) always leave room for the index tasks (an actor holds
     # its CPU for the whole run, so actors on every CPU leave a task none and the dataset hangs).
     # Every test has a timeout (pyproject.toml), so a deadlock fails its test instead of hanging CI.
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # address="local": a Ray of its own, never one that another process started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
