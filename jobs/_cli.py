@@ -176,6 +176,7 @@ def flag_names(parser: argparse.ArgumentParser, renamed: dict[str, str | None] |
     DFM's ``layer`` -> ``--layers``) where ``parser`` has that flag, and ``renamed``."""
     from rayanom.config import ModelConfig, RunConfig
 
+    # argparse has no public list of a parser's flags: its ``_actions`` is the one place they are all found.
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     names = dict(flags)
     for cls in (RunConfig, *typing.get_args(ModelConfig)):

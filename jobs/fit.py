@@ -38,7 +38,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                "the fit index, scored into OUT/val-scores, when it has some)")
     _cli.add_report_flags(p, "OUT/scores-report", "8 for the demo of a model with maps or boxes, else 0",
                           "yes for the demo")
-    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    groups = {}  # models -> the argument group of the flags they share (``add_argument_group``)
     for name, (models, kwargs, about) in model_flags().items():
         if models not in groups:
             names = "all" if models == tuple(SPECS) else ", ".join(models[:-1]) + " and " + models[-1] \

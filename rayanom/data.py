@@ -68,12 +68,13 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     scheme, rest = uri.split("://", 1)
     if scheme in ("s3", "gs", "gcs"):
         # One filesystem per bucket and process: building an S3 filesystem (region lookup) per file is slow.
-        return _bucket_filesystem(scheme, rest.split("/", 1)[0]), rest
+        return bucket_filesystem(scheme, rest.split("/", 1)[0]), rest
     return pafs.FileSystem.from_uri(uri)
 
 
 @lru_cache(maxsize=64)
-def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+def bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    """The process's filesystem for one bucket, made once (``cache_clear()`` forgets them: a new endpoint)."""
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
 
 
@@ -215,7 +216,12 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, TRANSIENT_TYPES) or (isinstance(e, OSError) and bool(TRANSIENT_PATTERN.search(str(e))))
 
 
-def _with_retries(request, policy: ReadPolicy):
+def with_retries(request, policy: ReadPolicy):
+    """``request()``, tried again after a transient storage error (``is_transient``) as ``policy`` says.
+
+    Raises:
+        RetriesExhausted: the error was still there after ``policy.retries`` retries.
+    """
     for attempt in range(policy.retries + 1):
         try:
             return request()
@@ -263,14 +269,14 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
         return _read_local(str(path), policy)
     fs, p = resolve_filesystem(str(path))
     try:
-        f = _with_retries(lambda: fs.open_input_file(p), policy)
+        f = with_retries(lambda: fs.open_input_file(p), policy)
     except FileNotFoundError as e:
         msg = f"missing file {path}"
         raise FileNotFoundError(msg) from e
     except RetriesExhausted:
         raise
     except OSError as e:  # a directory, or another permanent error: one more request names which
-        kind = _with_retries(lambda: fs.get_file_info(p), policy).type
+        kind = with_retries(lambda: fs.get_file_info(p), policy).type
         if kind == pafs.FileType.NotFound:
             msg = f"missing file {path}"
             raise FileNotFoundError(msg) from e
@@ -283,7 +289,7 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
         if size > policy.max_file_bytes:
             msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
             raise ValueError(msg)
-        return _with_retries(lambda: _read_all(f), policy)
+        return with_retries(lambda: _read_all(f), policy)
 
 
 def _read_local(path: str, policy: ReadPolicy) -> bytes:

@@ -180,14 +180,14 @@ class GaussianKDE:
             b = self.support_ - centre
             aug = np.concatenate([b, -0.5 * np.einsum("ij,ij->i", b, b)[:, None], np.ones((len(b), 1))], axis=1).T
             t = _as_tensor(aug, exact, device)
-            tiles = [t[:, s:s + _SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], _SUPPORT_TILE)]
+            tiles = [t[:, s:s + SUPPORT_TILE].contiguous() for s in range(0, t.shape[1], SUPPORT_TILE)]
             cache[key] = {"inv_chol_t": _as_tensor(self.inv_chol_.T, exact, device),
                           "centre": _as_tensor(centre, exact, device), "tiles": tiles}
         return cache[key]
 
 
-_SUPPORT_TILE = 4096  # support points per tile
-_QUERY_TILE = 256  # queries per tile: 256 x 4096 float32 = 4 MiB
+SUPPORT_TILE = 4096  # support points per tile
+QUERY_TILE = 256  # queries per tile: 256 x 4096 float32 = 4 MiB
 
 
 def _log_kernel_sums(y, tiles: list, exact: bool):
@@ -204,9 +204,9 @@ def _log_kernel_sums(y, tiles: list, exact: bool):
         return e.clamp_(low, high).exp_().sum(dim=1).double()
 
     with torch.inference_mode():
-        buf = torch.empty(min(_QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
-        for s in range(0, len(y), _QUERY_TILE):
-            yb, hb = y[s:s + _QUERY_TILE], half_sq[s:s + _QUERY_TILE]
+        buf = torch.empty(min(QUERY_TILE, len(y)), tiles[0].shape[1], dtype=dtype, device=device)
+        for s in range(0, len(y), QUERY_TILE):
+            yb, hb = y[s:s + QUERY_TILE], half_sq[s:s + QUERY_TILE]
             aug = torch.cat([yb, torch.ones(len(yb), 1, dtype=dtype, device=device), hb[:, None].to(dtype)], 1)
             # Shift: the largest exponent among the first tile's support points; that tile's product is reused.
             e = torch.mm(aug, tiles[0], out=buf[:len(yb), :tiles[0].shape[1]])

@@ -44,8 +44,8 @@ import pyarrow.fs as pafs
 
 from rayanom.config import UserError, fail
 from rayanom.data import (
-    DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, _with_retries, check_output_dir,
-    resolve_filesystem,
+    DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem,
+    with_retries,
 )
 from rayanom.folders import IMAGE_EXTENSIONS, NOT_IMAGE
 
@@ -155,7 +155,7 @@ def _local_kind(entry: os.DirEntry) -> tuple[str, int]:
 
 
 def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``_list`` on a local folder, with ``os.scandir``: pyarrow's local listing leaves broken links out unseen."""
+    """``list_folder`` on a local folder with ``os.scandir`` (pyarrow's local listing leaves broken links out)."""
     files, dirs, bad = [], [], []
     stack = [rel]
     while stack:
@@ -180,10 +180,10 @@ def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]
 
 
 def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``_list`` on object storage (or any pyarrow filesystem), transient errors retried (``data.ReadPolicy``)."""
+    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``data.ReadPolicy``)."""
     path = _path(base, rel)
     try:
-        infos = _with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), ReadPolicy())
+        infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), ReadPolicy())
     except RetriesExhausted:
         raise
     except OSError as e:
@@ -203,7 +203,7 @@ def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> t
     return files, dirs, bad
 
 
-def _list(root: str, rel: str, recursive: bool) -> tuple[list, list, list]:
+def list_folder(root: str, rel: str, recursive: bool) -> tuple[list, list, list]:
     """The folder ``rel`` below ``root`` (relative paths throughout): (files as (path, size), sub-folders when not
     ``recursive``, entries to skip as (path, reason)); with ``recursive``, everything below it."""
     fs, base = resolve_filesystem(root)
@@ -223,7 +223,7 @@ def _entries(files: list, bad: list) -> pa.Table:
 def _list_level(root: str, rel: str) -> tuple[tuple[list[str], list[tuple[str, int, int]]], pa.Table]:
     """A task: one folder's direct entries. Returns (its sub-folders, the runs of its entries between them as (first
     path, start, stop)), and the entries (``_entries``) for the tasks that write them."""
-    files, dirs, bad = _list(root, rel, recursive=False)
+    files, dirs, bad = list_folder(root, rel, recursive=False)
     entries = _entries(files, bad)
     rels = entries.column("rel").to_pylist()
     cuts = sorted({0, len(rels), *(bisect.bisect_left(rels, d + "/") for d in dirs)})
@@ -257,7 +257,7 @@ def _piece_entries(piece: tuple) -> pa.Table:
     import ray
 
     if piece[0] == "tree":
-        files, _, bad = _list(piece[1], piece[2], recursive=True)
+        files, _, bad = list_folder(piece[1], piece[2], recursive=True)
         return _entries(files, bad)
     _, _, ref, start, stop = piece
     return ray.get(ref).slice(start, stop - start)

@@ -145,14 +145,14 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
     """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
     for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
     is not JSON reads as one that disagrees."""
-    from rayanom.data import ReadPolicy, _with_retries, error_message
+    from rayanom.data import ReadPolicy, error_message, with_retries
 
     def read() -> bytes:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:
             return f.read()
 
     try:
-        text = _with_retries(read, ReadPolicy())
+        text = with_retries(read, ReadPolicy())
     except OSError as e:
         msg = (f"cannot read the scores manifest {path}/{MANIFEST} ({error_message(e)}); nothing was changed: check "
                "access to the output and re-run the same command to resume")

@@ -28,6 +28,7 @@ def autoscaler_max_resources() -> dict[str, float] | None:
     file named by ``RAYANOM_CLUSTER_CONFIG``. The driver of ``ray job submit`` runs on the head, where it is.
     """
     try:
+        # Ray has no public API for this record (Ray Data and Ray Train read it here too).
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config()

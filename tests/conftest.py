@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated image set, and one local Ray for the whole session (marker ``ray``)."""
+"""Shared fixtures: a tiny generated image set, and one local Ray for the whole session (marker ``ray``); tests marked
+``gpu`` skip where there is no CUDA GPU."""
 
 import logging
 import os
@@ -11,6 +12,15 @@ logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 # Small and fast: resnet18 at 64 x 64 on a few dozen 96-pixel images.
 SMALL = dict(backbone="resnet18", image_size=(64, 64), n_pca_components=4, max_training_points=40_000, seed=0)
+
+
+def pytest_runtest_setup(item):
+    """A test marked ``gpu`` is skipped, with the reason, on a machine without a CUDA GPU."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (marker gpu): torch.cuda.is_available() is False here")
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +39,9 @@ def ray_local():
     # 4 logical CPUs on 2 cores: actors (1 CPU each, at most 2) always leave room for the index tasks (an actor holds
     # its CPU for the whole run, so actors on every CPU leave a task none and the dataset hangs).
     # Every test has a timeout (pyproject.toml), so a deadlock fails its test instead of hanging CI.
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    # address="local": a Ray of its own, never one that another process started on this machine with `ray start`.
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 

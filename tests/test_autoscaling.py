@@ -1,4 +1,4 @@
-"""Autoscaling clusters: `--device auto`'s decision, and a whole job on Ray's own autoscaler with simulated nodes.
+"""Autoscaling clusters: a pool that no node can hold, and a whole job on Ray's own autoscaler with simulated nodes.
 
 The simulated cluster is Ray's ``fake_multinode`` node provider (what ``ray.cluster_utils.AutoscalingCluster`` uses),
 started by hand: that class reads an ``example.yaml`` the wheel lacks, and its start and shutdown run
@@ -19,61 +19,24 @@ from conftest import free_ports, kill_ray_of
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("requested, now, most, device", [
-    ("auto", 2, None, "cuda"),  # GPUs up now
-    ("auto", 0, 8, "cuda"),  # none up, the autoscaler can start GPU nodes: ask and wait
-    ("auto", 0, 0, "cpu"),  # node types known, none with a GPU
-    ("auto", 0, None, "cpu"),  # no autoscaler config found
-    ("cuda", 0, None, "cuda"),  # stated by the user: ask and wait (with a timeout)
-    ("cpu", 4, 8, "cpu"),
-])
-def test_device_auto_decides_from_gpus_up_and_node_types(requested, now, most, device):
-    from rayanom.pool import choose_device
-
-    assert choose_device(requested, now, most)[0] == device
-
-
-def test_device_cuda_is_refused_where_no_node_type_has_a_gpu():
-    from rayanom.config import UserError
-    from rayanom.pool import choose_device
-
-    with pytest.raises(UserError, match="invalid device='cuda': the cluster has no GPU and none of its autoscaler's"):
-        choose_device("cuda", 0, 0)
-
-
+@pytest.mark.ray
 def test_a_pool_that_no_node_can_hold_ends_with_a_clear_error(ray_local):
     """No actor can start (the local Ray has 4 CPUs, the actors ask for 64 each): after the timeout an error names
     what the cluster has, instead of a silent wait."""
     import test_reliability
     from ray import cloudpickle
-    from test_reliability import _one_row_unit, _Stuck
+    from test_reliability import Stuck, one_row_unit
 
     from rayanom.config import UserError
     from rayanom.data import ReadPolicy
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(test_reliability)  # workers cannot import a test module by name
-    decode = {"rows_of": _one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
+    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
     plan = Plan(num_actors=2, batches_per_call=1, num_cpus=64, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=2)
-    with pytest.raises(UserError, match=r"no _Stuck actor \(64 CPU, 0 GPU\) could start in 2 s of waiting: the "
+    with pytest.raises(UserError, match=r"no Stuck actor \(64 CPU, 0 GPU\) could start in 2 s of waiting: the "
                                         r"cluster has no room for one \(4 CPUs and 0 GPUs up now; "):
-        list(run([{"part": 0}], decode, _Stuck, {"seconds": 0.0}, plan, progress=False))
-
-
-def test_node_types_add_up_from_the_autoscaler_config(tmp_path, monkeypatch):
-    from rayanom.pool import autoscaler_max_resources
-
-    config = {"head_node_type": "head", "max_workers": 10, "available_node_types": {
-        "head": {"resources": {"CPU": 0}, "max_workers": 0},
-        "gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 8},
-        "big": {"resources": {"CPU": 48, "GPU": 4}, "max_workers": 2}}}
-    path = tmp_path / "bootstrap.yaml"
-    path.write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("RAYANOM_CLUSTER_CONFIG", str(path))
-    assert autoscaler_max_resources() == {"CPU": 8 * 8 + 2 * 48, "GPU": 8 + 2 * 4}
-    monkeypatch.setenv("RAYANOM_CLUSTER_CONFIG", str(tmp_path / "absent.yaml"))
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert autoscaler_max_resources() is None
+        list(run([{"part": 0}], decode, Stuck, {"seconds": 0.0}, plan, progress=False))
 
 
 @pytest.fixture

@@ -299,14 +299,14 @@ def s3(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3").create_bucket(Bucket="rayanom-test")
-    from rayanom.data import _bucket_filesystem
+    from rayanom.data import bucket_filesystem
 
-    _bucket_filesystem.cache_clear()  # this process's filesystems for the bucket: made for another server's port
+    bucket_filesystem.cache_clear()  # this process's filesystems for the bucket: made for another server's port
     try:
         yield {"bucket": "s3://rayanom-test", "env": env}
     finally:
         server.stop()
-        _bucket_filesystem.cache_clear()
+        bucket_filesystem.cache_clear()
 
 
 @pytest.mark.ray

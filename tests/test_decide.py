@@ -65,6 +65,7 @@ def test_threshold_from_val_is_the_best_f1_of_the_val_rows(tmp_path):
     assert (t.min, t.max) == (scores.min(), scores.max())
 
 
+@pytest.mark.ray
 def test_new_threshold_rewrites_only_the_decisions(ray_local, tmp_path):
     from rayanom.decide import apply_to_parts
 
@@ -83,6 +84,7 @@ def test_new_threshold_rewrites_only_the_decisions(ray_local, tmp_path):
         assert after.schema.metadata[META_KEY] == second.key()
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_scoring_with_a_threshold_equals_rethresholding(ray_local, demo_set, tmp_path):
     from conftest import SMALL
@@ -130,6 +132,7 @@ def test_the_threshold_is_not_part_of_the_models_identity(tmp_path):
     assert not os.path.exists(os.path.join(model, THRESHOLD_FILE))
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_fit_with_val_rows_then_a_new_threshold(demo_set, tmp_path):
     """fit.py on an index with a val split stores the threshold of those rows beside the model; fit.py --score

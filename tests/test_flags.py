@@ -1,5 +1,5 @@
 """The jobs' flags: renamed flags and their deprecated spellings, one report location rule, messages that name flags,
-user errors that exit 2 with one line, and the refusal of a local output path on a cluster of several nodes."""
+and user errors that exit 2 with one line."""
 
 import logging
 import os
@@ -11,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPRECATED = "is deprecated and will be removed in the next release: use"
+COMPARE_ARGS = ["--before", "a", "--after", "b", "--out", "o"]  # compare.py's required flags (its main is replaced)
 
 
 def _parse(job, argv, caplog):
@@ -86,25 +87,42 @@ def test_one_report_location_rule():
     assert "speed only" not in fit_help and "--precision is also part of the model's identity" in fit_help
 
 
-def test_messages_name_flags():
-    from rayanom_jobs import _cli, compare, fit, score
+def _printed(job, message: str, argv: list[str], monkeypatch, capsys) -> str:
+    """The line ``job``'s command line (its ``cli``) prints, exit code 2, where its ``main`` raises UserError
+    ``message``."""
+    from rayanom.config import UserError
 
-    names = _cli.flag_names(fit.get_args_parser(), {"model": None})
-    assert _cli.name_flags("invalid batch_size=0: expected an integer >= 1", names) == \
-        "invalid --batch-size=0: expected an integer >= 1"
-    assert _cli.name_flags("invalid no_progress_s=0 and start_timeout_s=-1", names) == \
+    def main(args):
+        raise UserError(message)
+
+    monkeypatch.setattr(job, "main", main)
+    monkeypatch.setattr(sys, "argv", ["job", *argv])
+    with pytest.raises(SystemExit) as e:
+        job.cli()
+    assert e.value.code == 2
+    return capsys.readouterr().err.removeprefix("error: ").removesuffix("\n")
+
+
+def test_messages_name_flags(monkeypatch, capsys):
+    from rayanom_jobs import compare, fit, score
+
+    def named(message):
+        return _printed(fit, message, ["--model", "dfkde"], monkeypatch, capsys)
+
+    assert named("invalid batch_size=0: expected an integer >= 1") == "invalid --batch-size=0: expected an integer >= 1"
+    assert named("invalid no_progress_s=0 and start_timeout_s=-1") == \
         "invalid --no-progress-timeout=0 and --wait-for-actors=-1"
-    assert _cli.name_flags("invalid layer='' (max_training_points=3 > n_pca_components=4)", names) == \
+    assert named("invalid layer='' (max_training_points=3 > n_pca_components=4)") == \
         "invalid --layers='' (--max-training-points=3 > --n-pca-components=4)"
-    assert _cli.name_flags("invalid model='runs/r/model'", names) == "invalid model='runs/r/model'"  # not --model
-    assert _cli.name_flags("got 3 rows; lower n_pca_components or seed", names) == \
+    assert named("invalid model='runs/r/model'") == "invalid model='runs/r/model'"  # not --model
+    assert named("got 3 rows; lower n_pca_components or seed") == \
         "got 3 rows; lower --n-pca-components or seed"  # a bare snake_case name too, not a plain word
-    assert _cli.name_flags("cannot read /d/image_size/a.png, image_size.png", names) == \
+    assert named("cannot read /d/image_size/a.png, image_size.png") == \
         "cannot read /d/image_size/a.png, image_size.png"  # never in a path or a file name
-    names = _cli.flag_names(score.get_args_parser(), {"model": "--model-dir"})
-    assert _cli.name_flags("invalid model='m': not a readable rayanom artifact", names) == \
+    assert _printed(score, "invalid model='m': not a readable rayanom artifact",
+                    ["--model-dir", "m", "--index", "i", "--out", "o"], monkeypatch, capsys) == \
         "invalid --model-dir='m': not a readable rayanom artifact"
-    assert _cli.name_flags("invalid top=-1", _cli.flag_names(compare.get_args_parser())) == "invalid --top=-1"
+    assert _printed(compare, "invalid top=-1", COMPARE_ARGS, monkeypatch, capsys) == "invalid --top=-1"
 
 
 def _job(*argv):
@@ -157,16 +175,15 @@ def test_a_deprecated_spelling_still_runs_the_job(tmp_path):
     (RuntimeError("an internal failure"), 1),
 ])
 def test_a_timeout_on_the_cluster_exits_2_with_one_line(monkeypatch, capsys, raised, code):
-    import argparse
-
-    from rayanom_jobs import _cli
+    from rayanom_jobs import compare
 
     def main(args):
         raise raised
 
-    monkeypatch.setattr(sys, "argv", ["job"])
+    monkeypatch.setattr(compare, "main", main)
+    monkeypatch.setattr(sys, "argv", ["job", *COMPARE_ARGS])
     with pytest.raises(SystemExit) as e:
-        _cli.run_main(main, argparse.ArgumentParser)
+        compare.cli()
     err = capsys.readouterr().err
     assert e.value.code == code
     if code == 2:
@@ -176,56 +193,15 @@ def test_a_timeout_on_the_cluster_exits_2_with_one_line(monkeypatch, capsys, rai
 
 
 def test_ray_get_timeout_exits_2(monkeypatch, capsys):
-    import argparse
-
     import ray
 
-    from rayanom_jobs import _cli
+    from rayanom_jobs import compare
 
     def main(args):
         raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
 
-    monkeypatch.setattr(sys, "argv", ["job"])
+    monkeypatch.setattr(compare, "main", main)
+    monkeypatch.setattr(sys, "argv", ["job", *COMPARE_ARGS])
     with pytest.raises(SystemExit) as e:
-        _cli.run_main(main, argparse.ArgumentParser)
+        compare.cli()
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
-
-
-@pytest.fixture
-def cluster(monkeypatch):
-    """A connected cluster as ``check_output_location`` sees it: set ``nodes`` (alive), ``now`` (resources up) and
-    ``most`` (the autoscaler's node types, None: unknown)."""
-    import ray
-
-    import rayanom.pool
-
-    state = {"nodes": 1, "now": {"CPU": 4.0}, "most": None}
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * state["nodes"] + [{"Alive": False}])
-    monkeypatch.setattr(ray, "cluster_resources", lambda: state["now"])
-    monkeypatch.setattr(rayanom.pool, "autoscaler_max_resources", lambda: state["most"])
-    return state
-
-
-def test_local_output_is_refused_on_a_cluster_of_several_nodes(cluster, monkeypatch):
-    from rayanom.config import UserError
-    from rayanom.launch import check_output_location
-
-    check_output_location({"--out": "runs/r1"})  # one node (a dead one is not counted), no autoscaler
-    cluster["most"] = {"CPU": 4.0}
-    check_output_location({"--out": "runs/r1"})  # node types that add nothing beyond what is up
-    cluster["nodes"] = 2
-    refused = (r"invalid --out='runs/r1': a local path on a cluster of more than one node \(2 up now\), .* "
-               r"\(s3://bucket/\.\.\., gs://bucket/\.\.\.\), .*--shared-path")
-    with pytest.raises(UserError, match=refused):
-        check_output_location({"--out": "runs/r1", "--model-dir": "s3://b/m"})
-    cluster["nodes"], cluster["most"] = 1, {"CPU": 8.0, "GPU": 2.0}
-    with pytest.raises(UserError, match=r"invalid --out='file:///x', --model-dir='/m': .* \(1 up now, its "
-                                        r"autoscaler can add more\)"):
-        check_output_location({"--out": "file:///x", "--model-dir": "/m"})
-    check_output_location({"--out": "/mnt/nfs/r1", "--model-dir": "/mnt/nfs/m"}, shared=True)  # --shared-path
-    check_output_location({"--out": "s3://bucket/r1", "--model-dir": "gs://bucket/m"})
-    check_output_location({"--out": "runs/r1", "--model-dir": None}, shared=True)
-    monkeypatch.delenv("RAY_ADDRESS")
-    check_output_location({"--out": "runs/r1"})  # an embedded local Ray: one machine

@@ -77,8 +77,8 @@ def test_gaussian_kde_tiles_and_shift_fallback(monkeypatch, exact):
     from the first tile would overflow: those rows are redone with the exact maximum); scipy is the reference."""
     import rayanom.heads as heads
 
-    monkeypatch.setattr(heads, "_SUPPORT_TILE", 64)
-    monkeypatch.setattr(heads, "_QUERY_TILE", 16)
+    monkeypatch.setattr(heads, "SUPPORT_TILE", 64)
+    monkeypatch.setattr(heads, "QUERY_TILE", 16)
     rng = np.random.default_rng(0)
     # A few far outliers in the bank, none in the first tile: queries beside them are ~20 bandwidths from every
     # first-tile point, so exp(first-tile shift - true maximum) would overflow float32 and float64 alike.

@@ -79,6 +79,7 @@ def test_label_values_are_checked_on_the_workers(ray_local, tmp_path):
     assert "c-no-suffix" in error and "column 'label' holds [2, None]" in error
 
 
+@pytest.mark.ray
 def test_score_job_rejects_bad_labels_before_writing(tmp_path):
     index = tmp_path / "index.parquet"
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "label": pa.array([0, 3], pa.int64())}), index)
@@ -145,6 +146,7 @@ def test_automatic_part_layout(tmp_path):
     assert rows_per_part(out, 20_000, overwrite=True) == 1024  # --overwrite replaces them: their layout too
 
 
+@pytest.mark.ray
 def test_training_band_equals_the_rows_read_whole(ray_local, tmp_path):
     """The workers' band of training rows (split and label filters, row offsets across files, row groups, an empty
     file) equals the same selection made on the whole table read at once."""
@@ -173,6 +175,7 @@ def test_training_band_equals_the_rows_read_whole(ray_local, tmp_path):
         assert list(got_paths) == np.asarray(train.column("path").to_pylist())[use].tolist()
 
 
+@pytest.mark.ray
 def test_training_band_rejects_bad_labels(ray_local, tmp_path):
     from rayanom.index import training_band
 

@@ -114,10 +114,10 @@ def test_a_folder_that_cannot_be_listed_is_skipped_with_its_reason(tree, monkeyp
         return real(path)
 
     monkeypatch.setattr(listing.os, "scandir", scandir)
-    files, dirs, bad = listing._list(tree, "a", recursive=True)
+    files, dirs, bad = listing.list_folder(tree, "a", recursive=True)
     assert dirs == [] and ("a/good", listing.DENIED) in bad
     assert sorted(f for f, _ in files) == ["a/bad/4.png", "a/bad/x/5.tif", "a/empty.png", "a/mid.png"]
-    _, dirs, bad = listing._list(tree, "a/good", recursive=False)
+    _, dirs, bad = listing.list_folder(tree, "a/good", recursive=False)
     assert (dirs, bad) == ([], [("a/good", listing.DENIED)])
 
 
@@ -191,7 +191,7 @@ def s3(monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from rayanom.data import _bucket_filesystem
+    from rayanom.data import bucket_filesystem
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -203,13 +203,13 @@ def s3(monkeypatch):
         monkeypatch.setenv(k, v)
     client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
     client.create_bucket(Bucket="rayanom-test")
-    _bucket_filesystem.cache_clear()  # filesystems made for another server's port
+    bucket_filesystem.cache_clear()  # filesystems made for another server's port
     try:
         yield {"client": client, "env": env, "proxy": proxy}
     finally:
         proxy.close()
         server.stop()
-        _bucket_filesystem.cache_clear()
+        bucket_filesystem.cache_clear()
 
 
 @pytest.mark.ray

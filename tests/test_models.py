@@ -15,7 +15,7 @@ from rayanom.data import SCORE_COL, decode_image, read_index, training_rows, wit
 from rayanom.features import FeatureExtractor
 from rayanom.index import describe_index
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +66,7 @@ def toy():
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.ray
 def test_a_fourth_model_registered_in_one_place_fits_and_scores(ray_local, demo_set, toy, tmp_path):
     config = MeanConfig()
     state, source = toy.weights(config, {}, False)  # seeded random weights, as the demo

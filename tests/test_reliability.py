@@ -403,7 +403,7 @@ def test_node_lost_mid_job_loses_nothing(demo_set, tmp_path):
     assert scores.equals(pq.read_table(str(tmp_path / "ref")).sort_by("row_index"))
 
 
-class _Stuck:
+class Stuck:
     """A model stage that sleeps ``seconds`` on every batch."""
 
     def __init__(self, seconds: float) -> None:
@@ -414,7 +414,7 @@ class _Stuck:
         return row.select(["part", "n"])
 
 
-def _one_row_unit(unit):
+def one_row_unit(unit):
     rows = pa.table({"row_index": pa.array([unit["part"]], pa.int64()), "path": pa.array(["/nonexistent.png"])})
     return rows, {"part": unit["part"], "first": 0, "stop": 1, "retry": 0, "offset": 0, "total": 1}
 
@@ -427,11 +427,11 @@ def test_a_stalled_plane_ends_with_an_error(ray_local):
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
-    decode = {"rows_of": _one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": pipeline.ReadPolicy()}
+    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": pipeline.ReadPolicy()}
     units = [{"part": i} for i in range(7)]
     quick = Plan(num_actors=2, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=120)
-    got = pa.concat_tables(run(units, decode, _Stuck, {"seconds": 0.0}, quick, progress=False))
+    got = pa.concat_tables(run(units, decode, Stuck, {"seconds": 0.0}, quick, progress=False))
     assert sorted(got.column("part").to_pylist()) == list(range(7))
     stuck = Plan(num_actors=1, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=3, start_timeout_s=120)
-    with pytest.raises(RuntimeError, match=r"no progress for 3 s in the _Stuck plane \(raise --no-progress-timeout"):
-        list(run(units, decode, _Stuck, {"seconds": 60.0}, stuck, progress=False))
+    with pytest.raises(RuntimeError, match=r"no progress for 3 s in the Stuck plane \(raise --no-progress-timeout"):
+        list(run(units, decode, Stuck, {"seconds": 60.0}, stuck, progress=False))

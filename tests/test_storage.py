@@ -220,8 +220,11 @@ def test_lease_one_writer_per_output_and_a_stale_one_is_taken_over(tmp_path, mon
     os.utime(lease_file, (time.time() - 1000, time.time() - 1000))  # the heartbeat brings it back to now
     time.sleep(0.3)
     assert parts.Lease(out, "job-c").age() < 5
-    first._stop.set()  # job-a dies: no more heartbeats
-    first._thread.join()
+    last_beat = open(lease_file).read()
+    first.release()  # job-a dies: no more heartbeats, its last one left behind
+    os.makedirs(out, exist_ok=True)
+    with open(lease_file, "w") as f:
+        f.write(last_beat)
     os.utime(lease_file, (time.time() - 1000, time.time() - 1000))
     taker = parts.Lease(out, "job-d")
     taker.acquire()  # stale by the store's clock: taken over

@@ -30,12 +30,13 @@ def offline(monkeypatch):
 
 def _fit_until_ray(monkeypatch, argv: list[str]):
     """jobs/fit.py's ``main`` on ``argv`` up to where it starts Ray; returns the stop (or raises its UserError)."""
+    import rayanom.launch
     from rayanom_jobs import fit
 
     def stop(*args, **kwargs):
         raise _RayWouldStart
 
-    monkeypatch.setattr(fit._cli, "start_ray", stop)
+    monkeypatch.setattr(rayanom.launch, "start_ray", stop)
     with pytest.raises(_RayWouldStart):
         fit.main(fit.get_args_parser().parse_args(argv))
 
@@ -145,9 +146,10 @@ def test_rkde_random_weights_on_the_demo_and_with_no_pretrained():
 def test_fit_job_refuses_rkde_on_an_index_without_files(demo_set, tmp_path, monkeypatch):
     """``--pretrained`` is RKDE's flag too (no longer 'applies to dfkde or dfm'); on an index it is the default, and
     without the two files the job stops before Ray with the refusal."""
+    import rayanom.launch
     from rayanom_jobs import fit
 
-    monkeypatch.setattr(fit._cli, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.setattr(rayanom.launch, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
     base = ["--model", "rkde", "--index", demo_set["index"], "--out", str(tmp_path / "r"), "--quiet"]
     for extra in ([], ["--pretrained"]):
         with pytest.raises(UserError, match="RKDE's pretrained weights .* two files to download once"):
