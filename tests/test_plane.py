@@ -100,6 +100,7 @@ def test_decode_stage_skips_the_row_that_killed_its_worker_twice(demo_set, tmp_p
     assert not os.path.exists(marker.file)  # cleared when the unit is done
 
 
+@pytest.mark.ray
 def test_model_stage_skips_the_row_that_killed_its_worker_twice(fitted_small, demo_set, tmp_path):
     from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows
 
@@ -120,6 +121,7 @@ def test_model_stage_skips_the_row_that_killed_its_worker_twice(fitted_small, de
     assert not [n for n in os.listdir(out) if n.endswith(".crash.tmp")]
 
 
+@pytest.mark.ray
 def test_a_bf16_run_ships_half_the_bytes_and_scores_as_from_float32(fitted_small, demo_set, tmp_path):
     from rayanom.index import read_rows
     from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows

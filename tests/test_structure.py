@@ -259,8 +259,7 @@ def test_no_private_name_crosses_a_module():
 # --- the ray marker --------------------------------------------------------------------------------------------------
 
 RAY_SCRIPTS = ("node_loss_job.py", "plane_cluster_job.py", '"submit"')  # scripts that start a cluster; ray job submit
-# Tests that break the marker rule in files being rewritten for issue 30, until that merge.
-RAY_MARKER_EXCEPTIONS = {"tests/test_plane.py::test_model_stage_skips_the_row_that_killed_its_worker_twice"}
+RAY_MARKER_EXCEPTIONS: set[str] = set()  # tests allowed to break the marker rule, each with its reason
 
 
 def _marked_ray(node: ast.AST) -> bool:
