@@ -48,8 +48,9 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
                       max(1, int(cpus) // per_actor) if cluster else min(4, os.cpu_count() or 1))
     if not cluster:
         # At least two CPUs beyond the actors' so tasks always find room; every core where there are more.
-        ray.init(num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        # address="local": an embedded Ray of its own, never one a `ray start` left running on this machine
+        ray.init(address="local", num_cpus=max(num_actors + 2, os.cpu_count() or 1), num_gpus=gpus,
+                 include_dashboard=False, logging_level=logging.WARNING)
     if threads_per_actor is None:
         threads_per_actor = per_actor if cluster else max(1, (os.cpu_count() or 1) // num_actors)
     # Tests and dry runs on machines without CUDA: the actors ask for GPUs (so Ray places them, and an autoscaler
@@ -111,7 +112,8 @@ def start_ray_for_tasks() -> None:
         ray.init(logging_level=logging.WARNING)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # throw-away embedded head: no token auth
-        ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level=logging.WARNING)
 
 
 def _fast_precision(run: RunConfig) -> tuple[str, float]:
