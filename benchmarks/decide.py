@@ -29,7 +29,7 @@ SCORING_IMAGES_PER_S = 67.8  # README, Performance: steady scoring, DFKDE resnet
 
 def _scores(out: str, rows: int, per_part: int = 4096) -> None:
     sys.path.insert(0, REPO)
-    from rayanom.decide import Threshold, with_decisions
+    from rayanom.decisions import Threshold, with_decisions
     from rayanom.parts import write_part
 
     rng = np.random.default_rng(0)

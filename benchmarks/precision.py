@@ -14,7 +14,7 @@ Measures, in one run (about 2 minutes on 2 CPU cores):
   -> anomaly scores (-log density) of the test split; the same for DFM (default config: resnet50 layer3, pooled 4,
   PCA 0.97, FRE) unless ``--no-dfm``. Reported: AUROC fp32 / bf16, Spearman correlation of the two score vectors, the
   largest and median absolute rank change of a test image, decisions that flip when both score vectors are
-  thresholded at one fp32 threshold (the F1-optimal one, ``report.f1_adaptive_threshold``, and the 95th percentile of
+  thresholded at one fp32 threshold (the F1-optimal one, ``decisions.f1_adaptive_threshold``, and the 95th percentile of
   the normal test images' fp32 scores), and how far the bf16 features lie from fp32's.
 
 Backbones have random weights from the default seed (``features.resolve_weights``, no download), as the demo job.
@@ -161,7 +161,7 @@ def compare_scores(labels: np.ndarray, s32: np.ndarray, s16: np.ndarray) -> dict
     from scipy.stats import rankdata, spearmanr
     from sklearn.metrics import roc_auc_score
 
-    from rayanom.report import f1_adaptive_threshold
+    from rayanom.decisions import f1_adaptive_threshold
 
     moved = np.abs(rankdata(s32) - rankdata(s16))
     out = {"auroc_fp32": float(roc_auc_score(labels, s32)), "auroc_bf16": float(roc_auc_score(labels, s16)),
@@ -270,7 +270,7 @@ def main() -> None:
               "batch_size": args.batch_size, "weights": "random, seeded with the config's default seed (0)",
               "threshold_note": "flips: test images whose decision (score >= t) differs between fp32 and bf16 scores "
                                 "at one fp32 threshold t: the F1-optimal one on the test labels "
-                                "(report.f1_adaptive_threshold), and the 95th percentile of the normal test images",
+                                "(decisions.f1_adaptive_threshold), and the 95th percentile of the normal test images",
               "probe": time_probe()}
     with tempfile.TemporaryDirectory() as tmp:
         demo = demo_images(os.path.join(tmp, "demo"), sizes.pop())

@@ -207,7 +207,7 @@ def print_summary(summary: dict) -> None:
                if auroc is not None else ""))
     print(line)
     t = summary.get("threshold")
-    from rayanom.decide import NO_THRESHOLD
+    from rayanom.decisions import NO_THRESHOLD
 
     print(f"decisions: is_anomalous = anomaly_score >= {t['value']:.6g} ({t['source']})" if t else
           f"decisions: {NO_THRESHOLD}")

@@ -38,10 +38,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from rayanom.config import UserError
-    from rayanom.decide import apply_to_parts, manual_threshold, save_threshold, threshold_from_val
+    from rayanom.decisions import THRESHOLD_FILE, save_threshold
     from rayanom.launch import check_output_location, start_ray_for_tasks
     from rayanom.parts import Lease, read_manifest
     from rayanom.report import check_report, report_dir_of, write_report
+    from rayanom.workflows import decide_scores
 
     _cli.setup_logging(args.quiet)
     # On a cluster of several nodes the tasks on every node rewrite the parts: shared paths only.
@@ -60,18 +61,12 @@ def main(args: argparse.Namespace) -> int:
     with Lease(args.scores):  # no scoring job may write the parts meanwhile
         start_ray_for_tasks()
         t0 = time.time()
-        if args.from_val:
-            t = threshold_from_val(args.scores)
-            if t is None:
-                raise UserError(f"{args.scores!r} has no labelled 'val' rows holding both classes: pass --threshold")
-        else:
-            t = manual_threshold(args.scores, args.threshold)
-        n = apply_to_parts(args.scores, t)
+        t, n = decide_scores(args.scores, None if args.from_val else args.threshold)
         print(f"decisions: is_anomalous = anomaly_score >= {t.value:.6g} ({t.source}); {n} parts decided again in "
               f"{time.time() - t0:.1f} s")
     if args.model_dir:
         save_threshold(args.model_dir, t, manifest["model"])
-        print(f"threshold: {args.model_dir}/threshold.json")
+        print(f"threshold: {args.model_dir}/{THRESHOLD_FILE}")
     _cli.print_report(write_report(args.scores, report_dir, args.evaluate, decision=t.value), t.value)
     return 0
 

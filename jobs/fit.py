@@ -149,8 +149,8 @@ def _fit(job: Plan, train_info, config, source: dict, run):
 
 def _score(args, job: Plan, artifact, score_info, train_info, run, lease) -> int:
     """The --score index scored, decided and reported; without one, the threshold from the fit index's val rows."""
-    from rayanom.decide import score_and_decide, threshold_from_fit_index
     from rayanom.report import report_dir_of, write_report
+    from rayanom.workflows import score_and_decide, threshold_from_fit_index
 
     if score_info is None:
         n, summary = threshold_from_fit_index(train_info, artifact, job.at("model"), job.at("val-index"),

@@ -50,12 +50,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from rayanom.artifact import Artifact
     from rayanom.config import UserError
-    from rayanom.decide import score_and_decide
     from rayanom.index import check_values, describe_index
     from rayanom.launch import check_output_location
     from rayanom.models import SPECS, spec_of
     from rayanom.parts import Lease, check_parts_dir
     from rayanom.report import check_report, report_dir_of, write_report
+    from rayanom.workflows import score_and_decide
 
     _cli.setup_logging(args.quiet)
     # On a cluster of several nodes the actors on every node read the model and write the parts: shared paths only.

@@ -10,7 +10,9 @@ The public API, imported lazily (``import rayanom`` loads neither torch nor Ray,
     weights = rayanom.resolve_weights(config, None, pretrained=True)[1]
     result = rayanom.fit(index, config, weights, run)
     result.artifact.save("s3://bucket/models/m1")
-    rayanom.score(index, rayanom.Artifact.load("s3://bucket/models/m1"), "s3://bucket/scores/run1", run)
+    model = rayanom.Artifact.load("s3://bucket/models/m1")
+    rayanom.score_and_decide(index, model, "s3://bucket/scores/run1", run, "s3://bucket/models/m1")  # as score.py
+    rayanom.decide_scores("s3://bucket/scores/run1", 12.5)            # a new threshold, without scoring again
     rayanom.evaluate("s3://bucket/scores/run1", "s3://bucket/scores/run1-report")   # no Ray needed
 """
 
@@ -23,7 +25,8 @@ _API = {
     "DfkdeConfig": "rayanom.config", "DfmConfig": "rayanom.config", "RkdeConfig": "rayanom.config",
     "RunConfig": "rayanom.config", "UserError": "rayanom.config", "start_ray": "rayanom.launch",
     "describe_index": "rayanom.index", "resolve_weights": "rayanom.features",
-    "evaluate": "rayanom.report", "compare_runs": "rayanom.compare", "Threshold": "rayanom.decide",
+    "evaluate": "rayanom.report", "compare_runs": "rayanom.compare", "Threshold": "rayanom.decisions",
+    "score_and_decide": "rayanom.workflows", "decide_scores": "rayanom.workflows",
 }
 __all__ = ["__version__", *_API]
 

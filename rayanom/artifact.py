@@ -15,7 +15,7 @@ import numpy as np
 
 from rayanom.config import ModelConfig, UserError, config_to_dict
 from rayanom.data import check_output_dir, prepare_output_dir, resolve_filesystem
-from rayanom.decide import THRESHOLD_FILE
+from rayanom.decisions import THRESHOLD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ FORMAT = "rayanom-artifact"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 HEAD_FILE = "head.safetensors"
-MODEL_FILES = frozenset({CONFIG_FILE, HEAD_FILE, THRESHOLD_FILE})  # the threshold lives beside the model (decide)
+MODEL_FILES = frozenset({CONFIG_FILE, HEAD_FILE, THRESHOLD_FILE})  # the threshold lives beside the model (decisions)
 
 
 @dataclass

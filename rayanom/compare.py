@@ -30,14 +30,14 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from rayanom.config import UserError
 from rayanom.data import (
     DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, read_bytes, resolve_filesystem,
 )
-from rayanom.summary import EXACT_ROWS
 from rayanom.report import png_bytes
+from rayanom.scores import count_rows, open_scores, score_values
+from rayanom.summary import EXACT_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +45,6 @@ SAMPLE = 1 << 20  # rows per run sampled for Spearman and KS
 CHUNK = 1 << 20  # rows read at a time
 COMPARE_FILE, FIGURE_FILE = "compare.json", "compare.png"
 _COLUMNS = (ROW_COL, PATH_COL, SCORE_COL, ERROR_COL, DECISION_COL, NORMALIZED_COL, DEFECT_COL)
-
-
-def _dataset(uri: str):
-    fs, path = resolve_filesystem(uri)
-    try:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
-    except (OSError, pa.ArrowInvalid) as e:
-        msg = f"invalid scores={uri!r}: not a parquet dataset ({e})"
-        raise UserError(msg) from e
-    missing = [c for c in (SCORE_COL, PATH_COL) if c not in dataset.schema.names]
-    if missing:
-        msg = f"invalid scores={uri!r}: no {missing} column(s); expected a directory written by score.py or fit.py"
-        raise UserError(msg)
-    return dataset
 
 
 def _read(dataset, lo: int | None = None, hi: int | None = None) -> dict[str, np.ndarray]:
@@ -71,7 +57,7 @@ def _read(dataset, lo: int | None = None, hi: int | None = None) -> dict[str, np
     t = dataset.to_table(columns=cols, filter=where)
     if ROW_COL in names:
         t = t.sort_by(ROW_COL)
-    score = pc.fill_null(t.column(SCORE_COL).cast("float64"), np.nan).to_numpy(zero_copy_only=False).copy()
+    score = score_values(t).copy()
     if ERROR_COL in names:
         score[t.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False)] = np.nan
     score[~np.isfinite(score)] = np.nan
@@ -95,10 +81,6 @@ def _index_fingerprint(uri: str) -> str | None:
         return read_manifest(uri).get("index")
     except UserError:
         return None
-
-
-def _rows(dataset) -> int:
-    return sum(f.metadata.num_rows for f in dataset.get_fragments())
 
 
 class _Paired:
@@ -153,7 +135,7 @@ def _side(run: dict, i: int) -> dict:
 def _paired(da, db, join: str, top: int) -> dict:
     """Stream the joined rows of both runs into ``_Paired``."""
     if join == ROW_COL:
-        n = max(_rows(da), _rows(db))
+        n = max(count_rows(da), count_rows(db))
         acc = _Paired(max(1, -(-n // SAMPLE)), top)
         for lo in range(0, n, CHUNK):
             a, b = _read(da, lo, lo + CHUNK), _read(db, lo, lo + CHUNK)
@@ -163,9 +145,9 @@ def _paired(da, db, join: str, top: int) -> dict:
                 raise UserError(msg)
             acc.add(a, b, a["row"])
         return acc.result()
-    for d in (da, db):
-        if _rows(d) > EXACT_ROWS:
-            msg = (f"joining on path holds both runs on the driver, up to {EXACT_ROWS} rows; a run has {_rows(d)}: "
+    for rows in (count_rows(da), count_rows(db)):
+        if rows > EXACT_ROWS:
+            msg = (f"joining on path holds both runs on the driver, up to {EXACT_ROWS} rows; a run has {rows}: "
                    "compare runs of the same index (joined on row_index, streamed) or split the comparison")
             raise UserError(msg)
     a, b = _read(da), _read(db)
@@ -184,7 +166,7 @@ def _paired(da, db, join: str, top: int) -> dict:
 
 def _distribution(dataset) -> dict[str, np.ndarray]:
     """A uniform sample (every k-th row, at most ``SAMPLE``) of one run's scored rows: score, normalized, defect."""
-    n = _rows(dataset)
+    n = count_rows(dataset)
     stride, start, out = max(1, -(-n // SAMPLE)), 0, []
     names = dataset.schema.names
     for batch in dataset.to_batches(columns=[c for c in (SCORE_COL, ERROR_COL, NORMALIZED_COL, DEFECT_COL)
@@ -192,7 +174,7 @@ def _distribution(dataset) -> dict[str, np.ndarray]:
         take = np.arange((-start) % stride, batch.num_rows, stride)
         start += batch.num_rows
         t = pa.Table.from_batches([batch]).take(pa.array(take))
-        run = {"score": pc.fill_null(t.column(SCORE_COL).cast("float64"), np.nan).to_numpy(zero_copy_only=False)}
+        run = {"score": score_values(t)}
         if ERROR_COL in names:
             run["score"] = np.where(t.column(ERROR_COL).is_valid().to_numpy(zero_copy_only=False), np.nan, run["score"])
         run["normalized"] = (pc.fill_null(t.column(NORMALIZED_COL).cast("float64"), np.nan).to_numpy(
@@ -230,7 +212,7 @@ def _shifts(a: dict, b: dict) -> tuple[str, dict]:
 def compare_runs(a_uri: str, b_uri: str, out_dir: str | None = None, top: int = 16) -> dict:
     """Compare scores directories ``a_uri`` (before) and ``b_uri`` (after); writes ``compare.json`` and
     ``compare.png`` into ``out_dir`` when given. See the module docstring for what is compared and how."""
-    da, db = _dataset(a_uri), _dataset(b_uri)
+    da, db = open_scores(a_uri, checked=True), open_scores(b_uri, checked=True)
     fa, fb = _index_fingerprint(a_uri), _index_fingerprint(b_uri)
     join = ROW_COL if fa is not None and fa == fb and ROW_COL in da.schema.names and ROW_COL in db.schema.names \
         else PATH_COL
@@ -239,7 +221,7 @@ def compare_runs(a_uri: str, b_uri: str, out_dir: str | None = None, top: int = 
     dist_a, dist_b = _distribution(da), _distribution(db)
     value, shifts = _shifts(dist_a, dist_b)
     sample = paired.pop("_sample")
-    result = {"a": a_uri, "b": b_uri, "rows_a": _rows(da), "rows_b": _rows(db), "joined_on": join,
+    result = {"a": a_uri, "b": b_uri, "rows_a": count_rows(da), "rows_b": count_rows(db), "joined_on": join,
               "per_image": paired, "distribution_of": value, "per_defect_type": shifts}
     if out_dir is not None:
         fs, path = resolve_filesystem(out_dir)

@@ -46,7 +46,7 @@ MAP_SHAPE_COL = "anomaly_map_shape"
 NUM_REGIONS_COL = "num_regions"  # RKDE: regions per image, their boxes (original pixels) and probabilities
 BOXES_COL = "boxes"
 BOX_SCORES_COL = "box_scores"
-DECISION_COL = "is_anomalous"  # anomaly_score >= the model's threshold (rayanom.decide)
+DECISION_COL = "is_anomalous"  # anomaly_score >= the model's threshold (rayanom.decisions)
 NORMALIZED_COL = "normalized_score"  # anomalib's min-max normalisation around the threshold
 RESERVED_COLS = (ROW_COL, IMAGE_COL, ERROR_COL, SCORE_COL, PROB_COL, HEIGHT_COL, WIDTH_COL, MAP_COL, MAP_SHAPE_COL,
                  NUM_REGIONS_COL, BOXES_COL, BOX_SCORES_COL, DECISION_COL, NORMALIZED_COL)

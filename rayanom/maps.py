@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from rayanom.data import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL, read_bytes, resolve_filesystem
+from rayanom.scores import open_scores
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +100,8 @@ def _save_png(picture, out_dir: str, rank: int, row: dict) -> str:
 
 def _top_rows(scores: str, columns: list[str], top_n: int, valid_col: str) -> list[dict]:
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
-    fs, path = resolve_filesystem(scores)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    table = open_scores(scores).to_table(columns=columns)
     table = table.filter(pc.is_valid(table.column(valid_col)))
     return table.sort_by([(SCORE_COL, "descending"), ("row_index", "ascending")]).slice(0, top_n).to_pylist()
 
@@ -138,14 +137,12 @@ def write_region_rows(scores: str, out_dir: str) -> int:
     """RKDE: one row per region (row_index, path, region, box in original pixels, box_score), written part by part
     from the scores dataset (bounded memory) into ``out_dir``; returns the number of regions."""
     import pyarrow as pa
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    fs, path = resolve_filesystem(scores)
     out_fs, out_path = resolve_filesystem(out_dir)
     out_fs.create_dir(out_path, recursive=True)
     total = 0
-    for fragment in pads.dataset(path, filesystem=fs, format="parquet").get_fragments():
+    for fragment in open_scores(scores).get_fragments():
         part = fragment.to_table(columns=["row_index", PATH_COL, "boxes", "box_scores"])
         counts = pa.compute.fill_null(pa.compute.list_value_length(part.column("boxes")), 0).to_numpy()
         rows = np.repeat(np.arange(part.num_rows), counts)

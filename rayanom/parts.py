@@ -6,7 +6,8 @@ so a part file exists only when complete. ``_rayanom_scores.json`` records what 
 fingerprint and its files', part size, precision): running the same command again skips the complete parts and
 writes the rest, and the result equals an uninterrupted run; a different model or index is refused unless
 ``--overwrite``. The part size is ``--rows-per-part``, or chosen from the index's row count (``rows_per_part``).
-``_rayanom_model/`` holds a copy of the model the parts are scored with (the scoring actors read the head from it).
+``_rayanom_model/`` holds a copy of the model the parts are scored with (the scoring actors read the head from it),
+``_rayanom_val/`` the ``val`` rows scored first where they choose the threshold (``workflows.score_and_decide``).
 Names starting with ``_`` or ``.`` are ignored by pyarrow and Ray Data readers, so the directory reads as one parquet
 dataset.
 """
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 
 from rayanom.config import UserError
 from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
+from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
+from rayanom.index import in_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def table_fingerprint(table: pa.Table) -> str:
 
 
 def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST, LEASE, MODEL_COPY, FRAGMENTS) or bool(PART_RE.match(name))
+    return (name in (MANIFEST, LEASE, MODEL_COPY, FRAGMENTS, VAL_DIR) or bool(PART_RE.match(name))
             or (name.startswith((".part-", f".{MANIFEST}", f".{LEASE}")) and name.endswith((".tmp", ".probe"))))
 
 
@@ -78,7 +81,7 @@ def has_parts(output: str) -> bool:
     fs, path = resolve_filesystem(output)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return False
-    return any(_is_ours(i.base_name) and i.base_name != LEASE
+    return any(_is_ours(i.base_name) and i.base_name not in _NOT_CONTENT
                for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)))
 
 
@@ -93,7 +96,7 @@ def open_parts(output: str, manifest: dict, overwrite: bool) -> set[int]:
     infos = []
     if fs.get_file_info(path).type == pafs.FileType.Directory:  # the lease (this job's, see Lease) is not content
         infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=False))
-                 if i.base_name != LEASE and not i.base_name.endswith(".probe")]
+                 if i.base_name not in _NOT_CONTENT and not i.base_name.endswith(".probe")]
     names = [i.base_name for i in infos]
     previous = _read_manifest(fs, path) if MANIFEST in names else None
     done = {int(m.group(1)) for n in names if (m := PART_RE.match(n))}
@@ -264,6 +267,8 @@ def changed_parts(previous: dict, manifest: dict, done: set[int]) -> int:
 
 LEASE = "_rayanom_lease.json"
 MODEL_COPY = "_rayanom_model"  # the artifact the parts were scored with, read by the scoring actors
+VAL_DIR = "_rayanom_val"  # the val rows that chose the threshold, scored before the parts (index/, scores/)
+_NOT_CONTENT = (LEASE, VAL_DIR)  # what a directory may hold besides its scores (this job's lease, its val rows)
 LEASE_STALE_S = 120.0  # a lease whose heartbeat is older than this (by the store's clock) belongs to a dead job
 HEARTBEAT_S = 15.0
 
@@ -453,6 +458,30 @@ class CrashMarker:
     def _write(self, state: dict) -> None:
         with self.fs.open_output_stream(self.file) as f:
             f.write(json.dumps(state).encode())
+
+
+def _parts_decided(output: str, ks: list[int], key: bytes) -> list[int]:
+    """A worker's share of ``apply_to_parts``: rewrite the parts among ``ks`` decided with another threshold."""
+    t = from_key(key)
+    fs, path = resolve_filesystem(output)
+    done = []
+    for k in ks:
+        with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+            if (pq.read_schema(f).metadata or {}).get(META_KEY) == key:
+                continue
+            f.seek(0)
+            table = pq.read_table(f)
+        write_part(output, k, with_decisions(table, t), "decide")
+        done.append(k)
+    return done
+
+
+def apply_to_parts(output: str, t: Threshold | None, parts_per_task: int = 64) -> int:
+    """Decide every complete part of ``output`` with ``t``, on the workers; returns how many parts were rewritten.
+
+    Only the parts decided with another threshold are rewritten: the footers show which."""
+    ks = sorted(complete_parts(output))
+    return sum(len(d) for d in in_tasks(_parts_decided, ks, parts_per_task, output, key_of(t)))
 
 
 def failed_rows(output: str, parts: list[int]) -> dict[int, int]:

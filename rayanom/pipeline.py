@@ -35,13 +35,13 @@ from rayanom.data import (
     DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
     Decoded, ReadPolicy, error_message, ipc_bytes,
 )
-from rayanom.decide import with_decisions
+from rayanom.decisions import Threshold, with_decisions
 from rayanom.features import device_kind
 from rayanom.index import read_rows
 from rayanom.models import Batch, ModelSpec, spec_of
 from rayanom.parts import (
-    AUTO_ROWS, CrashMarker, drop_fragments, open_parts, part_name, read_fragments, rows_per_part, table_fingerprint,
-    write_fragment, write_part,
+    AUTO_ROWS, CrashMarker, apply_to_parts, drop_fragments, open_parts, part_name, read_fragments, rows_per_part,
+    table_fingerprint, write_fragment, write_part,
 )
 from rayanom.plane import (
     CAREFUL_AFTER, Nodes, Plan, batch_bytes, checked_batches, result_cols, row_by_row, unit_rows,
@@ -308,8 +308,6 @@ class ScoreBatches:
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
                  output: str, job: str, batch_size: int, index, threshold: dict | None = None,
                  files: dict | None = None, spec: ModelSpec | None = None) -> None:
-        from rayanom.decide import Threshold
-
         artifact = Artifact.load(model, spec)
         if artifact_fingerprint(artifact) != fingerprint:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
@@ -475,9 +473,9 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     P = ``run.rows_per_part`` (0: ``parts.rows_per_part`` chooses); parts already complete from an interrupted run of
     the same model, index and layout are kept and skipped (``parts``). The driver handles one small descriptor and
     one summary per part, never a row. ``retry_failed``: complete parts holding failed rows are done again for those
-    rows only (``PartScorer``), every other row kept as it was. ``threshold`` (a ``decide.Threshold``, or None)
+    rows only (``PartScorer``), every other row kept as it was. ``threshold`` (a ``decisions.Threshold``, or None)
     decides ``is_anomalous`` and ``normalized_score``; complete parts decided with another threshold are decided again
-    (``decide.apply_to_parts``), never scored again. Returns the summary of ``summary.summarize``, with the threshold.
+    (``parts.apply_to_parts``), never scored again. Returns the summary of ``summary.summarize``, with the threshold.
     """
     n, per_part = index.n_rows, rows_per_part(output, index.n_rows, run.rows_per_part, overwrite)
     # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
@@ -497,8 +495,6 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     if todo:
         nodes = _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
     if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
-        from rayanom.decide import apply_to_parts
-
         redone = apply_to_parts(output, threshold)
         if redone:
             logger.info("score: %d complete parts decided again with this run's threshold", redone)

@@ -58,7 +58,7 @@ import numpy as np
 from rayanom.data import (
     ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL, read_bytes, resolve_filesystem,
 )
-from rayanom.summary import VAL_SPLIT
+from rayanom.scores import VAL_SPLIT, open_scores
 
 logger = logging.getLogger(__name__)
 
@@ -287,10 +287,7 @@ def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR
     driver adds the summaries as they come back, holding one running sum and a bounded number in flight."""
     import sys
 
-    import pyarrow.dataset as pads
-
-    fs, path = resolve_filesystem(scores_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    dataset = open_scores(scores_uri)
     if MAP_COL not in dataset.schema.names or MASK_COL not in dataset.schema.names:
         return None
     names = sorted(f.path.rsplit("/", 1)[-1] for f in dataset.get_fragments())

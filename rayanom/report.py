@@ -18,7 +18,9 @@ import logging
 import numpy as np
 
 from rayanom.data import resolve_filesystem
-from rayanom.summary import EXACT_ROWS, VAL_SPLIT, Histograms, _count_rows, read_score_columns
+from rayanom.decisions import f1_adaptive_threshold
+from rayanom.scores import VAL_SPLIT, count_rows, open_scores, read_score_columns
+from rayanom.summary import EXACT_ROWS, Histograms
 
 logger = logging.getLogger(__name__)
 
@@ -28,29 +30,6 @@ FIGURE_FILE = "report.png"
 
 def _two_classes(labels: np.ndarray) -> bool:
     return bool(np.any(labels == 0) and np.any(labels == 1))
-
-
-def f1_adaptive_threshold(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """The threshold maximising F1 when a sample is predicted anomalous iff ``score >= threshold``.
-
-    The candidates are the thresholds of :func:`sklearn.metrics.precision_recall_curve` (distinct score values,
-    compared with ``>=``, so tied scores always fall on the same side). On equal F1 the lowest threshold wins.
-
-    Returns:
-        The threshold, or None when ``labels`` does not hold both classes.
-    """
-    from sklearn.metrics import precision_recall_curve
-
-    labels = np.asarray(labels).astype(int)
-    scores = np.asarray(scores, dtype=np.float64)
-    if not _two_classes(labels):
-        return None
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    # The last (precision, recall) = (1, 0) has no threshold.
-    p, r = precision[:-1], recall[:-1]
-    denom = p + r
-    f1 = np.divide(2 * p * r, denom, out=np.zeros_like(denom), where=denom > 0)
-    return float(thresholds[int(np.argmax(f1))])
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -424,7 +403,7 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
         scores_uri: the parquet dataset written by scoring (directory or file, local path or URI).
         out_dir: output directory (local path or URI), created when missing.
 
-    ``decision``: the threshold the scores were decided with (``decide``); ``decision`` in the metrics then holds
+    ``decision``: the threshold the scores were decided with (``decisions``); ``decision`` in the metrics then holds
     precision, recall and F1 at it on the evaluated rows (exact mode only; above ``exact_rows`` it is left out).
     ``pixel_size``: for DFM ``fre`` scores of an index with masks, ``pixel`` in the metrics holds the pixel AUROC and
     AUPRO at this evaluation resolution (the model's input size; ``pixels.pixel_metrics``, on Ray tasks when Ray runs).
@@ -442,7 +421,7 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
         from rayanom.pixels import pixel_metrics
 
         pixel = pixel_metrics(scores_uri, pixel_size)
-    if _count_rows(scores_uri) > exact_rows:
+    if count_rows(open_scores(scores_uri)) > exact_rows:
         metrics, png = _histogram(scores_uri, pixel)
     else:
         metrics, png = _exact(scores_uri, decision, pixel)

@@ -1,6 +1,6 @@
-"""Reading a scores dataset: row accounting and, where the index had labels, image AUROC (scikit-learn).
+"""A scoring run's summary: row accounting and, where the index had labels, image AUROC (scikit-learn).
 
-``read_score_columns`` is shared with the report stage (``report``), which adds thresholds, F1 and a figure.
+The score columns are read through ``scores``; ``Histograms`` is shared with the report stage (``report``).
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ import logging
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from rayanom.data import DEFECT_COL, ERROR_COL, LABEL_COL, SCORE_COL, SPLIT_COL, resolve_filesystem
+from rayanom.data import ERROR_COL, LABEL_COL
+from rayanom.scores import BATCH_ROWS, count_rows, open_scores, read_score_columns, stream_score_columns
 
 logger = logging.getLogger(__name__)
-
-VAL_SPLIT = "val"  # rows with this ``split`` value choose the threshold; metrics are reported on the other rows
 
 
 # Up to this many rows the summary and the report hold the score columns and compute exactly (about 18 bytes a row on
@@ -24,7 +22,6 @@ VAL_SPLIT = "val"  # rows with this ``split`` value choose the threshold; metric
 EXACT_ROWS = 5_000_000
 HIST_BINS = 1 << 16
 _SAMPLE = 1 << 20  # scores sampled (every k-th row) in the first pass to place the quantile bin edges
-_BATCH_ROWS = 1 << 20
 
 
 def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
@@ -35,7 +32,7 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
     Up to ``exact_rows`` rows the AUROC is exact (scikit-learn) and ``auroc_error_bound`` is 0; above, it comes from
     ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column.
     """
-    if _count_rows(output) > exact_rows:
+    if count_rows(open_scores(output)) > exact_rows:
         h = Histograms.from_scores(output, require_labels=False)
         summary = {"output": output, "rows": h.rows, "scored": h.scored, "failed": h.rows - h.scored, "auroc": None,
                    "failed_by_kind": failure_kinds(output)}
@@ -64,26 +61,16 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
 def failure_kinds(output: str) -> dict[str, int]:
     """Failed rows per kind: the exception type that opens each ``error`` (``FileNotFoundError``, ``ValueError``,
     ``RetriesExhausted``...), streamed over the failed rows only."""
-    dataset = _dataset(output)
+    dataset = open_scores(output)
     if ERROR_COL not in dataset.schema.names:
         return {}
     kinds: dict[str, int] = {}
     for batch in dataset.to_batches(columns=[ERROR_COL], filter=pc.field(ERROR_COL).is_valid(),
-                                    batch_size=_BATCH_ROWS):
+                                    batch_size=BATCH_ROWS):
         heads = pc.list_element(pc.split_pattern(batch.column(ERROR_COL), ":", max_splits=1), 0)
         for item in pc.value_counts(heads).to_pylist():
             kinds[item["values"]] = kinds.get(item["values"], 0) + item["counts"]
     return dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _dataset(scores_uri: str):
-    fs, path = resolve_filesystem(scores_uri)
-    return pads.dataset(path, filesystem=fs, format="parquet")
-
-
-def _count_rows(scores_uri: str) -> int:
-    """Rows of a scores dataset, from the parquet footers."""
-    return sum(f.metadata.num_rows for f in _dataset(scores_uri).get_fragments())
 
 
 class Histograms:
@@ -108,12 +95,12 @@ class Histograms:
     @classmethod
     def from_scores(cls, scores_uri: str, require_labels: bool = True, bins: int = HIST_BINS,
                     sample: int = _SAMPLE) -> Histograms:
-        dataset = _dataset(scores_uri)
+        dataset = open_scores(scores_uri)
         names = dataset.schema.names
-        n = _count_rows(scores_uri)
+        n = count_rows(dataset)
         stride = max(1, -(-n // sample))
         picked, start = [], 0
-        for batch in _stream(dataset, names, with_labels=False):
+        for batch in stream_score_columns(dataset, with_labels=False):
             s, ok = batch["scores"], batch["ok"]
             take = np.arange((-start) % stride, len(s), stride)
             picked.append(s[take][ok[take] & np.isfinite(s[take])])
@@ -124,7 +111,7 @@ class Histograms:
         counts = np.zeros((edges.size + 1, 2, 2), dtype=np.int64)
         rows = scored = finite = 0
         labelled = LABEL_COL in names
-        for batch in _stream(dataset, names, with_labels=labelled):
+        for batch in stream_score_columns(dataset, with_labels=labelled):
             ok = batch["ok"] & np.isfinite(batch["scores"])
             rows += len(ok)
             scored += int(batch["ok"].sum())
@@ -167,95 +154,3 @@ class Histograms:
         tp = np.cumsum(c[::-1, 1])[::-1][1:]  # rows in bins above edge i
         fp = np.cumsum(c[::-1, 0])[::-1][1:]
         return {"threshold": self.edges, "tp": tp, "fp": fp, "fn": c[:, 1].sum() - tp, "tn": c[:, 0].sum() - fp}
-
-
-def _stream(dataset, names: list[str], with_labels: bool):
-    """Batches of the projected columns as numpy: scores (NaN where null), ok, and with labels: labels (-1 where
-    null), val. The error text and the split strings are reduced to booleans by the parquet scanner."""
-    columns = {SCORE_COL: pc.field(SCORE_COL)}
-    if ERROR_COL in names:
-        columns["_ok"] = pc.field(ERROR_COL).is_null()
-    if with_labels:
-        columns[LABEL_COL] = pc.field(LABEL_COL)
-        if SPLIT_COL in names:
-            columns["_val"] = pc.field(SPLIT_COL) == VAL_SPLIT
-    for batch in dataset.to_batches(columns=columns, batch_size=_BATCH_ROWS):
-        score = batch.column(SCORE_COL)
-        ok = score.is_valid().to_numpy(zero_copy_only=False)
-        if "_ok" in columns:
-            ok &= pc.fill_null(batch.column("_ok"), False).to_numpy(zero_copy_only=False)
-        out = {"scores": pc.fill_null(score.cast("float64"), np.nan).to_numpy(zero_copy_only=False), "ok": ok}
-        if with_labels:
-            out["labels"] = pc.fill_null(batch.column(LABEL_COL).cast("int64"), -1).to_numpy(zero_copy_only=False)
-            out["val"] = (pc.fill_null(batch.column("_val"), False).to_numpy(zero_copy_only=False) if "_val" in columns
-                          else np.zeros(len(ok), dtype=bool))
-        yield out
-
-
-def read_score_columns(scores_uri: str, require_labels: bool = True,
-                       only_val: bool = False) -> dict[str, np.ndarray | None]:
-    """Score, label, is-scored and is-validation arrays, and ``defects`` (the ``defect_type`` column dictionary-encoded:
-    (codes, names), codes -1 where null; None without the column); only these (not the error text) are materialised.
-
-    ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the
-    report), a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError.
-    ``only_val``: the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset).
-    """
-    fs, path = resolve_filesystem(scores_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    names = dataset.schema.names
-    required = ((SCORE_COL, "the anomaly scores"), (LABEL_COL, "ground truth 0 (normal) / 1 (anomalous)"))
-    for col, why in required[:2 if require_labels else 1]:
-        if col not in names:
-            msg = f"evaluation needs a {col!r} column ({why}); {scores_uri!r} has columns {names}"
-            raise ValueError(msg)
-    # Projections computed by the scanner: the error text and the split strings are never held whole.
-    columns = {SCORE_COL: pc.field(SCORE_COL)}
-    if LABEL_COL in names:
-        columns[LABEL_COL] = pc.field(LABEL_COL)
-    if ERROR_COL in names:
-        columns["_ok"] = pc.field(ERROR_COL).is_null()
-    if SPLIT_COL in names:
-        columns["_val"] = pc.field(SPLIT_COL) == VAL_SPLIT
-    if DEFECT_COL in names:
-        columns[DEFECT_COL] = pc.field(DEFECT_COL)
-    if only_val and SPLIT_COL not in names:
-        return {"scores": np.zeros(0), "labels": None, "ok": np.zeros(0, bool), "val": np.zeros(0, bool),
-                "defects": None}
-    table = dataset.to_table(columns=columns, filter=(pc.field(SPLIT_COL) == VAL_SPLIT) if only_val else None)
-    n = table.num_rows
-    score_col = table.column(SCORE_COL)
-    ok = score_col.is_valid().to_numpy(zero_copy_only=False)
-    if "_ok" in columns:
-        ok &= table.column("_ok").to_numpy(zero_copy_only=False)
-    val = (pc.fill_null(table.column("_val"), False).to_numpy(zero_copy_only=False) if "_val" in columns
-           else np.zeros(n, dtype=bool))
-    scores = pc.fill_null(score_col.cast("float64"), np.nan).to_numpy(zero_copy_only=False)
-    try:
-        labels = _labels(table, ok, scores_uri) if LABEL_COL in columns else None
-    except ValueError:
-        if require_labels:
-            raise
-        labels = None
-    defects = None
-    if DEFECT_COL in columns:
-        encoded = pc.dictionary_encode(table.column(DEFECT_COL).cast("string")).combine_chunks()
-        defects = (pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64),
-                   encoded.dictionary.to_pylist())
-    return {"scores": scores, "labels": labels, "ok": ok, "val": val, "defects": defects}
-
-
-def _labels(table, ok: np.ndarray, scores_uri: str) -> np.ndarray:
-    """The label column as int64 (-1 where null); a null or a value other than 0/1 on a scored row is an error."""
-    label_col = table.column(LABEL_COL)
-    if label_col.null_count:
-        bad = ok & ~label_col.is_valid().to_numpy(zero_copy_only=False)
-        if bad.any():
-            msg = f"{scores_uri!r}: {int(bad.sum())} scored row(s) have a null 'label'; expected 0 or 1"
-            raise ValueError(msg)
-    labels = pc.fill_null(label_col.cast("int64"), -1).to_numpy(zero_copy_only=False)
-    bad_values = np.unique(labels[ok & (labels != 0) & (labels != 1)])
-    if bad_values.size:
-        msg = f"{scores_uri!r}: column 'label' holds {bad_values[:5].tolist()}; allowed values are 0 and 1"
-        raise ValueError(msg)
-    return labels

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rayanom.decide import META_KEY, Threshold, decisions, threshold_from_val, with_decisions
+from rayanom.decisions import META_KEY, Threshold, decisions, with_decisions
+from rayanom.workflows import threshold_from_val
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +68,7 @@ def test_threshold_from_val_is_the_best_f1_of_the_val_rows(tmp_path):
 
 @pytest.mark.ray
 def test_new_threshold_rewrites_only_the_decisions(ray_local, tmp_path):
-    from rayanom.decide import apply_to_parts
+    from rayanom.parts import apply_to_parts
 
     out = str(tmp_path / "s")
     _scores_dir(out, np.random.default_rng(1))
@@ -90,7 +91,7 @@ def test_scoring_with_a_threshold_equals_rethresholding(ray_local, demo_set, tmp
     from conftest import SMALL
     from rayanom import pipeline
     from rayanom.config import DfkdeConfig, RunConfig
-    from rayanom.decide import apply_to_parts
+    from rayanom.parts import apply_to_parts
     from rayanom.features import resolve_weights
     from rayanom.index import describe_index
 
@@ -115,7 +116,7 @@ def test_scoring_with_a_threshold_equals_rethresholding(ray_local, demo_set, tmp
 def test_the_threshold_is_not_part_of_the_models_identity(tmp_path):
     from rayanom.artifact import Artifact
     from rayanom.config import DfkdeConfig
-    from rayanom.decide import THRESHOLD_FILE, load_threshold, save_threshold
+    from rayanom.decisions import THRESHOLD_FILE, load_threshold, save_threshold
     from rayanom.heads import KdeHead
     from rayanom.pipeline import artifact_fingerprint
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-from rayanom.report import compute_metrics, evaluate, f1_adaptive_threshold
+from rayanom.decisions import f1_adaptive_threshold
+from rayanom.report import compute_metrics, evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
