@@ -1,5 +1,6 @@
 """End to end on a local Ray: fit and score against an in-process reference, determinism, row accounting, CLI."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -78,7 +79,8 @@ def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_pa
     assert result.n_failed == 2 and sorted(r for r, _ in result.failures) == sorted(broken.tolist())
     assert 12 < result.n_read <= 24
     expected = np.sort(by_key[~np.isin(by_key, broken)][:12])  # brute force: the 12 smallest keys that decode
-    assert result.artifact.provenance["bank_row_index_sha256"] == pipeline._sha(expected)
+    expected_sha = hashlib.sha256(np.ascontiguousarray(expected, dtype=np.int64).tobytes()).hexdigest()
+    assert result.artifact.provenance["bank_row_index_sha256"] == expected_sha
     ref = KdeHead(config.n_pca_components, config.feature_scaling).fit(
         _features(config, state, np.array(paths)[expected]))
     query = np.random.default_rng(0).normal(size=(7, 512)).astype(np.float32)

@@ -67,6 +67,7 @@ def labelled(ray_local, demo_set, tmp_path_factory):
     return artifact, model, index_at(root / "index.parquet", table), table
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_a_threshold_from_the_val_rows_writes_every_part_once(labelled, tmp_path):
     artifact, model, info, table = labelled
@@ -87,6 +88,7 @@ def test_a_threshold_from_the_val_rows_writes_every_part_once(labelled, tmp_path
     assert scores.column("is_anomalous").to_pylist() == [bool(v >= t.value) for v in s]
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_a_manual_threshold_takes_the_val_rows_range_and_writes_every_part_once(labelled, tmp_path):
     artifact, _, info, table = labelled
