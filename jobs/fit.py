@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ def main(args: argparse.Namespace) -> int:
     # The weights are read and checked here; each actor loads its own from the source (pipeline.load_weights).
     _, source = model.weights(config, {k: getattr(args, k) for k in model.weight_flags}, job.download)
     print(report_weights(config, source, demo=args.index is None))  # the sha256 of each file; random: a WARNING
-    fingerprint = pipeline.fit_fingerprint(train_info, config, source)
-    artifact = fitted_before(job.at("model"), fingerprint, args.overwrite, args.precision)
+    fingerprint_of = functools.partial(pipeline.fit_fingerprint, train_info, config, source)
+    artifact = fitted_before(job.at("model"), fingerprint_of, args.overwrite, args.precision)
     if artifact is None and score_info is not None and not args.overwrite and has_parts(job.at("scores")):
         raise UserError(f"output {job.at('scores')!r} holds scores of an earlier model; pass --overwrite to replace "
                         "them")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,9 @@ class Artifact:
     head: Any  # the model's head (``models.ModelSpec.head``)
     weights: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The precision it was fitted in: part of its identity (bf16 moves the bank features, so the head; scoring
+    # defaults to it). Written and read here only (``to_json``, ``load``).
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +45,7 @@ class Artifact:
             "format_version": FORMAT_VERSION,
             "model": self.config.model,
             "config": config_to_dict(self.config),
+            "precision": self.precision,
             "weights": self.weights,
             "provenance": self.provenance,
         }
@@ -58,14 +63,6 @@ class Artifact:
         with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:
             f.write(json.dumps(self.to_json(), indent=2, sort_keys=True).encode())
         logger.info("model artifact written to %s", uri)
-
-    @property
-    def precision(self) -> str:
-        """The precision the model was fitted in (fp32 for models that do not record one). Part of the model's
-        identity: bf16 moves the bank features and so the head, and scoring in another precision moves the scores.
-        A refit in another precision is another model (``fitted_before``), scoring defaults to it, and a scores directory
-        records the precision it was scored in (``pipeline.score``'s manifest)."""
-        return self.provenance.get("run", {}).get("precision", "fp32")
 
     @classmethod
     def load(cls, uri: str, spec=None) -> Artifact:
@@ -99,15 +96,22 @@ class Artifact:
             msg = f"invalid model={uri!r}: {HEAD_FILE} is damaged ({type(e).__name__}: {e})"
             raise UserError(msg) from e
         head = head_from_arrays(config, arrays, uri, spec)
-        return cls(config=config, head=head, weights=meta.get("weights", {}), provenance=meta.get("provenance", {}))
+        provenance = meta.get("provenance", {})
+        precision = meta.get("precision", provenance.get("run", {}).get("precision", "fp32"))  # before: the run's
+        if precision not in ("fp32", "bf16"):
+            msg = f"invalid artifact {uri!r}: precision {precision!r}, expected 'fp32' or 'bf16'"
+            raise UserError(msg)
+        return cls(config=config, head=head, weights=meta.get("weights", {}), provenance=provenance,
+                   precision=precision)
 
 
-def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,
+def fitted_before(model_dir: str, fingerprint_of: Callable[[str], str], overwrite: bool = False,
                   precision: str = "auto") -> Artifact | None:
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (``pipeline.fit_fingerprint``:
-    fitting is idempotent, reuse it) and, unless ``precision`` is auto, in that precision (``Artifact.precision``: a
-    model fitted in another one is another model); None when there is none or ``overwrite``; an error when the
-    directory holds another model."""
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs in ``precision`` (auto: in the one it
+    was fitted in), so fitting is idempotent; None when there is none or ``overwrite``; an error when the directory
+    holds another model.
+
+    ``fingerprint_of(precision)`` is the fit's fingerprint (``pipeline.fit_fingerprint``) in that precision."""
     existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
     if overwrite or CONFIG_FILE not in existing:
         return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)
@@ -115,9 +119,10 @@ def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,
         artifact = Artifact.load(model_dir)
     except UserError:
         artifact = None
-    if artifact is not None and artifact.provenance.get("fit_fingerprint") == fingerprint:
-        if precision in ("auto", artifact.precision):
-            return artifact
+    fitted = artifact.provenance.get("fit_fingerprint") if artifact is not None else None
+    if fitted is not None and fitted == fingerprint_of(precision if precision != "auto" else artifact.precision):
+        return artifact
+    if fitted is not None and fitted == fingerprint_of(artifact.precision):
         msg = (f"output {model_dir!r} holds this model fitted in {artifact.precision}; pass --overwrite to refit it in "
                f"{precision} (or --precision auto to reuse it)")
         raise UserError(msg)

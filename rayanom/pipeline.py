@@ -286,9 +286,11 @@ def _fitted(bank, n: int, t0: float, index, index_name: str, config: ModelConfig
         "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
         "n_train_rows": n, "n_read_rows": bank.n_read, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
         "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": dataclasses.asdict(run),
-        "fit_fingerprint": fit_fingerprint(index, config, weights_source), "index_fingerprint": index.fingerprint,
+        "fit_fingerprint": fit_fingerprint(index, config, weights_source, run.precision),
+        "index_fingerprint": index.fingerprint,
     }
-    artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
+    artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance,
+                        precision=run.precision)
     return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
@@ -580,15 +582,17 @@ def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, part
     return set(problems)
 
 
-def fit_fingerprint(index, config: ModelConfig, weights_source: dict) -> str:
+def fit_fingerprint(index, config: ModelConfig, weights_source: dict, precision: str = "fp32") -> str:
     """sha256 of what determines a fitted model: the index (``IndexInfo.fingerprint``: its files' paths, sizes,
-    modification times, row counts and schema, O(files)), the model config and the backbone weights. Any change to
-    the index's files refits, even one outside the training rows."""
+    modification times, row counts and schema, O(files)), the model config, the backbone weights and the precision.
+    Any change to the index's files refits, even one outside the training rows."""
     import hashlib
     import json
 
-    text = json.dumps({"config": config_to_dict(config), "weights": weights_source, "index": index.fingerprint},
-                      sort_keys=True)
+    identity = {"config": config_to_dict(config), "weights": weights_source, "index": index.fingerprint}
+    if precision != "fp32":  # fp32 models keep the fingerprints they had before precision was part of it
+        identity["precision"] = precision
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

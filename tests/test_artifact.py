@@ -109,3 +109,27 @@ def test_dfm_round_trip_and_head_of_another_model(saved, tmp_path):
     os.replace(os.path.join(kde_path, "head.safetensors"), os.path.join(path, "head.safetensors"))
     with pytest.raises(UserError, match=r"lacks or has malformed arrays \['sigma'\] for a dfm head"):
         Artifact.load(path)
+
+
+def test_precision_is_part_of_the_artifact_and_of_its_reuse(saved, tmp_path):
+    """Written and read back with the artifact (an artifact of before, which kept it in its run's provenance, reads
+    it from there); a fitted model is reused in its own precision or with auto, refused in the other."""
+    from rayanom.artifact import fitted_before
+
+    artifact, _ = saved
+    path = str(tmp_path / "bf16")
+    fingerprint_of = {"fp32": "a" * 64, "bf16": "b" * 64}.__getitem__
+    bf16 = Artifact(config=artifact.config, head=artifact.head, weights=artifact.weights,
+                    provenance={"fit_fingerprint": fingerprint_of("bf16")}, precision="bf16")
+    bf16.save(path)
+    assert Artifact.load(path).precision == "bf16"
+    assert fitted_before(path, fingerprint_of, precision="bf16").precision == "bf16"
+    assert fitted_before(path, fingerprint_of, precision="auto").precision == "bf16"
+    with pytest.raises(UserError, match="holds this model fitted in bf16; pass --overwrite to refit it in fp32"):
+        fitted_before(path, fingerprint_of, precision="fp32")
+    assert fitted_before(path, fingerprint_of, overwrite=True, precision="fp32") is None
+    _edit_config(path, lambda m: (m.pop("precision"), m["provenance"].update(run={"precision": "bf16"})))
+    assert Artifact.load(path).precision == "bf16"  # as artifacts written before it was a field
+    _edit_config(path, lambda m: m.update(precision="fp16"))
+    with pytest.raises(UserError, match="precision 'fp16', expected 'fp32' or 'bf16'"):
+        Artifact.load(path)
