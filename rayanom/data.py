@@ -295,7 +295,7 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
 def _read_local(path: str, policy: ReadPolicy) -> bytes:
     """:func:`read_bytes` of a local path with Python's own file objects (a missing file costs a third of pyarrow's)."""
     try:
-        f = _with_retries(lambda: open(path, "rb"), policy)  # noqa: SIM115 - closed below
+        f = with_retries(lambda: open(path, "rb"), policy)  # noqa: SIM115 - closed below
     except FileNotFoundError as e:
         msg = f"missing file {path}"
         raise FileNotFoundError(msg) from e
@@ -307,7 +307,7 @@ def _read_local(path: str, policy: ReadPolicy) -> bytes:
         if size > policy.max_file_bytes:
             msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
             raise ValueError(msg)
-        return _with_retries(lambda: _read_all(f), policy)
+        return with_retries(lambda: _read_all(f), policy)
 
 
 def _read_all(f) -> bytes:
