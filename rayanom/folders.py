@@ -9,8 +9,9 @@ Columns: ``path``, ``label`` (0 normal, 1 anomalous), ``split`` (``train``, ``va
 where none). Rows are sorted by split (train, val, test) and then path: the order, and so each row's ``row_index``,
 depends only on the files. ``val`` rows are carved from the test rows: in each defect type the share
 ``val_fraction`` (``VAL_FRACTION`` by default; rounded half to even, Python's ``round``) of its images with the
-smallest seeded hash of their path, so the choice does not depend on the order of listing and the defect types keep
-their proportions. ``val_fraction=0`` keeps every test image for testing (no threshold is chosen then).
+smallest seeded hash of their path below the layout's folder, so the choice depends neither on where the dataset
+lives nor on the order of listing, and the defect types keep their proportions. ``val_fraction=0`` keeps every test
+image for testing (no threshold is chosen then).
 
 Any folder tree without a layout (every image below folders or prefixes, in Ray tasks): ``rayanom.listing``.
 """
@@ -41,7 +42,7 @@ SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 @dataclass
 class FolderIndex:
-    rows: list[dict]  # path, label, split, defect_type, mask_path
+    rows: list[dict]  # path, label, split, defect_type, mask_path (and key: the path below its folder)
     skipped: list[tuple[str, str]]  # (path, reason)
 
     def table(self) -> pa.Table:
@@ -81,8 +82,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _row(path: str, label: int, split: str, defect: str, mask: str | None) -> dict:
-    return {"path": path, "label": label, "split": split, "defect_type": defect, "mask_path": mask}
+def _row(path: str, label: int, split: str, defect: str, mask: str | None, key: str) -> dict:
+    """An index row; ``key``: its path below the folder it was listed from, what the seeded splits hash (so they do not
+    depend on where the dataset lives)."""
+    return {"path": path, "label": label, "split": split, "defect_type": defect, "mask_path": mask, "key": key}
+
+
+def _seeded(seed: int):
+    """The sort key of a seeded choice of rows: the hash of their ``key``."""
+    return lambda r: hashlib.sha256(f"{seed}:{r['key']}".encode()).hexdigest()
 
 
 def _carve_val(rows: list[dict], val_fraction: float, seed: int) -> None:
@@ -97,7 +105,7 @@ def _carve_val(rows: list[dict], val_fraction: float, seed: int) -> None:
         if r["split"] == "test":
             groups.setdefault(r["defect_type"], []).append(r)
     for group in groups.values():
-        group.sort(key=lambda r: hashlib.sha256(f"{seed}:{r['path']}".encode()).hexdigest())
+        group.sort(key=_seeded(seed))
         for r in group[: round(val_fraction * len(group))]:
             r["split"] = "val"
 
@@ -119,13 +127,13 @@ def mvtec_index(uri: str, val_fraction: float = VAL_FRACTION, seed: int = 0) -> 
             skipped.append((full[f], NOT_IMAGE))
         elif top == "train":
             if posixpath.dirname(rest) == "good":
-                rows.append(_row(full[f], 0, "train", "good", None))
+                rows.append(_row(full[f], 0, "train", "good", None, f))
             else:
                 skipped.append((full[f], "training image outside train/good"))
         elif top == "test" and "/" in rest:
             defect = posixpath.dirname(rest)
             if defect == "good":
-                rows.append(_row(full[f], 0, "test", "good", None))
+                rows.append(_row(full[f], 0, "test", "good", None, f))
                 continue
             stem = posixpath.splitext(posixpath.basename(rest))[0]
             mask = next((m for m in (f"ground_truth/{defect}/{stem}_mask{ext}" for ext in IMAGE_EXTENSIONS)
@@ -135,7 +143,7 @@ def mvtec_index(uri: str, val_fraction: float = VAL_FRACTION, seed: int = 0) -> 
                 continue
             if mask is not None:
                 used_masks.add(mask)
-            rows.append(_row(full[f], 1, "test", defect, full[mask] if mask else None))
+            rows.append(_row(full[f], 1, "test", defect, full[mask] if mask else None, f))
         else:
             skipped.append((full[f], "outside train/good, test/<type> and ground_truth/<type>"))
     skipped += [(full[m], "mask without an image") for m in sorted(masks - used_masks)]
@@ -167,7 +175,7 @@ def folder_index(normal: str, abnormal: str | None = None, normal_test: str | No
                 if m is None and masks_given:
                     skipped.append((path, "anomalous image without a mask where masks exist"))
                     continue
-            rows.append(_row(path, label, split, defect, m))
+            rows.append(_row(path, label, split, defect, m, f))
 
     masks: dict[str, str] = {}
     masks_given = mask is not None
@@ -185,8 +193,7 @@ def folder_index(normal: str, abnormal: str | None = None, normal_test: str | No
         if not 0.0 <= normal_test_fraction < 1.0:
             msg = f"invalid normal_test_fraction={normal_test_fraction!r}: expected a number in [0, 1)"
             raise UserError(msg)
-        normal_rows = sorted((r for r in rows if r["split"] == "train"),
-                             key=lambda r: hashlib.sha256(f"{seed}:{r['path']}".encode()).hexdigest())
+        normal_rows = sorted((r for r in rows if r["split"] == "train"), key=_seeded(seed))
         for r in normal_rows[: round(normal_test_fraction * len(normal_rows))]:
             r["split"] = "test"
     if abnormal is not None:

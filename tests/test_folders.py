@@ -90,6 +90,20 @@ def test_val_split_is_stratified_seeded_and_order_free(tmp_path):
     assert splits == sorted(splits, key=["train", "val", "test"].index)  # train, val, test
     with pytest.raises(UserError, match="invalid val_fraction=1.0"):
         mvtec_index(root, val_fraction=1.0)
+    elsewhere = str(tmp_path / "moved" / "to" / "another" / "cat")  # the same dataset at another place
+    _touch(elsewhere, *names)
+    b = mvtec_index(elsewhere, val_fraction=0.5, seed=3).table()
+    assert {p[len(elsewhere):] for p in val(b)} == {p[len(root):] for p in val(a)}  # the same images set aside
+
+
+def test_held_out_normals_do_not_depend_on_where_the_folders_are(tmp_path):
+    names = [f"{i:03d}.png" for i in range(20)]
+    picks = []
+    for where in ("a", "b/c"):
+        _touch(str(tmp_path / where / "normal"), *names)
+        rows = folder_index(str(tmp_path / where / "normal"), normal_test_fraction=0.3, val_fraction=0.0).rows
+        picks.append(sorted(os.path.basename(r["path"]) for r in rows if r["split"] == "test"))
+    assert len(picks[0]) == 6 and picks[0] == picks[1]
 
 
 def test_folder_layout_with_masks_and_held_out_normals(tmp_path):
