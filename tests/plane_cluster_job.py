@@ -36,10 +36,40 @@ import pyarrow.parquet as pq  # noqa: E402
 
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 6), out_dir + "/long.parquet")  # 36 batches
 summary = pipeline.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/scores", run)
+killed = []
+if kind == "gpu":  # decode runs as tasks here: score again, killing a decode task mid-job (SIGKILL)
+    import signal  # noqa: E402
+    import threading  # noqa: E402
+    import time  # noqa: E402
+
+    def kill_a_decode_task() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            procs = {}
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    procs[int(pid)] = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+                except OSError:
+                    continue
+            decoding = [pid for pid, cmd in procs.items() if "decode_units" in cmd and "MapWorker" not in cmd]
+            if decoding:
+                os.kill(decoding[0], signal.SIGKILL)
+                killed.append(decoding[0])
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=kill_a_decode_task, daemon=True).start()
+    again = pipeline.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/again", run)
+    same = pq.read_table(out_dir + "/again").sort_by("row_index").equals(
+        pq.read_table(out_dir + "/scores").sort_by("row_index"))
+    killed.append(f"rows {again['rows']} failed {again['failed']} same {same}")
 kinds = {n.node_id: k for k, ns in nodes.items() for n in ns}
 where = {stage: sorted({kinds.get(node, "head") for node in rows}) for stage, rows in summary["nodes"].items()}
+rows_on = {stage: {k: sum(n for node, n in rows.items() if kinds.get(node, "head") == k) for k in sorted(nodes)}
+           for stage, rows in summary["nodes"].items()}
 print("RESULT " + json.dumps({"rows": summary["rows"], "failed": summary["failed"], "actors": run.num_actors,
-                              "cpus_per_actor": run.num_cpus_per_actor, "where": where,
+                              "killed": [str(k) for k in killed],
+                              "cpus_per_actor": run.num_cpus_per_actor, "where": where, "rows_on": rows_on,
                               "model_nodes": len(summary["nodes"]["model"])}))
 import ray  # noqa: E402
 
