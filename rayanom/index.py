@@ -161,7 +161,7 @@ def index_value_errors(info: IndexInfo, files_per_task: int = 16) -> str | None:
     found, or None. Runs where Ray runs (local or cluster); each task returns at most one line."""
     if LABEL_COL not in info.columns or not info.files:
         return None
-    errors = [e for e in in_tasks(_file_value_errors, list(range(len(info.files))), files_per_task, info) if e]
+    errors = [e for e in map_in_tasks(_file_value_errors, list(range(len(info.files))), files_per_task, info) if e]
     return errors[0] if errors else None
 
 
@@ -172,9 +172,11 @@ def check_values(info: IndexInfo) -> None:
         raise UserError(error)
 
 
-def in_tasks(fn, items: list, per_task: int, first, *args) -> list:
-    """``fn(first, chunk, *args)`` for chunks of ``per_task`` items, as Ray tasks (0.5 CPU each) on the workers;
-    the results in chunk order. ``first`` (an index description, an output URI) is put in the object store once."""
+def map_in_tasks(fn, items: list, per_task: int, first, *args) -> list:
+    """Map ``fn(first, chunk, *args)`` over chunks of ``per_task`` items as Ray tasks; the results in chunk order.
+
+    The tasks take 0.5 CPU each on the workers; ``first`` (an index description, an output URI) is put in the object
+    store once."""
     import ray
 
     task = ray.remote(num_cpus=0.5)(fn)
@@ -222,7 +224,7 @@ def training_band(info: IndexInfo, seed: int, slots: int, lo: float, hi: float,
     Raises:
         UserError: a label value other than 0 or 1, or a null label (the first such problem found).
     """
-    results = in_tasks(_file_training_band, list(range(len(info.files))), files_per_task, info, seed, slots, lo, hi)
+    results = map_in_tasks(_file_training_band, list(range(len(info.files))), files_per_task, info, seed, slots, lo, hi)
     errors = [e for e, _, _ in results if e]
     if errors:
         raise UserError(errors[0])
@@ -264,4 +266,4 @@ def write_split(info: IndexInfo, split: str, out: str, files_per_task: int = 16)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir_contents(path)
     fs.create_dir(path, recursive=True)
-    return sum(in_tasks(_file_split_rows, list(range(len(info.files))), files_per_task, info, split, out))
+    return sum(map_in_tasks(_file_split_rows, list(range(len(info.files))), files_per_task, info, split, out))

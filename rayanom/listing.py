@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from rayanom.config import UserError, fail
+from rayanom.config import UserError, raise_invalid
 from rayanom.data import (
     DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem,
     with_retries,
@@ -89,8 +89,8 @@ def parse_rule(text: str | None, name: str, values: dict) -> tuple[tuple[str, ob
     for item in text.split(","):
         folder, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not folder or "/" in folder or folder in pairs or value not in values:
-            fail(name, text, f"NAME={'|'.join(values)} pairs, comma-separated, each NAME a folder name given once "
-                             f"({item.strip()!r} is not)")
+            raise_invalid(name, text, f"NAME={'|'.join(values)} pairs, comma-separated, each NAME a folder name given "
+                                      f"once ({item.strip()!r} is not)")
         pairs[folder] = values[value]
     return tuple(pairs.items())
 
@@ -112,14 +112,14 @@ def plan_listing(roots: list[str], out: str, label_rule: str | None = None, spli
     labels = parse_rule(label_rule, "label_rule", {"0": 0, "1": 1})
     splits = parse_rule(split_rule, "split_rule", {s: s for s in SPLITS})
     if rows_per_file < 1:
-        fail("rows_per_file", rows_per_file, "a number of rows >= 1")
+        raise_invalid("rows_per_file", rows_per_file, "a number of rows >= 1")
     if tasks is not None and tasks < 1:
-        fail("tasks", tasks, "a number of tasks >= 1")
+        raise_invalid("tasks", tasks, "a number of tasks >= 1")
     named = sorted({_root(r) for r in roots})
     for a in named:
         for b in named:
             if b.startswith(a + "/"):
-                fail("roots", b, f"folders that do not lie in one another (it is in {a!r})")
+                raise_invalid("roots", b, f"folders that do not lie in one another (it is in {a!r})")
     for root in named:
         fs, path = resolve_filesystem(root)
         try:
@@ -127,11 +127,11 @@ def plan_listing(roots: list[str], out: str, label_rule: str | None = None, spli
         except OSError as e:  # no credentials, access denied, no such bucket: the user's to fix
             raise UserError(f"invalid roots={root!r}: cannot be read ({' '.join(str(e).split())})") from e
         if found != pafs.FileType.Directory:
-            fail("roots", root, "a folder or prefix that exists")
+            raise_invalid("roots", root, "a folder or prefix that exists")
     out = _root(out)
     inside = [r for r in named if out.startswith(r + "/") or out == r]
     if inside:
-        fail("out", out, f"a directory outside the listed folders (it is in {inside[0]!r})")
+        raise_invalid("out", out, f"a directory outside the listed folders (it is in {inside[0]!r})")
     check_output_dir(out, lambda name: bool(OURS.fullmatch(name)), overwrite=True)
     return Listing(tuple(named), out, labels, splits, rows_per_file, tasks)
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rayanom.config import UserError
 from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
 from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
-from rayanom.index import in_tasks
+from rayanom.index import map_in_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -481,7 +481,7 @@ def apply_to_parts(output: str, t: Threshold | None, parts_per_task: int = 64) -
 
     Only the parts decided with another threshold are rewritten: the footers show which."""
     ks = sorted(complete_parts(output))
-    return sum(len(d) for d in in_tasks(_parts_decided, ks, parts_per_task, output, key_of(t)))
+    return sum(len(d) for d in map_in_tasks(_parts_decided, ks, parts_per_task, output, key_of(t)))
 
 
 def failed_rows(output: str, parts: list[int]) -> dict[int, int]:
