@@ -61,17 +61,19 @@ class Artifact:
 
     @property
     def precision(self) -> str:
-        """The precision the model was fitted in (fp32 for models that do not record one). Part of the model's
-        identity: bf16 moves the bank features and so the head, and scoring in another precision moves the scores.
-        A refit in another precision is another model (``fitted_before``), scoring defaults to it, and a scores directory
-        records the precision it was scored in (``pipeline.score``'s manifest)."""
+        """The precision the model was fitted in (fp32 for models that do not record one).
+
+        It is part of the model's identity: bf16 moves the bank features and so the head, and scoring in another
+        precision moves the scores. A refit in another precision is another model (``fitted_before``), scoring defaults
+        to it, and a scores directory records the precision it was scored in (``pipeline.score``'s manifest)."""
         return self.provenance.get("run", {}).get("precision", "fp32")
 
     @classmethod
     def load(cls, uri: str, spec=None) -> Artifact:
         """Read and validate an artifact; a wrong format, version, model or a damaged file is a clear error.
-        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it
-        with their arguments); else found by name."""
+
+        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it with
+        their arguments); else found by name."""
         from safetensors.numpy import load
 
         from rayanom.models import config_from_dict, head_from_arrays
@@ -104,10 +106,11 @@ class Artifact:
 
 def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,
                   precision: str = "auto") -> Artifact | None:
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (``pipeline.fit_fingerprint``:
-    fitting is idempotent, reuse it) and, unless ``precision`` is auto, in that precision (``Artifact.precision``: a
-    model fitted in another one is another model); None when there is none or ``overwrite``; an error when the
-    directory holds another model."""
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs, else None.
+
+    Fitting is idempotent, so such an artifact is reused (``pipeline.fit_fingerprint``); unless ``precision`` is auto it
+    must also be in that precision (``Artifact.precision``: a model fitted in another one is another model). None when
+    there is none or ``overwrite``; an error when the directory holds another model."""
     existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
     if overwrite or CONFIG_FILE not in existing:
         return None  # nothing there, replacing on request, or an incomplete save (config.json is written last)

@@ -88,7 +88,7 @@ def region_keys(rows: np.ndarray, regions: np.ndarray, seed: int, slots: int) ->
 
 
 class BankSelector:
-    """Streaming top-K-smallest-(key, id) reduce on the driver. Feed batches with :meth:`add`, then :meth:`result`.
+    """Streaming top-K-smallest-(key, id) reduce on the driver: feed batches with :meth:`add`, then :meth:`result`.
 
     The kept rows live in a K x d buffer allocated on the first batch; once it is full a max-heap of (key, id) names
     the current worst row, which each better arriving row replaces in place. Rows of a batch are first compared with

@@ -31,9 +31,11 @@ def raise_invalid(name: str, value: Any, allowed: str) -> None:
 
 
 def _field(default: Any, about: str, flag: str | None = None):
-    """A config field with its description: the fit job's flag shows it, with the default. ``flag``: the flag that
-    sets it where that is not ``--`` and the field's name (the field's own spelling stays a deprecated alias); the field
-    names never change, since they are stored in config.json and hashed into fingerprints."""
+    """A config field with its description, which the fit job's flag shows with the default.
+
+    ``flag``: the flag that sets it where that is not ``--`` and the field's name (the field's own spelling stays a
+    deprecated alias); the field names never change, since they are stored in config.json and hashed into
+    fingerprints."""
     return field(default=default, metadata={"help": about, **({"flag": flag} if flag else {})})
 
 
@@ -46,8 +48,10 @@ _SCALING = "projections divided by the largest training norm, or unit"
 
 
 def min_rows(n_components: int | float) -> int:
-    """Training rows a PCA of ``n_components`` needs, the one home of this rule: k + 1 for k components (centred
-    data has rank <= n - 1; the KDE's bandwidth covariance needs full rank), 2 for a variance fraction."""
+    """Training rows a PCA of ``n_components`` needs: k + 1 for k components, 2 for a variance fraction.
+
+    This is the one home of the rule: centred data has rank <= n - 1, and the KDE's bandwidth covariance needs full
+    rank."""
     return n_components + 1 if isinstance(n_components, int) and not isinstance(n_components, bool) else 2
 
 
@@ -164,8 +168,9 @@ class DfmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RkdeConfig:
-    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region. The image score
-    is the largest region score; boxes are reported in original image pixels."""
+    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region.
+
+    The image score is the largest region score; boxes are reported in original image pixels."""
 
     roi_stage: Literal["rcnn", "rpn"] = _field("rcnn", "regions from the detector's boxes or from the RPN's "
                                                        "proposals")
@@ -211,9 +216,10 @@ ModelConfig = DfkdeConfig | DfmConfig | RkdeConfig
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """How a job runs: resources and batching, recorded in the artifact's provenance. None of it is part of a model's
-    identity except ``precision``: bf16 moves the numbers, so a fitted model keeps the precision it was fitted in
-    (``Artifact.precision``) and scoring uses it unless told otherwise."""
+    """How a job runs: resources and batching, recorded in the artifact's provenance.
+
+    None of it is part of a model's identity except ``precision``: bf16 moves the numbers, so a fitted model keeps the
+    precision it was fitted in (``Artifact.precision``) and scoring uses it unless told otherwise."""
 
     batch_size: int = 32
     rows_per_part: int = 0  # output rows per parquet part (the unit of work of a scoring actor and of resumption); 0:
