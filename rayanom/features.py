@@ -251,8 +251,8 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
     fp32 the ``fp32`` path (contiguous NCHW); the result is the best of ``repeats`` timings of each, interleaved, after
     one warm-up each. It is measured, not read from CPU flags, because a flag list cannot tell a CPU with AMX from one
     with ``avx512_bf16`` only or one that emulates bf16 (slower than fp32); the images must be large enough for the
-    ratio to be representative (benchmarks/README.md has the numbers). With ``give_up`` > 0, a warm-up ratio below ``1 /
-    give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
+    ratio to be representative (benchmarks/README.md has the numbers). With ``give_up`` > 0, a warm-up ratio below
+    ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
     import time
 
     import torchvision

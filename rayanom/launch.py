@@ -1,7 +1,8 @@
 """How a job starts: join a Ray cluster or start an embedded local Ray, and size the actors.
 
 It chooses the actors' device, their number and threads, and resolves ``precision="auto"``. The jobs in ``jobs/`` call
-it; the rest of the library never starts Ray. """
+it; the rest of the library never starts Ray.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
     when the actors' hardware runs ``config``'s backbone fast (timed where the actors will run, once per run), fp32 for
     a model whose feature stage runs in fp32 only (``ModelSpec.bf16``). Locally the actors reserve at most all but two
     logical CPUs, so the index and footer tasks that run beside them can always be placed (actors holding every CPU
-    starve the tasks and the job hangs). """
+    starve the tasks and the job hangs).
+    """
     import ray
 
     from rayanom.models import spec_of

@@ -12,7 +12,8 @@ against ground-truth masks (pixel AUROC, AUPRO).
     anomaly_map(row, (row["image_height"], row["image_width"]))  # original image pixels
 
 Upsampling is bilinear with ``align_corners=False``, as anomalib's DFM upsamples its map. The map at any resolution is
-the per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score. """
+the per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
+"""
 
 from __future__ import annotations
 

@@ -175,7 +175,8 @@ def s3_put_if_absent(fs: pafs.S3FileSystem, path: str, body: bytes) -> bool:
     It uses S3's conditional write (``If-None-Match: *``) through boto3, since pyarrow's S3 filesystem cannot send it;
     an existing object answers 412 Precondition Failed, or 409 when another conditional write to the key is in flight.
     boto3 finds the endpoint and credentials in the same environment as pyarrow (``AWS_ENDPOINT_URL``,
-    ``AWS_ACCESS_KEY_ID``...). """
+    ``AWS_ACCESS_KEY_ID``...).
+    """
     import boto3
     from botocore.exceptions import ClientError
 
@@ -292,7 +293,8 @@ class Lease:
     starting within the same second remains possible (documented). A lease that exists is refused while fresh; one whose
     heartbeat is older than ``LEASE_STALE_S``, measured against the store's own clock (the modification time of a probe
     file written now, never this machine's clock), is taken over, and so is one taken on this machine by a process that
-    no longer exists (a killed job resumed at once). """
+    no longer exists (a killed job resumed at once).
+    """
 
     def __init__(self, output: str, job: str | None = None) -> None:
         import uuid

@@ -28,7 +28,8 @@ def autoscaler_max_resources() -> dict[str, float] | None:
     From Ray's own record of the autoscaler's config (``get_max_resources_from_cluster_config``, which Ray Data and Ray
     Train use; filled by autoscaler v2 and KubeRay) or, on a head started by ``ray up`` with autoscaler v1 (which does
     not fill that record), from the config file that autoscaler reads: ``~/ray_bootstrap_config.yaml``, or the file
-    named by ``RAYANOM_CLUSTER_CONFIG``. The driver of ``ray job submit`` runs on the head, where it is. """
+    named by ``RAYANOM_CLUSTER_CONFIG``. The driver of ``ray job submit`` runs on the head, where it is.
+    """
     try:
         # Ray has no public API for this record (Ray Data and Ray Train read it here too).
         from ray._private.state import state

@@ -99,7 +99,8 @@ def read_score_columns(scores_uri: str, require_labels: bool = True,
 
     ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the report),
     a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError. ``only_val``:
-    the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset). """
+    the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset).
+    """
     dataset = open_scores(scores_uri)
     names = dataset.schema.names
     required = ((SCORE_COL, "the anomaly scores"), (LABEL_COL, "ground truth 0 (normal) / 1 (anomalous)"))

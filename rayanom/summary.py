@@ -33,7 +33,8 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
     rows with a non-finite score are left out of it.
 
     Up to ``exact_rows`` rows the AUROC is exact (scikit-learn) and ``auroc_error_bound`` is 0; above, it comes from
-    ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column. """
+    ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column.
+    """
     if count_rows(open_scores(output)) > exact_rows:
         h = Histograms.from_scores(output, require_labels=False)
         summary = {"output": output, "rows": h.rows, "scored": h.scored, "failed": h.rows - h.scored, "auroc": None,
