@@ -440,8 +440,8 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     with fs.open_output_stream(f"{base}/{FIGURE_FILE}") as f:
         f.write(png)
     logger.info("report for %s: %d rows, %d scored, %d failed, AUROC %s, F1 %s (threshold %s) -> %s", scores_uri,
-                metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"], metrics["threshold"],
-                out_dir)
+                metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"],
+                metrics["threshold"], out_dir)
     return metrics
 
 
