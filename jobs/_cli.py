@@ -37,8 +37,10 @@ def parser(doc: str, add_help: bool = True) -> argparse.ArgumentParser:
 
 
 class Renamed(argparse.Action):
-    """Stores a flag's value as argparse's default action does; the option strings after the first are old spellings,
-    kept for one release, and log a deprecation warning naming the new one."""
+    """Store a flag's value as argparse's default action does, warning on an old spelling.
+
+    The option strings after the first are old spellings, kept for one release, and log a deprecation warning naming the
+    new one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         if option_string is not None and option_string != self.option_strings[0]:
@@ -48,8 +50,9 @@ class Renamed(argparse.Action):
 
 
 def add_model_dir_flag(parser: argparse.ArgumentParser, about: str, required: bool = False) -> None:
-    """``--model-dir MODEL_DIR``, an artifact directory, in every job that takes one (``--model``: its deprecated
-    spelling, for one release; fit.py's ``--model`` is the model to fit)."""
+    """Add ``--model-dir MODEL_DIR``, an artifact directory, to a job that takes one.
+
+    ``--model`` is its deprecated spelling, for one release (fit.py's ``--model`` is the model to fit)."""
     parser.add_argument("--model-dir", "--model", dest="model_dir", action=Renamed, required=required,
                         metavar="MODEL_DIR", help=f"{about}; --model: deprecated spelling")
 
@@ -133,9 +136,10 @@ def start_ray(args: argparse.Namespace, config, fitted_precision: str | None = N
 
 def run_main(main: Callable[[argparse.Namespace], int], get_parser: Callable[[], argparse.ArgumentParser],
              renamed: dict[str, str | None] | None = None) -> None:
-    """The flags parsed and ``main`` run. Exit codes: 0 success, 2 user error (one line that names flags, no
-    traceback), 1 internal failure. ``renamed``: names in messages whose flag is not the parser's dest of that name
-    (``{"model": "--model-dir"}``; None: leave the name as it is)."""
+    """Parse the flags and run ``main``, exiting 0 on success, 2 on a user error and 1 on an internal failure.
+
+    A user error prints one line that names flags, no traceback. ``renamed``: names in messages whose flag is not the
+    parser's dest of that name (``{"model": "--model-dir"}``; None: leave the name as it is)."""
     from rayanom.config import UserError
 
     parser = get_parser()
@@ -162,8 +166,9 @@ def user_error(message: str, names: dict[str, str]) -> int:
 
 
 def timed_out(e: BaseException) -> bool:
-    """A wait on the cluster that ran out: a RuntimeError naming the flag that sets the wait (``TIMEOUT_FLAGS``),
-    or Ray's own ``GetTimeoutError``."""
+    """Whether ``e`` is a wait on the cluster that ran out.
+
+    That is a RuntimeError naming the flag that sets the wait (``TIMEOUT_FLAGS``), or Ray's own ``GetTimeoutError``."""
     ray = sys.modules.get("ray")
     if ray is not None and isinstance(e, ray.exceptions.GetTimeoutError):
         return True
@@ -171,9 +176,11 @@ def timed_out(e: BaseException) -> bool:
 
 
 def flag_names(parser: argparse.ArgumentParser, renamed: dict[str, str | None] | None = None) -> dict[str, str]:
-    """Name in a message -> the flag that sets it: every dest of ``parser`` (``batch_size`` -> ``--batch-size``), the
-    config fields whose flag has another name (their ``flag`` metadata: ``no_progress_s`` -> ``--no-progress-timeout``,
-    DFM's ``layer`` -> ``--layers``) where ``parser`` has that flag, and ``renamed``."""
+    """Map each name a message may use to the flag that sets it.
+
+    The names: every dest of ``parser`` (``batch_size`` -> ``--batch-size``), the config fields whose flag has another
+    name (their ``flag`` metadata: ``no_progress_s`` -> ``--no-progress-timeout``, DFM's ``layer`` -> ``--layers``)
+    where ``parser`` has that flag, and ``renamed``."""
     from rayanom.config import ModelConfig, RunConfig
 
     # argparse has no public list of a parser's flags: its ``_actions`` is the one place they are all found.
@@ -187,9 +194,11 @@ def flag_names(parser: argparse.ArgumentParser, renamed: dict[str, str | None] |
 
 
 def name_flags(message: str, names: dict[str, str]) -> str:
-    """``message`` with each name of ``names`` written as its flag, where it is a ``NAME=`` or a snake_case word:
-    ``invalid batch_size=0: ...`` -> ``invalid --batch-size=0: ...``; ``lower n_pca_components`` -> ``lower
-    --n-pca-components``. The library's messages name fields and keywords; the jobs' users know the flags."""
+    """Rewrite ``message`` with each name of ``names`` written as its flag.
+
+    A name is rewritten where it is a ``NAME=`` or a snake_case word: ``invalid batch_size=0: ...`` -> ``invalid
+    --batch-size=0: ...``; ``lower n_pca_components`` -> ``lower --n-pca-components``. The library's messages name
+    fields and keywords; the jobs' users know the flags."""
 
     def flag(m: re.Match) -> str:
         name, eq = m.groups()

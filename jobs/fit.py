@@ -69,8 +69,9 @@ class Plan:
 
 
 def plan(args: argparse.Namespace, spec, config) -> Plan:
-    """The embedded default (no --index): the model's demo set, fit and score, the report and its pictures (heat
-    maps or box overlays of 8 images where ``config``'s outputs hold anomaly maps or boxes)."""
+    """The embedded default run (no --index): the model's demo set, fit and score, the report and its pictures.
+
+    The pictures are heat maps or box overlays of 8 images, where ``config``'s outputs hold anomaly maps or boxes."""
     from rayanom.config import UserError
     from rayanom.data import BOXES_COL, MAP_COL
 
@@ -170,9 +171,11 @@ def _score(args, job: Plan, artifact, score_info, train_info, run, lease) -> int
 
 
 def model_flags() -> dict[str, tuple[tuple[str, ...], dict, str]]:
-    """Flag's dest -> (the models it applies to, argparse keywords, help): each model's config fields (their types,
-    their descriptions and their defaults, per model where they differ; a field whose ``flag`` metadata names another
-    flag joins that one, DFM's ``layer`` joins ``--layers``) and its weight flags (``ModelSpec.weight_flags``)."""
+    """Map each flag's dest to (the models it applies to, argparse keywords, help).
+
+    The flags are each model's config fields (their types, descriptions and defaults, per model where they differ; a
+    field whose ``flag`` metadata names another flag joins that one, DFM's ``layer`` joins ``--layers``) and its weight
+    flags (``ModelSpec.weight_flags``)."""
     from rayanom.models import SPECS
 
     out: dict[str, tuple[tuple[str, ...], dict, str]] = {}
@@ -210,8 +213,10 @@ def _config_fields(model) -> dict[str, tuple[dataclasses.Field, typing.Any]]:
 
 
 def dest_of(f: dataclasses.Field) -> str:
-    """The dest of the flag that sets config field ``f``: its name, or that of the flag its ``flag`` metadata names
-    (DFM's ``layer``: ``--layers``). The field names stay: config.json stores them and fingerprints hash them."""
+    """The dest of the flag that sets config field ``f``.
+
+    That is its name, or that of the flag its ``flag`` metadata names (DFM's ``layer``: ``--layers``). The field names
+    stay: config.json stores them and fingerprints hash them."""
     return f.metadata.get("flag", "--" + f.name)[2:].replace("-", "_")
 
 

@@ -1,5 +1,4 @@
-"""Write a parquet index from image folders: MVTec AD's layout, anomalib's Folder layout, or every image below
-folders or object-store prefixes.
+"""Write a parquet index from image folders: MVTec AD's layout, anomalib's Folder layout, or a listing.
 
     python jobs/index.py --mvtec data/mvtec/bottle --out runs/bottle/index.parquet --eval-out runs/bottle/eval.parquet
     python jobs/index.py --normal data/good --abnormal data/defects --mask data/masks --out index.parquet
@@ -11,11 +10,11 @@ then path; by default half of each defect type's test images become the 'val' sp
 decision threshold when they are scored. No Ray is started. Every file that does not become a row is listed with the
 reason in OUT.skipped.tsv and counted in the summary.
 
---list: every image below the folders or prefixes, recursively, listed in parallel Ray tasks (on a cluster when
-RAY_ADDRESS is set, else a local Ray); column path, plus label, split and defect_type from folder names when a rule
-says so. The index is a directory of parquet files (part-GGGGGG-FFFFFF.parquet) whose name order is the row order,
-rows sorted by path. Skipped entries (other files, empty files, broken links, links to folders, folders that cannot
-be listed) are counted per reason and listed in OUT/_skipped-*.tsv.
+--list: every image below the folders or object-store prefixes, recursively, listed in parallel Ray tasks (on a
+cluster when RAY_ADDRESS is set, else a local Ray); column path, plus label, split and defect_type from folder names
+when a rule says so. The index is a directory of parquet files (part-GGGGGG-FFFFFF.parquet) whose name order is the
+row order, rows sorted by path. Skipped entries (other files, empty files, broken links, links to folders, folders
+that cannot be listed) are counted per reason and listed in OUT/_skipped-*.tsv.
 
 Files are chosen by their extension and nothing is decoded.
 """

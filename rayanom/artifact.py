@@ -67,8 +67,9 @@ class Artifact:
     @classmethod
     def load(cls, uri: str, spec=None) -> Artifact:
         """Read and validate an artifact; a wrong format, version, model or a damaged file is a clear error.
-        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it
-        with their arguments); else found by name."""
+
+        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it with
+        their arguments); else found by name."""
         from safetensors.numpy import load
 
         from rayanom.models import config_from_dict, head_from_arrays
@@ -107,10 +108,10 @@ class Artifact:
 
 def fitted_before(model_dir: str, fingerprint_of: Callable[[str], str], overwrite: bool = False,
                   precision: str = "auto") -> Artifact | None:
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs in ``precision`` (auto: in the one it
-    was fitted in), so fitting is idempotent; None when there is none or ``overwrite``; an error when the directory
-    holds another model.
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs in ``precision``, else None.
 
+    Fitting is idempotent, so such an artifact is reused; with ``precision`` auto, in the precision it was fitted in.
+    None when there is none or ``overwrite``; an error when the directory holds another model.
     ``fingerprint_of(precision)`` is the fit's fingerprint (``pipeline.fit_fingerprint``) in that precision."""
     existing = check_output_dir(model_dir, MODEL_FILES.__contains__, overwrite=True)
     if overwrite or CONFIG_FILE not in existing:

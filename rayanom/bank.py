@@ -88,7 +88,7 @@ def region_keys(rows: np.ndarray, regions: np.ndarray, seed: int, slots: int) ->
 
 
 class BankSelector:
-    """Streaming top-K-smallest-(key, id) reduce on the driver. Feed batches with :meth:`add`, then :meth:`result`.
+    """Streaming top-K-smallest-(key, id) reduce on the driver: feed batches with :meth:`add`, then :meth:`result`.
 
     The kept rows live in a K x d buffer allocated on the first batch; once it is full a max-heap of (key, id) names
     the current worst row, which each better arriving row replaces in place. Rows of a batch are first compared with
@@ -177,7 +177,7 @@ class Candidates:
 
         return cls(len(rows), fetch)
 
-    def upto(self, hi: float) -> None:
+    def fetch_below(self, hi: float) -> None:
         """Know every training row with a lower key below ``hi``."""
         if hi > self.fetched:
             self._add(*self._fetch(self.fetched, hi))
@@ -208,19 +208,19 @@ def collect_bank(rows: np.ndarray | Candidates, seed: int, k: int, slots: int,
     if n > k:
         # The K + 1 smallest lower keys: fetch a band expected to hold them with 8 standard deviations to spare.
         t = min(1.0, (k + 8.0 * math.sqrt(k) + 16.0) / n)
-        c.upto(t)
+        c.fetch_below(t)
         while len(c.rows) <= k:
             t = min(1.0, 2.0 * t)
-            c.upto(t if t < 1.0 else 2.0)
+            c.fetch_below(t if t < 1.0 else 2.0)
         hi = float(c.lower[k])
     else:
-        c.upto(2.0)
+        c.fetch_below(2.0)
         hi = 2.0
     selector = BankSelector(k)
     failures: dict[int, str] = {}
     lo, passes = 0.0, 0
     while True:
-        c.upto(hi)
+        c.fetch_below(hi)
         first = 0 if slots > 1 else int(np.searchsorted(c.lower, lo, "left"))
         stop = int(np.searchsorted(c.lower, hi, "left"))
         todo = np.sort(c.rows[first:stop])

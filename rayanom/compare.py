@@ -48,9 +48,10 @@ _COLUMNS = (ROW_COL, PATH_COL, SCORE_COL, ERROR_COL, DECISION_COL, NORMALIZED_CO
 
 
 def _read(dataset, lo: int | None = None, hi: int | None = None) -> dict[str, np.ndarray]:
-    """The comparison's columns as numpy (rows ``lo <= row_index < hi`` when given, sorted by ``row_index``): score
-    (NaN where null or failed), decision (-1 where null), normalized (NaN where null), path, defect (None where
-    null)."""
+    """The comparison's columns as numpy, sorted by ``row_index`` (rows ``lo <= row_index < hi`` when given).
+
+    The columns: score (NaN where null or failed), decision (-1 where null), normalized (NaN where null), path, defect
+    (None where null)."""
     names = dataset.schema.names
     cols = [c for c in _COLUMNS if c in names]
     where = None if lo is None else (pc.field(ROW_COL) >= lo) & (pc.field(ROW_COL) < hi)
@@ -187,8 +188,9 @@ def _distribution(dataset) -> dict[str, np.ndarray]:
 
 
 def _shifts(a: dict, b: dict) -> tuple[str, dict]:
-    """KS statistic, p-value and median change per defect type (and ``(all)``) of the normalised scores (raw scores
-    where a run has no threshold)."""
+    """KS statistic, p-value and median change of the normalised scores per defect type (and ``(all)``).
+
+    Raw scores are compared where a run has no threshold."""
     from scipy.stats import ks_2samp
 
     use = NORMALIZED_COL if (a["normalized"].size and b["normalized"].size and np.isfinite(a["normalized"]).all()
@@ -210,8 +212,10 @@ def _shifts(a: dict, b: dict) -> tuple[str, dict]:
 
 
 def compare_runs(a_uri: str, b_uri: str, out_dir: str | None = None, top: int = 16) -> dict:
-    """Compare scores directories ``a_uri`` (before) and ``b_uri`` (after); writes ``compare.json`` and
-    ``compare.png`` into ``out_dir`` when given. See the module docstring for what is compared and how."""
+    """Compare scores directories ``a_uri`` (before) and ``b_uri`` (after).
+
+    Writes ``compare.json`` and ``compare.png`` into ``out_dir`` when given. See the module docstring for what is
+    compared and how."""
     da, db = open_scores(a_uri, checked=True), open_scores(b_uri, checked=True)
     fa, fb = _index_fingerprint(a_uri), _index_fingerprint(b_uri)
     join = ROW_COL if fa is not None and fa == fb and ROW_COL in da.schema.names and ROW_COL in db.schema.names \
@@ -234,8 +238,10 @@ def compare_runs(a_uri: str, b_uri: str, out_dir: str | None = None, top: int = 
 
 
 def _figure(result: dict, sample: tuple[np.ndarray, np.ndarray], dist_a: dict, dist_b: dict) -> bytes:
-    """One page: scores a vs b (the sample), the value's distribution per defect type (ECDFs, the most shifted
-    types), the KS statistic per type, and thumbnails of the flipped images that moved most."""
+    """Draw the comparison on one page.
+
+    The page: scores a vs b (the sample), the value's distribution per defect type (ECDFs, the most shifted types), the
+    KS statistic per type, and thumbnails of the flipped images that moved most."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,15 +24,18 @@ class UserError(ValueError):
     """A bad flag, config, index or artifact: the jobs print its message and exit with code 2, no traceback."""
 
 
-def fail(name: str, value: Any, allowed: str) -> None:
+def raise_invalid(name: str, value: Any, allowed: str) -> None:
+    """Raise a UserError that names the field, its bad value and what it allows."""
     msg = f"invalid {name}={value!r}: expected {allowed}"
     raise UserError(msg)
 
 
 def _field(default: Any, about: str, flag: str | None = None):
-    """A config field with its description: the fit job's flag shows it, with the default. ``flag``: the flag that
-    sets it where that is not ``--`` and the field's name (the field's own spelling stays a deprecated alias); the field
-    names never change, since they are stored in config.json and hashed into fingerprints."""
+    """A config field with its description, which the fit job's flag shows with the default.
+
+    ``flag``: the flag that sets it where that is not ``--`` and the field's name (the field's own spelling stays a
+    deprecated alias); the field names never change, since they are stored in config.json and hashed into
+    fingerprints."""
     return field(default=default, metadata={"help": about, **({"flag": flag} if flag else {})})
 
 
@@ -45,14 +48,16 @@ _SCALING = "projections divided by the largest training norm, or unit"
 
 
 def min_rows(n_components: int | float) -> int:
-    """Training rows a PCA of ``n_components`` needs, the one home of this rule: k + 1 for k components (centred
-    data has rank <= n - 1; the KDE's bandwidth covariance needs full rank), 2 for a variance fraction."""
+    """Training rows a PCA of ``n_components`` needs: k + 1 for k components, 2 for a variance fraction.
+
+    This is the one home of the rule: centred data has rank <= n - 1, and the KDE's bandwidth covariance needs full
+    rank."""
     return n_components + 1 if isinstance(n_components, int) and not isinstance(n_components, bool) else 2
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        fail(name, value, f"an integer >= {low}")
+        raise_invalid(name, value, f"an integer >= {low}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,9 +81,9 @@ class DfkdeConfig:
         object.__setattr__(self, "image_size", _check_common(self))
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
         if not isinstance(layers, tuple) or not layers or not all(isinstance(x, str) and x for x in layers):
-            fail("layers", self.layers, "one or more layer names such as 'layer4'")
+            raise_invalid("layers", self.layers, "one or more layer names such as 'layer4'")
         if len(set(layers)) != len(layers):
-            fail("layers", self.layers, "distinct layer names")
+            raise_invalid("layers", self.layers, "distinct layer names")
         object.__setattr__(self, "layers", layers)
         _check_kde(self)
 
@@ -90,10 +95,10 @@ class DfkdeConfig:
 
 def _check_common(config) -> tuple[int, int]:
     if not isinstance(config.backbone, str) or not config.backbone:
-        fail("backbone", config.backbone, "a timm model name such as 'resnet50'")
+        raise_invalid("backbone", config.backbone, "a timm model name such as 'resnet50'")
     size = tuple(config.image_size) if isinstance(config.image_size, (list, tuple)) else config.image_size
     if not isinstance(size, tuple) or len(size) != 2:
-        fail("image_size", config.image_size, "(height, width), two integers >= 32")
+        raise_invalid("image_size", config.image_size, "(height, width), two integers >= 32")
     for s in size:
         _check_int("image_size", s, 32)
     _check_int("max_training_points", config.max_training_points, 2)
@@ -105,11 +110,11 @@ def _check_kde(config) -> None:
     """The KDE head's settings (DFKDE, RKDE): PCA components, scaling, and a bank cap above the component count."""
     _check_int("n_pca_components", config.n_pca_components, 1)
     if config.feature_scaling not in FEATURE_SCALINGS:
-        fail("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
+        raise_invalid("feature_scaling", config.feature_scaling, f"one of {list(FEATURE_SCALINGS)}")
     _check_int("max_training_points", config.max_training_points, 2)
     if config.max_training_points < min_rows(config.n_pca_components):
-        fail("max_training_points", config.max_training_points,
-              f"more than n_pca_components={config.n_pca_components} (the KDE needs a full-rank covariance)")
+        raise_invalid("max_training_points", config.max_training_points,
+                      f"more than n_pca_components={config.n_pca_components} (the KDE needs a full-rank covariance)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +139,7 @@ class DfmConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", _check_common(self))
         if not isinstance(self.layer, str) or not self.layer:
-            fail("layer", self.layer, "one layer name such as 'layer3'")
+            raise_invalid("layer", self.layer, "one layer name such as 'layer3'")
         _check_int("pooling_kernel_size", self.pooling_kernel_size, 1)
         level = self.pca_level
         if isinstance(level, float) and level.is_integer() and level > 1:
@@ -143,12 +148,13 @@ class DfmConfig:
         fraction = isinstance(level, float) and 0 < level < 1
         integer = isinstance(level, int) and not isinstance(level, bool) and level > 1
         if not (fraction or integer):
-            fail("pca_level", self.pca_level, "a variance fraction in (0, 1) or an integer number of components > 1")
+            raise_invalid("pca_level", self.pca_level,
+                          "a variance fraction in (0, 1) or an integer number of components > 1")
         if self.score_type not in SCORE_TYPES:
-            fail("score_type", self.score_type, f"one of {list(SCORE_TYPES)}")
+            raise_invalid("score_type", self.score_type, f"one of {list(SCORE_TYPES)}")
         if self.max_training_points < self.min_training_rows:
-            fail("max_training_points", self.max_training_points, f"at least {self.min_training_rows} for "
-                  f"pca_level={self.pca_level}")
+            raise_invalid("max_training_points", self.max_training_points, f"at least {self.min_training_rows} for "
+                          f"pca_level={self.pca_level}")
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -162,8 +168,9 @@ class DfmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RkdeConfig:
-    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region. The image score
-    is the largest region score; boxes are reported in original image pixels."""
+    """RKDE: Faster R-CNN regions -> RoI features (4096-d) -> PCA + scaling + Gaussian KDE per region.
+
+    The image score is the largest region score; boxes are reported in original image pixels."""
 
     roi_stage: Literal["rcnn", "rpn"] = _field("rcnn", "regions from the detector's boxes or from the RPN's "
                                                        "proposals")
@@ -181,19 +188,20 @@ class RkdeConfig:
     def __post_init__(self) -> None:
         size = tuple(self.image_size) if isinstance(self.image_size, (list, tuple)) else self.image_size
         if size != RKDE_FRAME:
-            fail("image_size", self.image_size, f"{RKDE_FRAME}: RKDE's detector and region extractor work on that "
-                 "frame")
+            raise_invalid("image_size", self.image_size,
+                          f"{RKDE_FRAME}: RKDE's detector and region extractor work on that frame")
         object.__setattr__(self, "image_size", size)
         if self.roi_stage not in ROI_STAGES:
-            fail("roi_stage", self.roi_stage, f"one of {list(ROI_STAGES)}")
+            raise_invalid("roi_stage", self.roi_stage, f"one of {list(ROI_STAGES)}")
         for name in ("roi_score_threshold", "iou_threshold"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                fail(name, v, "a number in [0, 1]")
+                raise_invalid(name, v, "a number in [0, 1]")
         _check_int("min_box_size", self.min_box_size, 0)
         _check_int("max_detections_per_image", self.max_detections_per_image, 1)
         if self.max_detections_per_image > REGION_ID_STRIDE:
-            fail("max_detections_per_image", self.max_detections_per_image, f"at most {REGION_ID_STRIDE} (bank ids)")
+            raise_invalid("max_detections_per_image", self.max_detections_per_image,
+                          f"at most {REGION_ID_STRIDE} (bank ids)")
         _check_kde(self)
         _check_int("seed", self.seed, 0)
 
@@ -208,9 +216,10 @@ ModelConfig = DfkdeConfig | DfmConfig | RkdeConfig
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """How a job runs: resources and batching, recorded in the artifact's provenance. None of it is part of a model's
-    identity except ``precision``: bf16 moves the numbers, so a fitted model keeps the precision it was fitted in
-    (``Artifact.precision``) and scoring uses it unless told otherwise."""
+    """How a job runs: resources and batching, recorded in the artifact's provenance.
+
+    None of it is part of a model's identity except ``precision``: bf16 moves the numbers, so a fitted model keeps the
+    precision it was fitted in (``Artifact.precision``) and scoring uses it unless told otherwise."""
 
     batch_size: int = 32
     rows_per_part: int = 0  # output rows per parquet part (the unit of work of a scoring actor and of resumption); 0:
@@ -240,15 +249,15 @@ class RunConfig:
         for name in ("num_gpus_per_actor", "num_cpus_per_actor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                fail(name, v, "a number >= 0")
+                raise_invalid(name, v, "a number >= 0")
         if self.device not in ("cpu", "cuda"):
-            fail("device", self.device, "'cpu' or 'cuda'")
+            raise_invalid("device", self.device, "'cpu' or 'cuda'")
         if self.precision not in ("fp32", "bf16"):
-            fail("precision", self.precision, "'fp32' or 'bf16'")
+            raise_invalid("precision", self.precision, "'fp32' or 'bf16'")
         for name in ("no_progress_s", "start_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                fail(name, v, "seconds > 0")
+                raise_invalid(name, v, "seconds > 0")
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:

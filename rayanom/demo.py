@@ -61,10 +61,12 @@ def _defect(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Imag
 
 def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_anomalous: int = 30,
               size: int = 320, seed: int = 0, val_fraction: float = 0.0) -> str:
-    """Write PNGs as the MVTec AD category ``root/discs``, its index ``root/index.parquet`` (``folders.mvtec_index``
-    with ``val_fraction`` and ``seed``: path, label, split, defect_type, mask_path; the files it skipped in
-    ``index.parquet.skipped.tsv``) and its val and test rows alone as ``root/test.parquet`` (what the demo scores: the
-    val rows choose the threshold, the test rows are reported); return the index path."""
+    """Write the demo's PNGs as the MVTec AD category ``root/discs``, with its indexes; return the index path.
+
+    The index ``root/index.parquet`` comes from ``folders.mvtec_index`` with ``val_fraction`` and ``seed`` (path, label,
+    split, defect_type, mask_path; the files it skipped in ``index.parquet.skipped.tsv``); its val and test rows alone
+    go to ``root/test.parquet``, what the demo scores (the val rows choose the threshold, the test rows are
+    reported)."""
     from rayanom.folders import mvtec_index, write_index
 
     rng = np.random.default_rng(seed)
@@ -92,10 +94,11 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 
 
 def demo_set(spec) -> tuple[str, str]:
-    """The demo set for a model (``models.ModelSpec``), generated on first use under ``runs/``: the index to fit on
-    and the scored index (its val rows, ``folders.VAL_FRACTION`` of each defect type's test images, choose the
-    threshold; its test rows are reported). A model with smaller ``demo_sizes`` (a slow one) gets its own, smaller
-    set."""
+    """The demo set for a model (``models.ModelSpec``): the index to fit on and the scored index.
+
+    Generated on first use under ``runs/``. The scored index's val rows (``folders.VAL_FRACTION`` of each defect type's
+    test images) choose the threshold; its test rows are reported. A model with smaller ``demo_sizes`` (a slow one) gets
+    its own, smaller set."""
     from rayanom.folders import VAL_FRACTION
 
     root = f"{DEMO_ROOT}-{spec.name}" if spec.demo_sizes else DEMO_ROOT

@@ -128,8 +128,10 @@ def artifact_weights(config: ModelConfig, source: dict, weights: str | None) -> 
 
 
 def timm_weights_source(backbone: str) -> str:
-    """Where timm's pretrained weights for ``backbone`` come from, in words: its tag and Hugging Face repository, the
-    file to download once for ``--weights``, and the cache (``HF_HOME``) timm reads instead of the network."""
+    """Where timm's pretrained weights for ``backbone`` come from, in words.
+
+    The words name its tag and Hugging Face repository, the file to download once for ``--weights``, and the cache
+    (``HF_HOME``) timm reads instead of the network."""
     import timm.models
 
     try:
@@ -147,9 +149,11 @@ HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.pth?$")  # torch.hub's file names: 
 
 
 def check_hash_in_name(path: str, sha: str, field: str = "weights") -> None:
-    """Log the sha256 of a weights file (INFO); where its name follows torch.hub's convention (torchvision's
-    ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``: the first hex digits of the file's sha256), a WARNING when they
-    differ (a partial download or another file under that name)."""
+    """Log the sha256 of a weights file, and warn where its name says another hash.
+
+    Where the name follows torch.hub's convention (torchvision's ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``: the
+    first hex digits of the file's sha256), a WARNING when they differ (a partial download or another file under that
+    name)."""
     found = HASH_IN_NAME.search(str(path).rsplit("/", 1)[-1])
     if found is None:
         logger.info("%s=%s: sha256 %s", field, path, sha)
@@ -187,8 +191,10 @@ def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.nda
 
 def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, label: str, what: str,
                 allowed: set[str] | None = None, hint: str = "") -> dict[str, np.ndarray]:
-    """Exactly the arrays ``model`` needs from ``state``, or a UserError naming ``label`` (the flag and file) and the
-    missing, unexpected (not among ``allowed``, by default the model's own keys) and mis-shaped keys of the ``what``."""
+    """Exactly the arrays ``model`` needs from ``state``, or a UserError that names what is wrong.
+
+    The error names ``label`` (the flag and file) and the missing, unexpected (not among ``allowed``, by default the
+    model's own keys) and mis-shaped keys of the ``what``."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - (set(expected) if allowed is None else allowed))
@@ -207,9 +213,10 @@ def match_state(state: dict[str, np.ndarray], model: torch.nn.Module, label: str
 
 
 def fp32_without_tf32() -> None:
-    """fp32 means fp32 on CUDA: PyTorch lets cuDNN convolutions use TF32 by default. Through one API, the
-    ``fp32_precision`` settings (torch 2.9+; mixing them with the legacy ``allow_tf32`` flags is an error there), or
-    the legacy flags on an older torch. Process-wide, as these settings are."""
+    """Make fp32 mean fp32 on CUDA, where PyTorch lets cuDNN convolutions use TF32 by default.
+
+    Through one API, the ``fp32_precision`` settings (torch 2.9+; mixing them with the legacy ``allow_tf32`` flags is an
+    error there), or the legacy flags on an older torch. Process-wide, as these settings are."""
     if hasattr(torch.backends, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "ieee"
         torch.backends.cudnn.conv.fp32_precision = "ieee"
@@ -238,14 +245,14 @@ BF16_MIN_SPEEDUP = 1.3  # bf16 is chosen where it measures at least this much fa
 
 def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int = 224, batch: int = 4,
                  repeats: int = 3, give_up: float = 0.0) -> float:
-    """How many times faster ``config``'s backbone (random weights; resnet18 without a config) runs a forward pass here
-    in bf16 (autocast + channels_last, the ``bf16`` path) than in fp32 (contiguous NCHW, the ``fp32`` path): the best
-    of ``repeats`` timings of each, interleaved, after one warm-up each (resnet18 about 0.7 s, resnet50 about 2 s on 2
-    CPU cores). Measured, not read from CPU flags: a flag list cannot tell a CPU with AMX from one with
-    ``avx512_bf16`` only (about 3.9x on resnet50 at 256², measured on such an AMD EPYC) or one that emulates bf16
-    (slower than fp32). The images must be large enough to be representative: on this 2-core Intel with AMX the ratio
-    was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224². With ``give_up`` > 0, a warm-up ratio
-    below ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
+    """How many times faster ``config``'s backbone runs a forward pass here in bf16 than in fp32.
+
+    The backbone has random weights (resnet18 without a config); bf16 is the ``bf16`` path (autocast + channels_last),
+    fp32 the ``fp32`` path (contiguous NCHW); the result is the best of ``repeats`` timings of each, interleaved, after
+    one warm-up each. It is measured, not read from CPU flags, because a flag list cannot tell a CPU with AMX from one
+    with ``avx512_bf16`` only or one that emulates bf16 (slower than fp32); the images must be large enough for the
+    ratio to be representative (benchmarks/README.md has the numbers). With ``give_up`` > 0, a warm-up ratio below
+    ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
     import time
 
     import torchvision
@@ -279,15 +286,17 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
 
 
 def bf16_is_fast(device: str, config: ModelConfig | None = None) -> bool:
-    """Whether ``--precision auto`` picks bf16 on ``device`` here: :func:`probe_bf16`'s measured speed-up reaches
-    ``BF16_MIN_SPEEDUP``."""
+    """Whether ``--precision auto`` picks bf16 on ``device`` here.
+
+    It does where :func:`probe_bf16`'s measured speed-up reaches ``BF16_MIN_SPEEDUP``."""
     return probe_bf16(device)[0] >= BF16_MIN_SPEEDUP
 
 
 def probe_bf16(device: str) -> tuple[float, float]:
-    """The ``--precision auto`` probe, about a second: resnet18's bf16 speed-up over fp32 at 224², batch 2, with the
-    threads of the process it runs in (an actor's); the warm-up decides alone where bf16 is emulated (4x slower or
-    worse). Returns (speed-up, seconds it took)."""
+    """The ``--precision auto`` probe: resnet18's bf16 speed-up over fp32; returns (speed-up, seconds it took).
+
+    It runs at 224², batch 2, with the threads of the process it runs in (an actor's), and is kept short; the warm-up
+    decides alone where bf16 is emulated (4x slower or worse)."""
     t0 = time.perf_counter()
     speedup = bf16_speedup(device, None, image_size=224, batch=2, repeats=3, give_up=4.0)
     seconds = time.perf_counter() - t0
@@ -297,8 +306,9 @@ def probe_bf16(device: str) -> tuple[float, float]:
 
 
 def input_tensor(images: np.ndarray, device) -> torch.Tensor:
-    """Images (n, 3, h, w) as a float32 tensor on ``device``, without a copy on the CPU; the array may be read-only
-    (the object store's): the feature stages never write their input."""
+    """Images (n, 3, h, w) as a float32 tensor on ``device``, without a copy on the CPU.
+
+    The array may be read-only (the object store's): the feature stages never write their input."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
@@ -318,7 +328,7 @@ class FeatureExtractor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        # bf16 autocast + channels_last: ~3x on CPUs with AMX and on GPUs. fp32 stays contiguous NCHW. Either way the
+        # bf16 autocast + channels_last: faster on CPUs with AMX and on GPUs. fp32 stays contiguous NCHW. Either way the
         # same batch gives bit-identical features; a row in another batch may differ in its last bits (the
         # convolutions pick kernels by shape; heads.BATCH_RTOL).
         self.bf16 = precision == "bf16"
@@ -336,8 +346,9 @@ class FeatureExtractor:
         self.dim = int(np.prod(self.map_shape))
 
     def features(self, images: np.ndarray) -> torch.Tensor:
-        """(n, 3, h, w) float32 RGB in [0, 1] (or, bf16 runs, normalised bf16 bits) -> (n, dim) float32 features, a
-        tensor on the device (the heads score them there)."""
+        """(n, 3, h, w) images -> (n, dim) float32 features, a tensor on the device (the heads score them there).
+
+        The images are float32 RGB in [0, 1], or, in bf16 runs, normalised bf16 bits."""
         if len(images) == 0:
             return torch.zeros((0, self.dim), device=self.device)
         if images.dtype == np.uint16:  # normalised bf16 bits (data.bf16_bits): the first convolution's very input

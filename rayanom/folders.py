@@ -111,8 +111,10 @@ def _carve_val(rows: list[dict], val_fraction: float, seed: int) -> None:
 
 
 def mvtec_index(uri: str, val_fraction: float = VAL_FRACTION, seed: int = 0) -> FolderIndex:
-    """The index of one MVTec AD category folder: ``train/good`` (normal training images), ``test/good`` and
-    ``test/<defect>`` (nested folders allowed), masks ``ground_truth/<defect>/<name>_mask.png``."""
+    """The index of one MVTec AD category folder.
+
+    It reads ``train/good`` (normal training images), ``test/good`` and ``test/<defect>`` (nested folders allowed), and
+    masks ``ground_truth/<defect>/<name>_mask.png``."""
     base, files = _files(uri)
     full = {f: f"{base}/{f}" for f in files}
     masks = {f for f in files if f.startswith("ground_truth/") and _is_image(f)}
@@ -154,10 +156,12 @@ def mvtec_index(uri: str, val_fraction: float = VAL_FRACTION, seed: int = 0) -> 
 def folder_index(normal: str, abnormal: str | None = None, normal_test: str | None = None, mask: str | None = None,
                  normal_test_fraction: float = 0.2, val_fraction: float = VAL_FRACTION,
                  seed: int = 0) -> FolderIndex:
-    """The index of anomalib's Folder layout: ``normal`` images (training; without ``normal_test``, the share
-    ``normal_test_fraction`` of them, by seeded hash, is held out for testing, as anomalib's Folder does), ``abnormal``
-    images (test, label 1, ``defect_type`` the folder below ``abnormal`` or ``abnormal``'s own name), optional
-    ``normal_test`` images and ``mask`` images named like the anomalous images they belong to."""
+    """The index of anomalib's Folder layout.
+
+    ``normal`` images are for training (without ``normal_test``, the share ``normal_test_fraction`` of them, by seeded
+    hash, is held out for testing, as anomalib's Folder does); ``abnormal`` images are test, label 1, ``defect_type``
+    the folder below ``abnormal`` or ``abnormal``'s own name; optional ``normal_test`` images, and ``mask`` images named
+    like the anomalous images they belong to."""
     rows, skipped = [], []
 
     def add(uri: str, label: int, split: str, masks: dict[str, str] | None = None) -> None:
@@ -204,9 +208,10 @@ def folder_index(normal: str, abnormal: str | None = None, normal_test: str | No
 
 
 def write_index(index: FolderIndex, out: str, eval_out: str | None = None) -> dict:
-    """Write the index as parquet at ``out`` and the skipped files beside it (``<out>.skipped.tsv``: path, reason);
-    with ``eval_out``, its ``val`` and ``test`` rows alone there too (what to score and evaluate). Returns the summary
-    (what ``jobs/index.py`` prints)."""
+    """Write the index as parquet at ``out`` and the skipped files beside it; return the summary.
+
+    The summary is what ``jobs/index.py`` prints. The skipped files go to ``<out>.skipped.tsv`` (path, reason); with
+    ``eval_out``, the index's ``val`` and ``test`` rows alone are written there too (what to score and evaluate)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 

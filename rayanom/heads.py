@@ -24,7 +24,7 @@ ANOMALIB_OFFSET = 12.0
 # and precision, score bit-identically. A row scored in another batch may differ in its last bits (matrix kernels pick
 # their summation order by shape and by a row's position in the product: OpenBLAS's Haswell and Zen kernels, used on
 # AMD CPUs, do; the backbone's convolutions do for a batch of one); in fp32 it agrees within
-# BATCH_RTOL * (1 + |score|) (measured: at most 1e-6).
+# BATCH_RTOL * (1 + |score|), a bound with margin over the differences seen.
 BATCH_RTOL = 1e-5
 # The float32 heads against float64 (``exact``): |a - b| <= DEVICE_RTOL * (1 + |b|) on the scores, for queries among
 # the training data and somewhat beyond (tests/test_heads.py, tests/test_dfm.py: features of a decaying spectrum, as CNN
@@ -60,8 +60,9 @@ def _as_tensor(x, exact: bool, device):
 
 
 def _on_device(obj: object, exact: bool, device, arrays: dict) -> dict:
-    """``arrays`` (name -> float64 numpy array, computed once) as tensors of the scoring dtype on ``device``, cached
-    on ``obj`` per (dtype, device): an actor moves its head to the device once, not once a batch."""
+    """``arrays`` (name -> float64 numpy array, computed once) as tensors of the scoring dtype on ``device``.
+
+    They are cached on ``obj`` per (dtype, device), so an actor moves its head to the device once, not once a batch."""
     key = (exact, str(device))
     cache = obj.__dict__.setdefault("_device_arrays", {})
     if key not in cache:
@@ -136,8 +137,8 @@ class GaussianKDE:
     e^88 times its largest one and at least the first tile's is 1, so float32 neither overflows nor underflows
     where it matters; terms below e^-87 relative to c are dropped (relative error < n e^-87). A row whose sum still
     overflows (its nearest support point lies far outside the first tile) is recomputed with the exact maximum.
-    ``exact=True`` runs the same in float64 (parity with scipy to ~1e-12). The float32 default is 5-10x faster on
-    CPU and what anomalib computes in (without its underflow); its log-density error is about 1e-7 times the
+    ``exact=True`` runs the same in float64 (parity with scipy to ~1e-12). The float32 default is faster on CPU
+    and what anomalib computes in (without its underflow); its log-density error is about 1e-7 times the
     squared whitened distance of the query from the support mean: within 1e-4 for queries among the training data.
     """
 
@@ -171,8 +172,9 @@ class GaussianKDE:
         return _log_kernel_sums(y, t["tiles"], exact) + self.log_norm_
 
     def _support_tiles(self, exact: bool, device) -> dict:
-        """The whitening, the support mean, and the support centred on it as augmented (d + 2, tile) matrices
-        [b; -|b|^2/2; 1], on the device in the scoring dtype; cached (an actor moves them once)."""
+        """The whitening, the support mean, and the centred support as augmented (d + 2, tile) matrices.
+
+        The matrices are [b; -|b|^2/2; 1], on the device in the scoring dtype, and cached (an actor moves them once)."""
         key = (exact, str(device))
         cache = self.__dict__.setdefault("_tiles", {})
         if key not in cache:
@@ -191,8 +193,10 @@ QUERY_TILE = 256  # queries per tile: 256 x 4096 float32 = 4 MiB
 
 
 def _log_kernel_sums(y, tiles: list, exact: bool):
-    """log sum_j exp(-|y_i - b_j|^2 / 2) for centred whitened queries ``y`` (m, d), a tensor on the tiles' device
-    -> (m,) float64 tensor there. One host sync a query tile (the overflow check), none for the results."""
+    """log sum_j exp(-|y_i - b_j|^2 / 2) for centred whitened queries ``y`` (m, d) -> (m,) float64 tensor.
+
+    ``y`` is a tensor on the tiles' device, and so is the result. One host sync a query tile (the overflow check), none
+    for the results."""
     import torch
 
     dtype, device = tiles[0].dtype, tiles[0].device
@@ -395,8 +399,10 @@ class DfmHead:
 
     def score_with_maps(self, x, exact: bool = False, device: str = "cpu",
                         map_shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(m, n_features) features, numpy or a tensor -> FRE or NLL (m,) float64, higher = more anomalous, and for FRE
-        with ``map_shape`` = (C, h, w) the anomaly maps (m, h * w) float32: the squared residuals summed over channels.
+        """(m, n_features) features -> FRE or NLL (m,) float64, higher = more anomalous, and FRE's anomaly maps.
+
+        The features are numpy or a tensor. For FRE with ``map_shape`` = (C, h, w) the anomaly maps (m, h * w) float32
+        are the squared residuals summed over channels.
 
         In torch on ``device``, float32 by default (within ``DEVICE_RTOL`` of ``exact=True``, float64 throughout, for
         queries among the training data): only the scores and the pooled maps leave the device."""
@@ -426,8 +432,10 @@ class DfmHead:
                                                                                 np.float32))
 
     def residuals(self, x: np.ndarray) -> np.ndarray:
-        """Squared reconstruction residuals per feature, (m, n_features), float64 numpy: the FRE map before pooling
-        over channels (for tests and analysis; scoring uses :meth:`score_with_maps`)."""
+        """Squared reconstruction residuals per feature, (m, n_features), float64 numpy.
+
+        This is the FRE map before pooling over channels, for tests and analysis; scoring uses
+        :meth:`score_with_maps`."""
         if not hasattr(self, "sigma_"):
             raise _not_fitted(self)
         xc = np.asarray(x, dtype=np.float64) - self.pca_.mean_

@@ -32,7 +32,7 @@ from rayanom.data import (
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """Metadata of a parquet index: enough to read any row range on a worker. O(files + row groups) in size."""
+    """Metadata of a parquet index, enough to read any row range on a worker, O(files + row groups) in size."""
 
     uri: str
     files: tuple[str, ...]  # filesystem paths (resolved against ``uri``'s filesystem), in read order
@@ -62,8 +62,9 @@ class IndexInfo:
         return [(int(e - r), int(e)) for e, r in zip(ends, self.file_rows)]
 
     def part_of(self, start: int, stop: int) -> IndexInfo:
-        """The description of only the files holding rows [start, stop): what a worker needs to read them
-        (``read_rows``), in size O(those files) whatever the size of the index."""
+        """The description of only the files holding rows [start, stop), what a worker needs to read them.
+
+        Read by ``read_rows``; its size is O(those files) whatever the size of the index."""
         keep = [i for i, (a, b) in enumerate(self.file_ranges()) if a < stop and b > start]
         if not keep:
             return dataclasses.replace(self, files=(), group_rows=(), file_fingerprints=(), first_row=start)
@@ -121,8 +122,10 @@ _GROUPS_MAX_BYTES = 256 * 2**20
 
 
 def _row_groups(fs, path: str, fingerprint: str, wanted: list[int]) -> list[pa.Table]:
-    """Row groups ``wanted`` of one file, from this process's cache where present (keyed by the file's fingerprint:
-    path, size, modification time, rows, so a replaced file is read anew)."""
+    """Row groups ``wanted`` of one file, from this process's cache where present.
+
+    The cache is keyed by the file's fingerprint (path, size, modification time, rows), so a replaced file is read
+    anew."""
     missing = [g for g in wanted if (fingerprint, g) not in _GROUPS]
     if missing:
         with fs.open_input_file(path) as f:
@@ -157,11 +160,13 @@ def _file_value_errors(info: IndexInfo, files: list[int]) -> str | None:
 
 
 def index_value_errors(info: IndexInfo, files_per_task: int = 16) -> str | None:
-    """Check the values of ``label`` (0 or 1, no nulls) on the workers, reading that column only; the first problem
-    found, or None. Runs where Ray runs (local or cluster); each task returns at most one line."""
+    """The first problem found in the values of ``label`` (0 or 1, no nulls), or None.
+
+    The check runs on the workers, reading that column only, where Ray runs (local or cluster); each task returns at
+    most one line."""
     if LABEL_COL not in info.columns or not info.files:
         return None
-    errors = [e for e in in_tasks(_file_value_errors, list(range(len(info.files))), files_per_task, info) if e]
+    errors = [e for e in map_in_tasks(_file_value_errors, list(range(len(info.files))), files_per_task, info) if e]
     return errors[0] if errors else None
 
 
@@ -172,9 +177,11 @@ def check_values(info: IndexInfo) -> None:
         raise UserError(error)
 
 
-def in_tasks(fn, items: list, per_task: int, first, *args) -> list:
-    """``fn(first, chunk, *args)`` for chunks of ``per_task`` items, as Ray tasks (0.5 CPU each) on the workers;
-    the results in chunk order. ``first`` (an index description, an output URI) is put in the object store once."""
+def map_in_tasks(fn, items: list, per_task: int, first, *args) -> list:
+    """Map ``fn(first, chunk, *args)`` over chunks of ``per_task`` items as Ray tasks; the results in chunk order.
+
+    The tasks take 0.5 CPU each on the workers; ``first`` (an index description, an output URI) is put in the object
+    store once."""
     import ray
 
     task = ray.remote(num_cpus=0.5)(fn)
@@ -212,17 +219,19 @@ def _file_training_band(info: IndexInfo, files: list[int], seed: int, slots: int
 
 def training_band(info: IndexInfo, seed: int, slots: int, lo: float, hi: float,
                   files_per_task: int = 16) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """The normal training rows (``data.training_rows``) whose lower bank key (``bank.lower_keys``) lies in
-    [lo, hi), found on the workers: (training rows in the index, their rows, lower keys and paths in the band).
+    """The normal training rows whose lower bank key lies in [lo, hi), found on the workers.
 
-    Each task reads the ``path``, ``label`` and ``split`` columns of a group of files and returns only its band, so
-    the driver holds the band (about K rows for the bank's passes), never the index. The values of ``label`` are
-    checked on the way.
+    Returns (training rows in the index, their rows, lower keys and paths in the band); the rows are
+    ``data.training_rows``, the keys ``bank.lower_keys``.
+
+    Each task reads the ``path``, ``label`` and ``split`` columns of a group of files and returns only its band, so the
+    driver holds the band (about K rows for the bank's passes), never the index. The values of ``label`` are checked on
+    the way.
 
     Raises:
         UserError: a label value other than 0 or 1, or a null label (the first such problem found).
     """
-    results = in_tasks(_file_training_band, list(range(len(info.files))), files_per_task, info, seed, slots, lo, hi)
+    results = map_in_tasks(_file_training_band, list(range(len(info.files))), files_per_task, info, seed, slots, lo, hi)
     errors = [e for e, _, _ in results if e]
     if errors:
         raise UserError(errors[0])
@@ -255,13 +264,14 @@ def _file_split_rows(info: IndexInfo, files: list[int], split: str, out: str) ->
 
 
 def write_split(info: IndexInfo, split: str, out: str, files_per_task: int = 16) -> int:
-    """Write the rows of ``info`` whose ``split`` is ``split`` as a new index (a directory of parquet files, in the
-    index's order) at ``out``, on the workers; returns their number (0, and nothing written, without a ``split``
-    column). Files of an earlier run at ``out`` are replaced."""
+    """Write the rows of ``info`` whose ``split`` is ``split`` as a new index at ``out``; return their number.
+
+    The new index is a directory of parquet files, in the index's order, written on the workers; 0, and nothing written,
+    without a ``split`` column. Files of an earlier run at ``out`` are replaced."""
     if SPLIT_COL not in info.columns or not info.files:
         return 0
     fs, path = resolve_filesystem(out)
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         fs.delete_dir_contents(path)
     fs.create_dir(path, recursive=True)
-    return sum(in_tasks(_file_split_rows, list(range(len(info.files))), files_per_task, info, split, out))
+    return sum(map_in_tasks(_file_split_rows, list(range(len(info.files))), files_per_task, info, split, out))

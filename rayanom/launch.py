@@ -1,5 +1,7 @@
-"""How a job starts: join a Ray cluster or start an embedded local Ray, choose the actors' device, their number and
-threads, and resolve ``precision="auto"``. The jobs in ``jobs/`` call it; the rest of the library never starts Ray.
+"""How a job starts: join a Ray cluster or start an embedded local Ray, and size the actors.
+
+It chooses the actors' device, their number and threads, and resolves ``precision="auto"``. The jobs in ``jobs/`` call
+it; the rest of the library never starts Ray.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ CPU_ACTOR_CPUS = 2  # CPUs (and threads) of each actor on a CPU-only cluster
 
 def start_ray(config, *, device: str = "auto", num_actors: int | None = None, threads_per_actor: int | None = None,
               precision: str = "auto", fitted_precision: str | None = None, **run) -> RunConfig:
-    """Connect to ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else start an embedded local Ray; returns
-    the RunConfig for what Ray offers (``run``: its other fields, checked before Ray starts).
+    """Connect to ``RAY_ADDRESS`` when set, else start an embedded local Ray; return the RunConfig for what Ray offers.
+
+    ``ray job submit`` sets ``RAY_ADDRESS``; ``run`` holds the RunConfig's other fields, checked before Ray starts.
 
     ``device`` auto: cuda, one GPU per actor, when the cluster has GPUs up or its autoscaler's node types have some,
     else cpu. ``precision`` auto: ``fitted_precision`` when scoring a fitted model (``Artifact.precision``), else bf16
-    when the actors' hardware runs ``config``'s backbone fast (timed where the actors will run, once per run), fp32
-    for a model whose feature stage runs in fp32 only (``ModelSpec.bf16``). Locally the actors reserve at most all but
-    two logical CPUs, so the index and footer tasks that run beside them can always be placed (actors holding every
-    CPU starve the tasks: the job hangs, as measured on 2 cores).
+    when the actors' hardware runs ``config``'s backbone fast (timed where the actors will run, once per run), fp32 for
+    a model whose feature stage runs in fp32 only (``ModelSpec.bf16``). Locally the actors reserve at most all but two
+    logical CPUs, so the index and footer tasks that run beside them can always be placed (actors holding every CPU
+    starve the tasks and the job hangs).
     """
     import ray
 
@@ -74,8 +77,10 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
 
 
 def _devices(choice: str, cluster: bool) -> tuple[str, str, float, float]:
-    """The actors' device for ``choice``, why, and the GPUs and CPUs there are or an autoscaler can add. On a cluster
-    this connects to it (``ray.init``); locally it counts this machine's GPUs (Ray is started by the caller)."""
+    """The actors' device for ``choice``, why, and the GPUs and CPUs there are or an autoscaler can add.
+
+    On a cluster this connects to it (``ray.init``); locally it counts this machine's GPUs (Ray is started by the
+    caller)."""
     import ray
 
     from rayanom.pool import autoscaler_max_resources, choose_device
@@ -117,8 +122,10 @@ def start_ray_for_tasks() -> None:
 
 
 def _fast_precision(run: RunConfig) -> tuple[str, float]:
-    """bf16 when it runs fast where the actors run, and the speed-up measured: a probe task with an actor's resources
-    and threads answers (``features.probe_bf16``), before the pool exists and while nothing else runs there.
+    """bf16 when it runs fast where the actors run, and the speed-up measured.
+
+    A probe task with an actor's resources and threads answers (``features.probe_bf16``), before the pool exists and
+    while nothing else runs there.
 
     Raises:
         UserError: no node could run the probe within ``--wait-for-actors``.
@@ -150,15 +157,17 @@ def _probe(device: str, threads: int) -> float:
 
 
 def check_output_location(paths: dict[str, str | None], shared: bool = False) -> None:
-    """Refuse local output paths on a Ray cluster that has or can add more than one node, where each node would
-    write its share to its own disk; right after connecting, before any work.
+    """Refuse local output paths on a Ray cluster that has or can add more than one node.
+
+    On such a cluster each node would write its share to its own disk; the check runs right after connecting, before any
+    work.
 
     ``paths``: flag -> path (``{"--out": "runs/r1"}``; None: not given). A URI with a scheme (``s3://``, ``gs://``)
-    passes; a local path (no scheme, or ``file://``) passes where ``shared`` says it is a filesystem every node
-    mounts at the same place (``--shared-path``: NFS, EFS, ...), on an embedded local Ray (no ``RAY_ADDRESS``: one
-    machine), and on a cluster of one node whose autoscaler can add none. Nodes: those alive now, and more where the
-    node types' resources (``pool.autoscaler_max_resources``) exceed what is up. Connects for the check when Ray is not
-    connected yet, and then disconnects again.
+    passes; a local path (no scheme, or ``file://``) passes where ``shared`` says it is a filesystem every node mounts
+    at the same place (``--shared-path``: NFS, EFS, ...), on an embedded local Ray (no ``RAY_ADDRESS``: one machine),
+    and on a cluster of one node whose autoscaler can add none. Nodes: those alive now, and more where the node types'
+    resources (``pool.autoscaler_max_resources``) exceed what is up. Connects for the check when Ray is not connected
+    yet, and then disconnects again.
 
     Raises:
         UserError: a local path on a cluster of several nodes, or one that can add nodes.

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from rayanom.config import UserError, fail
+from rayanom.config import UserError, raise_invalid
 from rayanom.data import (
     DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem,
     with_retries,
@@ -80,17 +80,18 @@ class Listing:
 
 
 def parse_rule(text: str | None, name: str, values: dict) -> tuple[tuple[str, object], ...]:
-    """``NAME=VALUE,NAME=VALUE``: a folder name and what it gives (``values`` maps each allowed spelling to it), as
-    pairs; () for None. Refused, naming ``name`` (the rule's keyword): an empty or repeated NAME, a NAME with '/', a
-    value not allowed."""
+    """Parse ``NAME=VALUE,NAME=VALUE`` into (folder name, what it gives) pairs; () for None.
+
+    ``values`` maps each allowed spelling to what it gives. Refused, naming ``name`` (the rule's keyword): an empty or
+    repeated NAME, a NAME with '/', a value not allowed."""
     if text is None:
         return ()
     pairs: dict[str, object] = {}
     for item in text.split(","):
         folder, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not folder or "/" in folder or folder in pairs or value not in values:
-            fail(name, text, f"NAME={'|'.join(values)} pairs, comma-separated, each NAME a folder name given once "
-                             f"({item.strip()!r} is not)")
+            raise_invalid(name, text, f"NAME={'|'.join(values)} pairs, comma-separated, each NAME a folder name given "
+                                      f"once ({item.strip()!r} is not)")
         pairs[folder] = values[value]
     return tuple(pairs.items())
 
@@ -102,8 +103,9 @@ def _root(uri: str) -> str:
 
 def plan_listing(roots: list[str], out: str, label_rule: str | None = None, split_rule: str | None = None,
                  rows_per_file: int = ROWS_PER_FILE, tasks: int | None = None) -> Listing:
-    """The listing of ``roots`` into the index ``out``, every value checked (one storage request per root and one
-    for ``out``) before any task runs.
+    """The listing of ``roots`` into the index ``out``, every value checked before any task runs.
+
+    The checks cost one storage request per root and one for ``out``.
 
     Raises:
         UserError: a bad rule, ``rows_per_file`` or ``tasks`` below 1, a root that is no folder or lies in another,
@@ -112,14 +114,14 @@ def plan_listing(roots: list[str], out: str, label_rule: str | None = None, spli
     labels = parse_rule(label_rule, "label_rule", {"0": 0, "1": 1})
     splits = parse_rule(split_rule, "split_rule", {s: s for s in SPLITS})
     if rows_per_file < 1:
-        fail("rows_per_file", rows_per_file, "a number of rows >= 1")
+        raise_invalid("rows_per_file", rows_per_file, "a number of rows >= 1")
     if tasks is not None and tasks < 1:
-        fail("tasks", tasks, "a number of tasks >= 1")
+        raise_invalid("tasks", tasks, "a number of tasks >= 1")
     named = sorted({_root(r) for r in roots})
     for a in named:
         for b in named:
             if b.startswith(a + "/"):
-                fail("roots", b, f"folders that do not lie in one another (it is in {a!r})")
+                raise_invalid("roots", b, f"folders that do not lie in one another (it is in {a!r})")
     for root in named:
         fs, path = resolve_filesystem(root)
         try:
@@ -127,11 +129,11 @@ def plan_listing(roots: list[str], out: str, label_rule: str | None = None, spli
         except OSError as e:  # no credentials, access denied, no such bucket: the user's to fix
             raise UserError(f"invalid roots={root!r}: cannot be read ({' '.join(str(e).split())})") from e
         if found != pafs.FileType.Directory:
-            fail("roots", root, "a folder or prefix that exists")
+            raise_invalid("roots", root, "a folder or prefix that exists")
     out = _root(out)
     inside = [r for r in named if out.startswith(r + "/") or out == r]
     if inside:
-        fail("out", out, f"a directory outside the listed folders (it is in {inside[0]!r})")
+        raise_invalid("out", out, f"a directory outside the listed folders (it is in {inside[0]!r})")
     check_output_dir(out, lambda name: bool(OURS.fullmatch(name)), overwrite=True)
     return Listing(tuple(named), out, labels, splits, rows_per_file, tasks)
 
@@ -204,8 +206,10 @@ def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> t
 
 
 def list_folder(root: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """The folder ``rel`` below ``root`` (relative paths throughout): (files as (path, size), sub-folders when not
-    ``recursive``, entries to skip as (path, reason)); with ``recursive``, everything below it."""
+    """The folder ``rel`` below ``root``: files as (path, size), sub-folders, and entries to skip as (path, reason).
+
+    Paths are relative throughout. Sub-folders are returned when not ``recursive``; with ``recursive``, the files are
+    everything below it."""
     fs, base = resolve_filesystem(root)
     if isinstance(fs, pafs.LocalFileSystem):
         return _scan_local(base, rel, recursive)
@@ -221,8 +225,10 @@ def _entries(files: list, bad: list) -> pa.Table:
 
 
 def _list_level(root: str, rel: str) -> tuple[tuple[list[str], list[tuple[str, int, int]]], pa.Table]:
-    """A task: one folder's direct entries. Returns (its sub-folders, the runs of its entries between them as (first
-    path, start, stop)), and the entries (``_entries``) for the tasks that write them."""
+    """A task that lists one folder's direct entries.
+
+    Returns (its sub-folders, the runs of its entries between them as (first path, start, stop)), and the entries
+    (``_entries``) for the tasks that write them."""
     files, dirs, bad = list_folder(root, rel, recursive=False)
     entries = _entries(files, bad)
     rels = entries.column("rel").to_pylist()
@@ -231,9 +237,10 @@ def _list_level(root: str, rel: str) -> tuple[tuple[list[str], list[tuple[str, i
 
 
 def _pieces(roots: tuple[str, ...], tasks: int) -> tuple[list[tuple], int]:
-    """The listing shared out, in path order, and the number of folders listed one level at a time for it. A piece:
-    ("tree", root, folder), everything below a folder, or ("run", root, entries, start, stop), a run of a folder's
-    direct entries already listed (``entries``: an object reference)."""
+    """The listing shared out in path order, and the number of folders listed one level at a time for it.
+
+    A piece is ("tree", root, folder), everything below a folder, or ("run", root, entries, start, stop), a run of a
+    folder's direct entries already listed (``entries``: an object reference)."""
     import ray
 
     level = ray.remote(num_cpus=0.5)(_list_level).options(num_returns=2)
@@ -272,8 +279,9 @@ def _lookup(rel: str, rule: dict) -> tuple[str, object] | None:
 
 
 def _classify(rel: str, size: int, reason: str | None, labels: dict, splits: dict) -> tuple[dict | None, str | None]:
-    """(the row's values other than its path, None), or (None, why the entry is skipped); ``labels`` and ``splits``
-    the rules (folder name: value), empty where none."""
+    """(the row's values other than its path, None), or (None, why the entry is skipped).
+
+    ``labels`` and ``splits`` are the rules (folder name: value), empty where none."""
     if reason is not None:
         return None, reason
     if not rel.lower().endswith(IMAGE_EXTENSIONS):
@@ -306,8 +314,10 @@ def _table(listing: Listing, paths: list[str], values: list[dict]) -> pa.Table:
 
 
 def _write_group(listing: Listing, group: int, pieces: list[tuple]) -> dict:
-    """A task: the entries of ``pieces`` (listed here where they are folders), classified, written in order as
-    ``part-GGGGGG-FFFFFF.parquet`` and ``_skipped-GGGGGG.tsv``; returns the counts."""
+    """A task that classifies the entries of ``pieces`` and writes them in order; returns the counts.
+
+    Pieces that are folders are listed here; the rows go to ``part-GGGGGG-FFFFFF.parquet`` and the skipped entries to
+    ``_skipped-GGGGGG.tsv``."""
     import pyarrow.parquet as pq
 
     paths, values, skipped = [], [], []
@@ -348,10 +358,11 @@ def _clear(out: str) -> None:
 
 
 def write_listing(listing: Listing) -> dict:
-    """List ``listing``'s roots in Ray tasks (Ray is started by the caller) and write the index; returns the summary:
-    entries found, rows (images indexed), parquet files, skipped entries in all and per reason, the tasks that listed
-    one level and those that listed below it (and wrote the rows), rows per split and per defect type where the
-    rules give them.
+    """List ``listing``'s roots in Ray tasks and write the index; return the summary.
+
+    Ray is started by the caller. The summary: entries found, rows (images indexed), parquet files, skipped entries in
+    all and per reason, the tasks that listed one level and those that listed below it (and wrote the rows), rows per
+    split and per defect type where the rules give them.
 
     Raises:
         UserError: no image found (the skipped entries are listed all the same).

@@ -1,5 +1,8 @@
-"""Pictures and tables derived from the scores: DFM anomaly maps (from the pooled map stored with each scored row to
-network-input or original resolution) and heat-map overlays; RKDE box overlays and one-row-per-region tables.
+"""Pictures and tables derived from the scores: DFM anomaly maps and heat-map overlays, RKDE boxes and regions.
+
+The anomaly maps go from the pooled map stored with each scored row to network-input or original resolution; RKDE gets
+box overlays and one-row-per-region tables. This module draws and tabulates per image; ``pixels`` measures the same maps
+against ground-truth masks (pixel AUROC, AUPRO).
 
     import pyarrow.parquet as pq
     from rayanom.maps import anomaly_map
@@ -8,8 +11,8 @@ network-input or original resolution) and heat-map overlays; RKDE box overlays a
     anomaly_map(row, (256, 256))                              # network input, as anomalib's anomaly_map
     anomaly_map(row, (row["image_height"], row["image_width"]))  # original image pixels
 
-Upsampling is bilinear with ``align_corners=False``, as anomalib's DFM upsamples its map. The map at any resolution
-is the per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
+Upsampling is bilinear with ``align_corners=False``, as anomalib's DFM upsamples its map. The map at any resolution is
+the per-location squared reconstruction residual summed over channels; its pooled sum equals the row's FRE score.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def anomaly_map(row: dict, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def upsample(pooled: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear (align_corners=False) resize of an (h, w) map, or a stack (n, h, w) of maps in one call, to ``size``
-    = (height, width); float32."""
+    """Bilinear (align_corners=False) resize of an (h, w) map, or a stack (n, h, w) of maps, to ``size``; float32.
+
+    ``size`` is (height, width); a stack is resized in one call."""
     import torch
     import torch.nn.functional as F
 
@@ -107,8 +111,9 @@ def _top_rows(scores: str, columns: list[str], top_n: int, valid_col: str) -> li
 
 
 def write_box_overlays(scores: str, out_dir: str, top_n: int) -> list[str]:
-    """RKDE: the ``top_n`` highest-scoring images with their boxes drawn, coloured by box probability (blue = low,
-    red = high, one scale for all pictures) and labelled with it; returns the files written."""
+    """RKDE: draw the ``top_n`` highest-scoring images with their boxes; return the files written.
+
+    Boxes are coloured by box probability (blue = low, red = high, one scale for all pictures) and labelled with it."""
     from PIL import Image, ImageDraw
 
     top = _top_rows(scores, ["row_index", PATH_COL, SCORE_COL, "boxes", "box_scores"], top_n, "boxes")
@@ -134,8 +139,10 @@ def write_box_overlays(scores: str, out_dir: str, top_n: int) -> list[str]:
 
 
 def write_region_rows(scores: str, out_dir: str) -> int:
-    """RKDE: one row per region (row_index, path, region, box in original pixels, box_score), written part by part
-    from the scores dataset (bounded memory) into ``out_dir``; returns the number of regions."""
+    """RKDE: write one row per region into ``out_dir``; return the number of regions.
+
+    A row holds row_index, path, region, box in original pixels and box_score; the rows are written part by part from
+    the scores dataset, in bounded memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

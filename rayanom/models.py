@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
+from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, raise_invalid
 from rayanom.data import (
     BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
 )
@@ -398,13 +398,13 @@ SPECS: dict[str, ModelSpec] = {
 def register(spec: ModelSpec) -> None:
     """Add a model (tests, notebooks, plugins); its name must be new."""
     if spec.name in SPECS:
-        fail("model", spec.name, f"a name not among {list(SPECS)}")
+        raise_invalid("model", spec.name, f"a name not among {list(SPECS)}")
     SPECS[spec.name] = spec
 
 
 def spec(name: str) -> ModelSpec:
     if name not in SPECS:
-        fail("model", name, f"one of {list(SPECS)}")
+        raise_invalid("model", name, f"one of {list(SPECS)}")
     return SPECS[name]
 
 
@@ -416,14 +416,14 @@ def config_from_dict(d: dict[str, Any], model: ModelSpec | None = None):
     """Inverse of ``config.config_to_dict``; unknown keys and unknown models are errors naming the valid ones.
     ``model``: the spec to read it with (else found by the ``model`` tag)."""
     if not isinstance(d, dict):
-        fail("config", d, "a JSON object")
+        raise_invalid("config", d, "a JSON object")
     if model is not None and d.get("model") != model.name:
-        fail("model", d.get("model"), repr(model.name))
+        raise_invalid("model", d.get("model"), repr(model.name))
     cls = (model or spec(d.get("model"))).config
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - names - {"model"})
     if unknown:
-        fail("config keys", unknown, f"keys among {sorted(names)}")
+        raise_invalid("config keys", unknown, f"keys among {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "model"})
 
 

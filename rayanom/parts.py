@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from rayanom.config import UserError
 from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
 from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
-from rayanom.index import in_tasks
+from rayanom.index import map_in_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +44,13 @@ def part_name(k: int) -> str:
 
 
 def rows_per_part(output: str, n_rows: int, requested: int = 0, overwrite: bool = False) -> int:
-    """Rows per part of a scoring job: ``requested`` (``--rows-per-part``) when not 0; else, unless ``overwrite``, the
-    layout of the scores ``output`` holds already (a resume, or scores of an earlier version of the index, keep
-    theirs); else ``n_rows / AUTO_PARTS`` rounded up to a power of two within ``AUTO_ROWS``. A small index is then cut
-    into parts enough to keep every actor busy to the end (20,000 rows in 4,096-row parts left one of two actors idle
-    for the last fifth of the job), a large one into 4,096-row parts. The layout depends on the index (and what
-    ``output`` holds), never on the actors, so parts stay identical whatever their number."""
+    """Rows per part of a scoring job, chosen so that parts stay the same whatever the number of actors.
+
+    ``requested`` (``--rows-per-part``) when not 0; else, unless ``overwrite``, the layout of the scores ``output``
+    holds already (a resume, or scores of an earlier version of the index, keep theirs); else ``n_rows / AUTO_PARTS``
+    rounded up to a power of two within ``AUTO_ROWS``. A small index is then cut into parts enough to keep every actor
+    busy to the end (few large parts leave actors idle at the end of the job), a large one into 4,096-row parts. The
+    layout depends on the index (and what ``output`` holds), never on the actors."""
     if requested:
         return requested
     fs, path = resolve_filesystem(output)
@@ -145,9 +146,10 @@ def read_manifest(output: str) -> dict:
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
-    """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
-    for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
-    is not JSON reads as one that disagrees."""
+    """The manifest, read with retries of transient storage errors.
+
+    A read that still fails is an error that asks for a re-run and changes nothing (it must never lead to --overwrite,
+    which deletes the parts); a manifest that is not JSON reads as one that disagrees."""
     from rayanom.data import ReadPolicy, error_message, with_retries
 
     def read() -> bytes:
@@ -168,10 +170,12 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
 
 
 def s3_put_if_absent(fs: pafs.S3FileSystem, path: str, body: bytes) -> bool:
-    """Write ``body`` at ``path`` (``bucket/key``) only if no object is there, with S3's conditional write
-    (``If-None-Match: *``), through boto3: pyarrow's S3 filesystem cannot send it. True when written, False when the
-    object exists (412 Precondition Failed, or 409 when another conditional write to the key is in flight). boto3 finds
-    the endpoint and credentials in the same environment as pyarrow (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...).
+    """Write ``body`` at ``path`` (``bucket/key``) only if no object is there; True when written, False when it exists.
+
+    It uses S3's conditional write (``If-None-Match: *``) through boto3, since pyarrow's S3 filesystem cannot send it;
+    an existing object answers 412 Precondition Failed, or 409 when another conditional write to the key is in flight.
+    boto3 finds the endpoint and credentials in the same environment as pyarrow (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``...).
     """
     import boto3
     from botocore.exceptions import ClientError
@@ -200,8 +204,9 @@ def _store_now(fs: pafs.FileSystem, path: str) -> int:
 
 
 def part_problems(output: str, parts: list[int], n_rows: int, rows_per_part: int) -> dict[int, str]:
-    """What is wrong with complete parts ``parts``, from their footers alone: the row count and the ``row_index``
-    range (row group statistics) must be those of the part's rows. Parts without a problem are left out."""
+    """What is wrong with complete parts ``parts``, from their footers alone; parts without a problem are left out.
+
+    The row count and the ``row_index`` range (row group statistics) must be those of the part's rows."""
     fs, path = resolve_filesystem(output)
     problems = {}
     for k in parts:
@@ -240,8 +245,10 @@ def complete_parts(output: str) -> set[int]:
 
 
 def write_part(output: str, k: int, table: pa.Table, job: str) -> None:
-    """Write part ``k`` on a worker: to a hidden name unique to ``job`` and this part, then moved into place, so a
-    part file exists only when complete (a retried task rewrites its own temporary file)."""
+    """Write part ``k`` on a worker, so that a part file exists only when complete.
+
+    It is written to a hidden name unique to ``job`` and this part, then moved into place (a retried task rewrites its
+    own temporary file)."""
     fs, path = resolve_filesystem(output)
     tmp, final = f"{path}/.{part_name(k)}.{job}.tmp", f"{path}/{part_name(k)}"
     with fs.open_output_stream(tmp) as f:
@@ -250,8 +257,10 @@ def write_part(output: str, k: int, table: pa.Table, job: str) -> None:
 
 
 def changed_parts(previous: dict, manifest: dict, done: set[int]) -> int:
-    """How many of the ``done`` parts of ``previous`` read rows of index files that ``manifest``'s index changed
-    (per-file fingerprints; a file whose row count changed, or that is gone, shifts every row after it)."""
+    """How many of the ``done`` parts of ``previous`` read rows of index files that ``manifest``'s index changed.
+
+    Files are compared by per-file fingerprints; a file whose row count changed, or that is gone, shifts every row after
+    it."""
     old, new = previous.get("index_files", []), manifest.get("index_files", [])
     rows = [json.loads(f)[3] for f in old]
     starts = np.cumsum([0, *rows])
@@ -274,15 +283,17 @@ HEARTBEAT_S = 15.0
 
 
 class Lease:
-    """One writer per scores directory: ``_rayanom_lease.json`` holds the job's id and is rewritten every
-    ``HEARTBEAT_S`` seconds by a thread of the driver, so its modification time shows the job is alive.
+    """One writer per scores directory: a lease file that the job's heartbeat keeps fresh.
+
+    ``_rayanom_lease.json`` holds the job's id and is rewritten every ``HEARTBEAT_S`` seconds by a thread of the driver,
+    so its modification time shows the job is alive.
 
     ``acquire`` creates it exclusively: ``O_EXCL`` on a local directory, S3's conditional write on S3
     (``s3_put_if_absent``); elsewhere (GCS, HDFS, ...) a check, a write and a read-back, where a race of two jobs
-    starting within the same second remains possible (documented). A lease that exists is
-    refused while fresh; one whose heartbeat is older than ``LEASE_STALE_S``, measured against the store's own clock
-    (the modification time of a probe file written now, never this machine's clock), is taken over, and so is one
-    taken on this machine by a process that no longer exists (a killed job resumed at once).
+    starting within the same second remains possible (documented). A lease that exists is refused while fresh; one whose
+    heartbeat is older than ``LEASE_STALE_S``, measured against the store's own clock (the modification time of a probe
+    file written now, never this machine's clock), is taken over, and so is one taken on this machine by a process that
+    no longer exists (a killed job resumed at once).
     """
 
     def __init__(self, output: str, job: str | None = None) -> None:
@@ -351,8 +362,9 @@ class Lease:
         self._start_heartbeat()
 
     def _create(self) -> bool | None:
-        """Create the lease file only where none exists, in one atomic step: True when this job created it, False
-        when one exists; None where the filesystem has no such write."""
+        """Create the lease file only where none exists, in one atomic step.
+
+        True when this job created it, False when one exists; None where the filesystem has no such write."""
         import os
 
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -368,8 +380,9 @@ class Lease:
         return None
 
     def _holder_is_gone(self) -> bool:
-        """The lease was taken on this machine by a process that no longer exists (a job killed a moment ago): its
-        lease can be taken over without waiting for the heartbeat to go stale."""
+        """Whether the lease was taken on this machine by a process that no longer exists (a job killed a moment ago).
+
+        Such a lease can be taken over without waiting for the heartbeat to go stale."""
         import os
         import socket
 
@@ -422,10 +435,11 @@ class Lease:
 
 
 class CrashMarker:
-    """Beside the parts while a worker decodes or scores a unit of work named ``name`` (``.NAME.crash.tmp``): how many
-    times the unit was begun (``attempts``), the rows known to kill the worker (``bad``) and, when working row by row,
-    the row in progress (``row``). Cleared when the unit is done; still there when it is begun again means the last
-    worker died on it (``plane.decode_rows``, ``pipeline.ScoreBatches``)."""
+    """A file beside the parts (``.NAME.crash.tmp``) while a worker decodes or scores the unit of work ``name``.
+
+    It records how many times the unit was begun (``attempts``), the rows known to kill the worker (``bad``) and, when
+    working row by row, the row in progress (``row``). Cleared when the unit is done; still there when it is begun again
+    means the last worker died on it (``plane.decode_rows``, ``pipeline.ScoreBatches``)."""
 
     def __init__(self, output: str, name: str) -> None:
         self.fs, path = resolve_filesystem(output)
@@ -481,7 +495,7 @@ def apply_to_parts(output: str, t: Threshold | None, parts_per_task: int = 64) -
 
     Only the parts decided with another threshold are rewritten: the footers show which."""
     ks = sorted(complete_parts(output))
-    return sum(len(d) for d in in_tasks(_parts_decided, ks, parts_per_task, output, key_of(t)))
+    return sum(len(d) for d in map_in_tasks(_parts_decided, ks, parts_per_task, output, key_of(t)))
 
 
 def failed_rows(output: str, parts: list[int]) -> dict[int, int]:
@@ -504,9 +518,10 @@ def fragment_dir(output: str, job: str, k: int) -> tuple[pafs.FileSystem, str]:
 
 
 def write_fragment(output: str, job: str, k: int, offset: int, table: pa.Table) -> int:
-    """Write scored rows of part ``k``, named by the offset of their first batch and their number (a temporary name,
-    then moved into place: a retried call rewrites the same fragment); returns how many of the part's rows its
-    fragments hold now."""
+    """Write scored rows of part ``k``; return how many of the part's rows its fragments hold now.
+
+    A fragment is named by the offset of its first batch and its number, written to a temporary name, then moved into
+    place (a retried call rewrites the same fragment)."""
     fs, d = fragment_dir(output, job, k)
     fs.create_dir(d, recursive=True)
     name = f"{offset:010d}-{table.num_rows:010d}"

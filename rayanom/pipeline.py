@@ -560,20 +560,20 @@ def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
 
 def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:
     """Failed rows per complete part (those with any), counted on the workers from the ``error`` column."""
-    from rayanom.index import in_tasks
+    from rayanom.index import map_in_tasks
     from rayanom.parts import failed_rows
 
-    return {k: v for found in in_tasks(failed_rows, done, parts_per_task, output) for k, v in found.items() if v}
+    return {k: v for found in map_in_tasks(failed_rows, done, parts_per_task, output) for k, v in found.items() if v}
 
 
 def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
     """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
     workers), deleted so they are written again."""
     from rayanom.data import resolve_filesystem
-    from rayanom.index import in_tasks
+    from rayanom.index import map_in_tasks
     from rayanom.parts import part_name, part_problems
 
-    problems = {k: v for found in in_tasks(part_problems, done, parts_per_task, output, n_rows, per_part)
+    problems = {k: v for found in map_in_tasks(part_problems, done, parts_per_task, output, n_rows, per_part)
                 for k, v in found.items()}
     fs, path = resolve_filesystem(output)
     for k, problem in sorted(problems.items()):

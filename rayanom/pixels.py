@@ -1,5 +1,7 @@
-"""Pixel-level metrics of DFM ``fre`` anomaly maps against ground-truth masks: pixel AUROC and AUPRO, from mergeable
-summaries of bounded size (a worker summarises its part, the driver adds the summaries).
+"""Pixel-level metrics of DFM ``fre`` anomaly maps against ground-truth masks: pixel AUROC and AUPRO.
+
+They come from mergeable summaries of bounded size (a worker summarises its part, the driver adds the summaries).
+This module measures the maps against masks; ``maps`` draws and tabulates them per image.
 
     from rayanom.pixels import PixelSummary, part_pixel_summary
     summaries = [part_pixel_summary(part, config.image_size) for part in parts]  # one per part, on the workers
@@ -43,7 +45,7 @@ bin holds one value. Differences from anomalib, deliberate: the metrics are comp
 are min-max normalised and clamped to [0, 1] first, so clamped pixels tie), and with no sigmoid
 (torchmetrics' ROC, under anomalib's pixel AUROC, applies one to values outside [0, 1], which float32 saturates).
 
-A summary holds five arrays of 2^16 + 2 numbers (2.6 MB) whatever the number of pixels.
+A summary holds five arrays of 2^16 + 2 numbers whatever the number of pixels.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ BINS = 1 << 16
 LOW, HIGH = 1e-12, 1e12  # first and last edge; values below LOW share bin 0, values >= HIGH the last bin
 NBINS = BINS + 2
 FPR_LIMIT = 0.3  # anomalib's AUPRO default
-_PARTS_PER_TASK = 8  # parts summarised by one Ray task (one summary, 2.6 MB, comes back per task)
-_CHUNK = 32  # images upsampled and binned at once by part_pixel_summary (about 80 MB of temporaries at 256 x 256)
+_PARTS_PER_TASK = 8  # parts summarised by one Ray task (one summary comes back per task, not one per part)
+_CHUNK = 32  # images upsampled and binned at once by part_pixel_summary (bounds its temporaries)
 _EIGHT = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT[1] = True  # 8-connectivity inside each image of an (n, H, W) stack, nothing across images
 
@@ -142,8 +144,9 @@ class PixelSummary:
         return fpr, np.minimum(pro, 1.0)
 
     def aupro(self, fpr_limit: float = FPR_LIMIT) -> tuple[float | None, float]:
-        """AUPRO up to ``fpr_limit`` (normalised by it) and the bound on its error; (None, 0) without regions or
-        without normal pixels."""
+        """AUPRO up to ``fpr_limit`` (normalised by it) and the bound on its error.
+
+        (None, 0) without regions or without normal pixels."""
         if not 0 < fpr_limit <= 1:
             msg = f"invalid fpr_limit={fpr_limit!r}: expected a number in (0, 1]"
             raise ValueError(msg)
@@ -176,8 +179,9 @@ class PixelSummary:
 
 
 def pixel_summary(maps: np.ndarray, masks: np.ndarray) -> PixelSummary:
-    """The summary of ``maps`` (n, H, W) against ``masks`` (n, H, W, true = anomalous) at one resolution. An image
-    with a non-finite map value is left out (counted in ``non_finite``)."""
+    """The summary of ``maps`` (n, H, W) against ``masks`` (n, H, W, true = anomalous) at one resolution.
+
+    An image with a non-finite map value is left out (counted in ``non_finite``)."""
     from scipy import ndimage
 
     maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks, dtype=bool)
@@ -204,8 +208,10 @@ def pixel_summary(maps: np.ndarray, masks: np.ndarray) -> PixelSummary:
 
 
 def evaluation_maps(rows: list[dict], size: tuple[int, int]) -> np.ndarray:
-    """The maps of scored DFM ``fre`` rows at ``size`` (the model's input size), (n, H, W) float32: bilinear,
-    ``align_corners=False`` (``rayanom.maps.upsample``), the rows of one pooled shape upsampled in one call."""
+    """The maps of scored DFM ``fre`` rows at ``size`` (the model's input size), (n, H, W) float32.
+
+    Upsampling is bilinear, ``align_corners=False`` (``rayanom.maps.upsample``), the rows of one pooled shape in one
+    call."""
     from rayanom.maps import upsample
 
     height, width = (int(s) for s in size)
@@ -219,8 +225,10 @@ def evaluation_maps(rows: list[dict], size: tuple[int, int]) -> np.ndarray:
 
 
 def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    """A mask file (local path or URI) as an (H, W) boolean array at ``size``: anomalib's reading (``convert("L")``,
-    ``> 0``) and torch's ``nearest`` resize, as torchvision's ``Resize`` does to a ``Mask``."""
+    """A mask file (local path or URI) as an (H, W) boolean array at ``size``.
+
+    It is read as anomalib reads it (``convert("L")``, ``> 0``) and resized with torch's ``nearest``, as torchvision's
+    ``Resize`` does to a ``Mask``."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -236,10 +244,11 @@ def _column(table, name: str, default=None) -> list:
 
 
 def part_pixel_summary(table, size: tuple[int, int], chunk: int = _CHUNK) -> PixelSummary:
-    """The summary of one scored part (a pyarrow table with ``anomaly_map``, ``anomaly_map_shape``, and where the
-    index has them ``label``, ``mask_path``, ``split``, ``error``): its scored rows outside ``split == "val"``, maps at
-    ``size`` against their masks. Left out and counted: anomalous or unlabelled rows without a mask (``no_mask``),
-    masks that cannot be read (``mask_errors``, logged). Memory: ``chunk`` images at a time."""
+    """The summary of one scored part: its scored rows outside ``split == "val"``, maps at ``size`` against their masks.
+
+    The part is a pyarrow table with ``anomaly_map``, ``anomaly_map_shape``, and where the index has them ``label``,
+    ``mask_path``, ``split``, ``error``. Left out and counted: anomalous or unlabelled rows without a mask
+    (``no_mask``), masks that cannot be read (``mask_errors``, logged). Memory: ``chunk`` images at a time."""
     if MAP_COL not in table.column_names:
         msg = (f"pixel metrics need the {MAP_COL!r} column (DFM with score_type 'fre'); "
                f"the part has {table.column_names}")
@@ -281,10 +290,12 @@ def _chunk_masks(rows: list[int], labels: list, mask_paths: list, size: tuple[in
 
 
 def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR_LIMIT) -> dict | None:
-    """Pixel AUROC and AUPRO of a scores dataset (``PixelSummary.metrics``, with ``evaluation_size``), or None when
-    it has no anomaly maps (not DFM ``fre``) or its index had no ``mask_path`` column. The parts are summarised where
-    they lie: by Ray tasks, ``_PARTS_PER_TASK`` parts each, when Ray is running (the jobs), else in this process; the
-    driver adds the summaries as they come back, holding one running sum and a bounded number in flight."""
+    """Pixel AUROC and AUPRO of a scores dataset (``PixelSummary.metrics``, with ``evaluation_size``), or None.
+
+    None when it has no anomaly maps (not DFM ``fre``) or its index had no ``mask_path`` column. The parts are
+    summarised where they lie: by Ray tasks, ``_PARTS_PER_TASK`` parts each, when Ray is running (the jobs), else in
+    this process; the driver adds the summaries as they come back, holding one running sum and a bounded number in
+    flight."""
     import sys
 
     dataset = open_scores(scores_uri)

@@ -1,5 +1,7 @@
-"""What the cluster offers the plane's actors: the resources its autoscaler's node types add up to, and the device
-the actors run on (``launch`` decides with them; ``plane`` names them when no actor can start)."""
+"""What the cluster offers the plane's actors: the most resources it can have, and the actors' device.
+
+The resources are what its autoscaler's node types add up to; ``launch`` decides with them, and ``plane`` names them
+when no actor can start."""
 
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ def offer() -> str:
 
 
 def autoscaler_max_resources() -> dict[str, float] | None:
-    """The most of each resource the cluster's node types can add up to (each type's ``max_workers`` times its
-    resources, the head's once), or None where no autoscaler config is found.
+    """The most of each resource the cluster's node types can add up to, or None where no autoscaler config is found.
 
-    From Ray's own record of the autoscaler's config (``get_max_resources_from_cluster_config``, which Ray Data and
-    Ray Train use; filled by autoscaler v2 and KubeRay) or, on a head started by ``ray up`` with autoscaler v1 (which
-    does not fill that record), from the config file that autoscaler reads: ``~/ray_bootstrap_config.yaml``, or the
-    file named by ``RAYANOM_CLUSTER_CONFIG``. The driver of ``ray job submit`` runs on the head, where it is.
+    That is each type's ``max_workers`` times its resources, the head's once.
+
+    From Ray's own record of the autoscaler's config (``get_max_resources_from_cluster_config``, which Ray Data and Ray
+    Train use; filled by autoscaler v2 and KubeRay) or, on a head started by ``ray up`` with autoscaler v1 (which does
+    not fill that record), from the config file that autoscaler reads: ``~/ray_bootstrap_config.yaml``, or the file
+    named by ``RAYANOM_CLUSTER_CONFIG``. The driver of ``ray job submit`` runs on the head, where it is.
     """
     try:
         # Ray has no public API for this record (Ray Data and Ray Train read it here too).
@@ -53,8 +56,9 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
 
 def choose_device(requested: str, gpus_now: float, gpus_most: float | None) -> tuple[str, str]:
-    """The actors' device for ``--device`` ``requested`` (auto, cpu, cuda) on a cluster with ``gpus_now`` GPUs up and
-    node types adding up to ``gpus_most`` (None: unknown); and why, for the log.
+    """The actors' device for ``--device`` ``requested`` (auto, cpu, cuda), and why, for the log.
+
+    The cluster has ``gpus_now`` GPUs up and node types adding up to ``gpus_most`` (None: unknown).
 
     Raises:
         UserError: ``cuda`` where neither the nodes up nor the node types the autoscaler can start have a GPU.

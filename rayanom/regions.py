@@ -112,8 +112,9 @@ class RegionFeatureNet(nn.Module):
 
 
 def _xy_ratios(old_hw: tuple[int, int], new_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(rW, rH, rW, rH) for xyxy boxes, float32 as torchvision computes them: x by the width ratio and y by the height
-    ratio (anomalib's ``scale_boxes`` swaps them)."""
+    """(rW, rH, rW, rH) for xyxy boxes, float32 as torchvision computes them.
+
+    x is scaled by the width ratio and y by the height ratio (anomalib's ``scale_boxes`` swaps them)."""
     ratio = torch.tensor([new_hw[1], new_hw[0]], dtype=torch.float32) / torch.tensor([old_hw[1], old_hw[0]],
                                                                                      dtype=torch.float32)
     return ratio.repeat(2).to(device)
@@ -187,12 +188,11 @@ def _keep(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float | No
 def postprocess(boxes: np.ndarray, scores: np.ndarray, *, score_threshold: float | None = 0.001,
                 min_box_size: float = 25, iou_threshold: float = 0.3,
                 max_detections_per_image: int = 100) -> np.ndarray:
-    """Indices of the regions RKDE keeps among one image's candidates, best score first, as anomalib's
-    ``RegionExtractor`` keeps them.
+    """Indices of the regions RKDE keeps among one image's candidates, best score first, as anomalib keeps them.
 
-    In order: ``score > score_threshold`` (torchvision's ``box_score_thresh`` rule; None skips it), boxes at least
-    ``min_box_size`` wide and high, class-agnostic NMS dropping boxes with IoU > ``iou_threshold`` with a better
-    kept box, then the first ``max_detections_per_image``.
+    The rule is that of anomalib's ``RegionExtractor``. In order: ``score > score_threshold`` (torchvision's
+    ``box_score_thresh`` rule; None skips it), boxes at least ``min_box_size`` wide and high, class-agnostic NMS
+    dropping boxes with IoU > ``iou_threshold`` with a better kept box, then the first ``max_detections_per_image``.
 
     Args:
         boxes: (n, 4) [x1, y1, x2, y2].
@@ -336,8 +336,9 @@ def rkde_weights(config, detector_path: str | None, region_path: str | None,
 
 def rkde_artifact_weights(config, source: dict, detector_path: str | None = None,
                           region_path: str | None = None) -> dict:
-    """The weights an RKDE artifact was fitted with; files (at their recorded or the given paths) must match their
-    recorded sha256, random inits their seed."""
+    """The weights an RKDE artifact was fitted with, checked.
+
+    Files (at their recorded or the given paths) must match their recorded sha256, random inits their seed."""
     if source.get("kind") != "rkde":
         msg = f"invalid artifact: weight source {source!r} is not an RKDE source"
         raise UserError(msg)
@@ -358,10 +359,11 @@ def rkde_artifact_weights(config, source: dict, detector_path: str | None = None
 
 
 def region_outputs(b) -> dict:
-    """RKDE's output columns for a decoded batch (``models.Batch``): per image the largest region score (-log
-    density), the largest region probability, the boxes in original pixels with their probabilities. No region: the
-    lowest float64 score, probability 0, no boxes. Computed over all regions of the batch at once (no Python loop
-    over rows or boxes)."""
+    """RKDE's output columns for a decoded batch (``models.Batch``).
+
+    Per image: the largest region score (-log density), the largest region probability, the boxes in original pixels
+    with their probabilities. No region: the lowest float64 score, probability 0, no boxes. Computed over all regions of
+    the batch at once (no Python loop over rows or boxes)."""
     import pyarrow as pa
 
     from rayanom.data import BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL

@@ -7,6 +7,7 @@ precision (scikit-learn's ``average_precision_score``), F1, precision and recall
 one chosen on the val rows, and the decision threshold when the scores were decided), and per defect type: counts,
 the fraction flagged at the threshold (recall for a defect type, the false-positive rate for ``good``) and the score
 quartiles. The page: ROC and PR curves, score histograms with the thresholds, scores per defect type and the table.
+The report is the evaluation written to files when asked for; ``summary`` is the few numbers every scoring run logs.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def _two_classes(labels: np.ndarray) -> bool:
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """anomalib's F1Max: the largest F1 over the thresholds of the precision-recall curve of these rows (None
-    without both classes)."""
+    """anomalib's F1Max: the largest F1 over the thresholds of the precision-recall curve of these rows.
+
+    None without both classes."""
     from sklearn.metrics import precision_recall_curve
 
     if not _two_classes(np.asarray(labels)):
@@ -46,8 +48,10 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 def per_defect_type(labels: np.ndarray, scores: np.ndarray, codes: np.ndarray, names: list[str],
                     threshold: float | None) -> list[dict]:
-    """One row per defect type (null as ``"(none)"``): label, images, images flagged at ``threshold`` (score >= it)
-    and their fraction (the recall of an anomalous type, the false-positive rate of a normal one), score quartiles."""
+    """One row per defect type (null as ``"(none)"``), with its counts and score quartiles.
+
+    A row: label, images, images flagged at ``threshold`` (score >= it) and their fraction (the recall of an anomalous
+    type, the false-positive rate of a normal one), score quartiles."""
     rows = []
     for code in np.unique(codes):
         s, lab = scores[codes == code], labels[codes == code]
@@ -122,9 +126,11 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold_labels: np
 def _figure_png(roc: tuple[np.ndarray, np.ndarray] | None, hist: tuple[np.ndarray, np.ndarray, np.ndarray],
                 metrics: dict, pr: tuple[np.ndarray, np.ndarray] | None = None,
                 by_type: list[tuple[str, np.ndarray]] | None = None) -> bytes:
-    """One page: the ROC curve (``roc`` = fpr, tpr) and the PR curve (``pr`` = recall, precision); the score
-    histograms of normal and anomalous images (``hist`` = bin edges, normal counts, anomalous counts) with the
-    thresholds; the scores per defect type (``by_type``) and the per-defect table, when the index had defect types."""
+    """Draw the report's page as PNG bytes.
+
+    The page: the ROC curve (``roc`` = fpr, tpr) and the PR curve (``pr`` = recall, precision); the score histograms of
+    normal and anomalous images (``hist`` = bin edges, normal counts, anomalous counts) with the thresholds; the scores
+    per defect type (``by_type``) and the per-defect table, when the index had defect types."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,8 +267,9 @@ def _best_edge(h: Histograms, validation: bool | None) -> float | None:
 
 
 def _histogram_metrics(h: Histograms, validation_rows: int) -> tuple[dict, tuple, tuple]:
-    """``compute_metrics`` from histograms: AUROC within its bound, the threshold the best F1 bin edge, F1,
-    precision and recall exact at that edge."""
+    """``compute_metrics`` from histograms.
+
+    AUROC within its bound, the threshold the best F1 bin edge, F1, precision and recall exact at that edge."""
     use_val = validation_rows > 0 and _two_classes_counts(h.select(True))
     evaluated = False if use_val else None
     c = h.select(evaluated)
@@ -392,12 +399,11 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     an ``error`` or a null or non-finite score count as failed and are left out of the metrics.
 
     Exact up to ``exact_rows`` rows (``summary.EXACT_ROWS``): the score (float64), label (int64) and two booleans
-    (scored, validation) are held on the driver, about 18 bytes per row (16-24 with Arrow buffers), 5 million rows
-    ~ 120 MB at most, and scikit-learn's ROC/PR curves sort the scores and add a few temporary arrays of the same
-    length. Above, the parts are streamed twice (a million rows at a time) into ``summary.Histograms``: the driver
-    holds O(bins) numbers whatever the number of rows; AUROC comes with ``auroc_error_bound``, the threshold is the
-    best bin edge and F1, precision and recall are exact at it. The error text and the split strings are reduced to
-    booleans by the parquet scanner in both cases.
+    (scored, validation) are held on the driver, and scikit-learn's ROC/PR curves sort the scores and add a few
+    temporary arrays of the same length. Above, the parts are streamed twice (a million rows at a time) into
+    ``summary.Histograms``: the driver holds O(bins) numbers whatever the number of rows; AUROC comes with
+    ``auroc_error_bound``, the threshold is the best bin edge and F1, precision and recall are exact at it. The error
+    text and the split strings are reduced to booleans by the parquet scanner in both cases.
 
     Args:
         scores_uri: the parquet dataset written by scoring (directory or file, local path or URI).
@@ -434,8 +440,8 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     with fs.open_output_stream(f"{base}/{FIGURE_FILE}") as f:
         f.write(png)
     logger.info("report for %s: %d rows, %d scored, %d failed, AUROC %s, F1 %s (threshold %s) -> %s", scores_uri,
-                metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"], metrics["threshold"],
-                out_dir)
+                metrics["rows"], metrics["scored"], metrics["failed"], metrics["auroc"], metrics["f1"],
+                metrics["threshold"], out_dir)
     return metrics
 
 
@@ -444,17 +450,20 @@ REPORT_SUFFIX = "-report"
 
 
 def report_dir_of(scores_uri: str) -> str:
-    """Where the report of a scores directory goes, in every job: beside it, ``SCORES-report`` (``runs/r1/scores``
-    -> ``runs/r1/scores-report``), since the scores directory holds parquet parts only."""
+    """Where the report of a scores directory goes, in every job: beside it, ``SCORES-report``.
+
+    ``runs/r1/scores`` -> ``runs/r1/scores-report``, since the scores directory holds parquet parts only."""
     return scores_uri.rstrip("/") + REPORT_SUFFIX
 _PICTURES = (("heatmaps", ".png"), ("boxes", ".png"), ("regions", ".parquet"))
 
 
 def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, boxes: int = 0,
                  region_rows: bool = False) -> None:
-    """Before any work: pictures and region rows need a model with those outputs (``ModelSpec.columns``: an anomaly
-    map for heat maps, boxes for box overlays and region rows), and the report directory may hold only report files
-    (rewritten each run). ``config`` None: no pictures asked for."""
+    """Check, before any work, that the pictures asked for can be made and the report directory can be written.
+
+    Pictures and region rows need a model with those outputs (``ModelSpec.columns``: an anomaly map for heat maps, boxes
+    for box overlays and region rows), and the report directory may hold only report files (rewritten each run).
+    ``config`` None: no pictures asked for."""
     from rayanom.data import check_output_dir
     from rayanom.config import UserError
     from rayanom.data import BOXES_COL, MAP_COL
@@ -480,13 +489,15 @@ def _columns(config) -> tuple[str, ...]:
 
 def write_report(scores_uri: str, report_dir: str, evaluate_scores: bool, heatmaps: int = 0, boxes: int = 0,
                  region_rows: bool = False, decision: float | None = None, config=None) -> dict:
-    """Into ``report_dir``: metrics.json + report.png (``evaluate_scores``; with ``decision``, the threshold the
-    scores were decided with, the metrics at it too; for a ``config`` with anomaly maps, the pixel metrics where the
-    index had masks), heat maps of the ``heatmaps`` most anomalous images, box overlays of the ``boxes`` most
-    anomalous, one row per region (``region_rows``). Files of an earlier report are replaced.
+    """Write the report into ``report_dir``: metrics, figure, and the pictures asked for.
 
-    Returns ``report_dir``, ``metrics`` (``evaluate``'s, or None) and, per picture kind written, its directory and
-    file count (``regions``: its directory and the regions written)."""
+    That is metrics.json + report.png (``evaluate_scores``; with ``decision``, the threshold the scores were decided
+    with, the metrics at it too; for a ``config`` with anomaly maps, the pixel metrics where the index had masks), heat
+    maps of the ``heatmaps`` most anomalous images, box overlays of the ``boxes`` most anomalous, one row per region
+    (``region_rows``). Files of an earlier report are replaced.
+
+    Returns ``report_dir``, ``metrics`` (``evaluate``'s, or None) and, per picture kind written, its directory and file
+    count (``regions``: its directory and the regions written)."""
     from rayanom import maps
     from rayanom.data import prepare_output_dir
     from rayanom.data import MAP_COL

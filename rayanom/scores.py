@@ -22,7 +22,7 @@ BATCH_ROWS = 1 << 20  # rows a streamed batch holds at most
 
 
 def open_scores(scores_uri: str, checked: bool = False) -> pads.Dataset:
-    """The parquet dataset of a scores directory (or file). Hidden names (``_``, ``.``) are not part of it.
+    """The parquet dataset of a scores directory (or file), without its hidden names (``_``, ``.``).
 
     ``checked``: files that are not parquet are left out, and a directory that is no scores dataset (no
     ``anomaly_score`` and ``path`` columns) is a UserError naming ``scores_uri``."""
@@ -77,8 +77,9 @@ def _flags(table, columns: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stream_score_columns(dataset: pads.Dataset, with_labels: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of ``BATCH_ROWS`` rows as numpy: ``scores`` (NaN where null), ``ok``, and with labels: ``labels``
-    (-1 where null) and ``val``."""
+    """Batches of ``BATCH_ROWS`` rows as numpy columns.
+
+    The columns: ``scores`` (NaN where null), ``ok``, and with labels: ``labels`` (-1 where null) and ``val``."""
     columns = _projection(dataset.schema.names, with_labels)
     for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
         ok, val = _flags(batch, columns)
@@ -91,12 +92,14 @@ def stream_score_columns(dataset: pads.Dataset, with_labels: bool) -> Iterator[d
 
 def read_score_columns(scores_uri: str, require_labels: bool = True,
                        only_val: bool = False) -> dict[str, np.ndarray | None]:
-    """Score, label, is-scored and is-validation arrays, and ``defects`` (the ``defect_type`` column dictionary-encoded:
-    (codes, names), codes -1 where null; None without the column); only these (not the error text) are materialised.
+    """Score, label, is-scored and is-validation arrays, and the defect types, with nothing else materialised.
 
-    ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the
-    report), a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError.
-    ``only_val``: the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset).
+    ``defects`` is the ``defect_type`` column dictionary-encoded: (codes, names), codes -1 where null; None without the
+    column. The error text is not materialised.
+
+    ``labels`` is None when the dataset has no usable labels and ``require_labels`` is False; with it True (the report),
+    a missing ``label`` column, a null label or a value other than 0/1 on a scored row is a ValueError. ``only_val``:
+    the ``val`` rows alone, filtered by the scanner (the driver holds those rows, not the dataset).
     """
     dataset = open_scores(scores_uri)
     names = dataset.schema.names

@@ -1,6 +1,8 @@
 """A scoring run's summary: row accounting and, where the index had labels, image AUROC (scikit-learn).
 
-The score columns are read through ``scores``; ``Histograms`` is shared with the report stage (``report``).
+The summary is the few numbers every scoring run logs and returns; ``report`` is the evaluation written to files
+(metrics.json, the figure, pictures) when asked for. The score columns are read through ``scores``; ``Histograms`` is
+shared with the report stage.
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ from rayanom.scores import BATCH_ROWS, count_rows, open_scores, read_score_colum
 logger = logging.getLogger(__name__)
 
 
-# Up to this many rows the summary and the report hold the score columns and compute exactly (about 18 bytes a row on
-# the driver, 90 MB at this size, plus scikit-learn's sort temporaries); above it they stream the parts twice and
-# work on histograms of HIST_BINS quantile bins per class, whose AUROC error is bounded and reported (``Histograms``).
+# Up to this many rows the summary and the report hold the score columns on the driver and compute exactly; above it
+# they stream the parts twice and work on histograms of HIST_BINS quantile bins per class, whose AUROC error is
+# bounded and reported (``Histograms``).
 EXACT_ROWS = 5_000_000
 HIST_BINS = 1 << 16
 _SAMPLE = 1 << 20  # scores sampled (every k-th row) in the first pass to place the quantile bin edges
 
 
 def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
-    """Counts of scored and failed rows (failed rows also per kind, ``failure_kinds``) and the image AUROC on raw
-    scores of all scored rows (None without labels or without both classes; rows with a non-finite score are left
-    out of it).
+    """Counts of scored and failed rows, and the image AUROC on raw scores of all scored rows.
+
+    Failed rows are also counted per kind (``failure_kinds``). The AUROC is None without labels or without both classes;
+    rows with a non-finite score are left out of it.
 
     Up to ``exact_rows`` rows the AUROC is exact (scikit-learn) and ``auroc_error_bound`` is 0; above, it comes from
     ``Histograms`` with the bound on its error, and the driver holds O(``HIST_BINS``) numbers, never a column.
@@ -50,7 +53,7 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
         use = ok & np.isfinite(cols["scores"])
         labels, scores = labels[use], cols["scores"][use]
         if np.any(labels == 0) and np.any(labels == 1):
-            from sklearn.metrics import roc_auc_score  # imported only here: a second and a half of start-up
+            from sklearn.metrics import roc_auc_score  # imported only here: it is slow to import
 
             summary["auroc"] = float(roc_auc_score(labels, scores))
             summary["auroc_error_bound"] = 0.0
@@ -59,8 +62,9 @@ def summarize(output: str, exact_rows: int = EXACT_ROWS) -> dict:
 
 
 def failure_kinds(output: str) -> dict[str, int]:
-    """Failed rows per kind: the exception type that opens each ``error`` (``FileNotFoundError``, ``ValueError``,
-    ``RetriesExhausted``...), streamed over the failed rows only."""
+    """Failed rows per kind: the exception type that opens each ``error``, streamed over the failed rows only.
+
+    Kinds are such as ``FileNotFoundError``, ``ValueError``, ``RetriesExhausted``."""
     dataset = open_scores(output)
     if ERROR_COL not in dataset.schema.names:
         return {}
@@ -74,8 +78,10 @@ def failure_kinds(output: str) -> dict[str, int]:
 
 
 class Histograms:
-    """Mergeable per-class score histograms of a scores dataset: ``counts[b, label, is_validation]`` over bins
-    ``[edges[b], edges[b + 1])`` (the first and last bins open-ended), built in two streaming passes.
+    """Mergeable per-class score histograms of a scores dataset, built in two streaming passes.
+
+    ``counts[b, label, is_validation]`` counts over bins ``[edges[b], edges[b + 1])`` (the first and last bins
+    open-ended).
 
     Pass 1 reads the score and error columns, counting rows and taking every k-th score (about 2^20 in all, the same
     rows in every run); the bin edges are that sample's quantiles, so each bin holds about 1 / ``bins`` of the scores

@@ -148,6 +148,43 @@ def test_only_the_model_table_names_a_model():
     assert not found, found
 
 
+# --- docstrings: a one-line summary each ----------------------------------------------------------------------------
+
+DOCSTRING_RULE_PENDING = {"data.py", "pipeline.py", "models.py", "plane.py", "workflows.py"}  # until the issue-30 merge
+TWO_SENTENCES = re.compile(r"[a-z)`]\. [A-Z]")  # a full stop inside the summary line, then a new sentence
+
+
+def _summary_problem(doc: str) -> str | None:
+    """Why ``doc`` does not open with a one-line summary, or None where it does."""
+    lines = doc.splitlines()
+    if not lines[0].rstrip().endswith("."):
+        return "the first line is not a sentence ending with a period"
+    if TWO_SENTENCES.search(lines[0]):
+        return "the first line holds more than one sentence"
+    if len(lines) > 1 and lines[1].strip():
+        return "no blank line after the summary"
+    return None
+
+
+def test_every_docstring_has_a_one_line_summary():
+    """Every module, class and function docstring in rayanom/ and jobs/ opens with one sentence on one line, ending
+    with a period; where more follows, a blank line comes first (the why, in a sentence or two)."""
+    assert DOCSTRING_RULE_PENDING <= {p.name for p in SOURCES if p.parent.name == "rayanom"}, DOCSTRING_RULE_PENDING
+    found = []
+    for p in SOURCES:
+        if p.parent.name == "rayanom" and p.name in DOCSTRING_RULE_PENDING:
+            continue
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                problem = doc is not None and _summary_problem(doc)
+                if problem:
+                    found.append(f"{p.relative_to(REPO)}:{getattr(node, 'lineno', 1)} "
+                                 f"{getattr(node, 'name', '(module)')}: {problem}")
+    assert not found, found
+
+
 # --- private names: a leading underscore means "this module only" ---------------------------------------------------
 
 TESTS = sorted(REPO.glob("tests/*.py"))
