@@ -83,8 +83,9 @@ def _is_image(name: str) -> bool:
 
 
 def _row(path: str, label: int, split: str, defect: str, mask: str | None, key: str) -> dict:
-    """An index row; ``key``: its path below the folder it was listed from, what the seeded splits hash (so they do not
-    depend on where the dataset lives)."""
+    """An index row, with ``key``: its path below the folder it was listed from.
+
+    The seeded splits hash the key, so they do not depend on where the dataset lives."""
     return {"path": path, "label": label, "split": split, "defect_type": defect, "mask_path": mask, "key": key}
 
 
