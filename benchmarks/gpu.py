@@ -25,7 +25,7 @@ one ``ScoreBatches`` on a parquet index of those files, and measures for DFKDE a
    (target >= 0.8). And **actor call**: ``ScoreBatches.__call__`` on the same rows (also its crash marker, the
    fragment written per batch to a temporary output directory, each part joined when its last batch is in; the rows
    given new part numbers each pass), timed from part to part (each part read back: no row failed);
-3. **decode per core**: ``data.decode_table`` (read, decode, resize to the model's input size) in this one process on
+3. **decode per core**: ``decode.decode_table`` (read, decode, resize to the model's input size) in this one process on
    one thread, over the ``--file-px``² PNG and JPEG files; and from 1-3 the decode CPUs one GPU needs: bare forward
    (and stage) images/s / decode images/s per core;
 4. **end to end** (unless ``--skip-e2e``): both stages in this one process, per format: ``decode_units`` in batch-sized
@@ -149,7 +149,7 @@ def fit_artifact(config, paths: list[str], device: str, precision: str, batch: i
     """An artifact as ``pipeline.fit`` makes one: the head fitted on the features of ``paths``, with seeded random
     weights and the weight source an artifact records for them."""
     from rayanom.artifact import Artifact
-    from rayanom.data import decode_batch
+    from rayanom.decode import decode_batch
     from rayanom.models import spec_of
 
     t = time.perf_counter()
@@ -338,7 +338,7 @@ def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int
                 bf16: bool = False) -> list[pa.Table]:
     """The decode stage on one unit, as the job runs it (``decode_units`` with the unit's rows and crash marker):
     its batch rows."""
-    from rayanom.data import ReadPolicy
+    from rayanom.storage import ReadPolicy
     from rayanom.pipeline import score_unit_marker, score_unit_rows
     from rayanom.plane import decode_units
 
@@ -390,7 +390,7 @@ def end_to_end(sb, info, parts: list[dict], env: Env) -> Iterator[int]:
 
 def decode_per_core(paths: list[str], image_size: tuple[int, int], env: Env) -> float:
     """images/s of ``decode_table`` on one thread of this process, in batches cycling through ``paths``."""
-    from rayanom.data import decode_table
+    from rayanom.decode import decode_table
 
     def work() -> Iterator[int]:
         for s in itertools.count(0, env.batch):

@@ -84,7 +84,8 @@ def demo_images(root: str, image_size: tuple[int, int]) -> dict:
     """The demo set of ``jobs/fit.py --model dfkde`` (``make_demo(root, seed=0)``), decoded: images, labels, splits."""
     import pyarrow.parquet as pq
 
-    from rayanom.data import decode_image, read_bytes
+    from rayanom.decode import decode_image
+    from rayanom.storage import read_bytes
     from rayanom.demo import make_demo
 
     t0 = time.perf_counter()

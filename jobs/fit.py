@@ -71,7 +71,7 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
     """The embedded default (no --index): the model's demo set, fit and score, the report and its pictures (heat
     maps or box overlays of 8 images where ``config``'s outputs hold anomaly maps or boxes)."""
     from rayanom.config import UserError
-    from rayanom.data import BOXES_COL, MAP_COL
+    from rayanom.columns import BOXES_COL, MAP_COL
 
     if args.index is not None:
         if args.out is None:

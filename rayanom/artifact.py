@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from rayanom.config import ModelConfig, UserError, config_to_dict
-from rayanom.data import check_output_dir, prepare_output_dir, resolve_filesystem
+from rayanom.storage import check_output_dir, prepare_output_dir, resolve_filesystem
 from rayanom.decisions import THRESHOLD_FILE
 
 logger = logging.getLogger(__name__)

@@ -32,9 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayanom.config import UserError
-from rayanom.data import (
-    DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, read_bytes, resolve_filesystem,
-)
+from rayanom.columns import DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL
+from rayanom.storage import read_bytes, resolve_filesystem
 from rayanom.report import png_bytes
 from rayanom.scores import count_rows, open_scores, score_values
 from rayanom.summary import EXACT_ROWS

@@ -223,7 +223,7 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast where it measures fast (launch.start_ray); scores move slightly
     bf16_speedup: float = 0.0  # what --precision auto measured where the actors run (0: not measured)
-    io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
+    io_retries: int = 40  # retries of a transient storage error, per request (storage.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
     # A model stage where no call finishes for this long ends the job (Ray Data's no-progress guard); one where no
     # actor could start for this long, too. ``flag``: the job flag that sets the field (messages name it).

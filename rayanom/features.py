@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from rayanom.config import ModelConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, read_weights_file, same_file
+from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
+from rayanom.storage import read_weights_file, same_file
 
 logger = logging.getLogger(__name__)
 

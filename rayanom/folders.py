@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayanom.config import UserError
-from rayanom.data import resolve_filesystem
+from rayanom.storage import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 

@@ -43,10 +43,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from rayanom.config import UserError, fail
-from rayanom.data import (
-    DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem,
-    with_retries,
-)
+from rayanom.columns import DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL
+from rayanom.storage import ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem, with_retries
 from rayanom.folders import IMAGE_EXTENSIONS, NOT_IMAGE
 
 logger = logging.getLogger(__name__)
@@ -180,7 +178,7 @@ def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]
 
 
 def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``data.ReadPolicy``)."""
+    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``storage.ReadPolicy``)."""
     path = _path(base, rel)
     try:
         infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), ReadPolicy())

@@ -20,7 +20,8 @@ import os
 
 import numpy as np
 
-from rayanom.data import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL, read_bytes, resolve_filesystem
+from rayanom.columns import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL
+from rayanom.storage import read_bytes, resolve_filesystem
 from rayanom.scores import open_scores
 
 logger = logging.getLogger(__name__)

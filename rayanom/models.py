@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
-from rayanom.data import (
-    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
+from rayanom.columns import (
+    BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
 )
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ def load_timm_weights(config, source: dict, files: dict) -> dict:
 
 
 def _same_file(path: str, recorded: dict, flag: str) -> None:
-    from rayanom.data import read_weights_file, same_file
+    from rayanom.storage import read_weights_file, same_file
 
     same_file({"path": path, "sha256": read_weights_file(path, flag)[1]}, recorded, flag)
     logger.info("%s=%s: sha256 %s, the file the model was fitted with", flag, path, recorded["sha256"])

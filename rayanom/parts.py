@@ -26,7 +26,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
+from rayanom.columns import ROW_COL
+from rayanom.storage import check_output_dir, ipc_bytes, resolve_filesystem
 from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
 from rayanom.index import in_tasks
 
@@ -148,7 +149,7 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
     """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
     for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
     is not JSON reads as one that disagrees."""
-    from rayanom.data import ReadPolicy, error_message, with_retries
+    from rayanom.storage import ReadPolicy, error_message, with_retries
 
     def read() -> bytes:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:

@@ -31,10 +31,9 @@ from rayanom import __version__
 from rayanom.artifact import Artifact
 from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
 from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
-from rayanom.data import (
-    DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL,
-    Decoded, ReadPolicy, error_message, ipc_bytes,
-)
+from rayanom.columns import DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL
+from rayanom.decode import Decoded
+from rayanom.storage import ReadPolicy, error_message, ipc_bytes
 from rayanom.decisions import Threshold, with_decisions
 from rayanom.features import device_kind
 from rayanom.index import read_rows
@@ -402,7 +401,7 @@ def failed_rows_of(output: str, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Ta
     ``rows`` (the part's index rows) that failed in it."""
     import pyarrow.parquet as pq
 
-    from rayanom.data import resolve_filesystem
+    from rayanom.storage import resolve_filesystem
 
     fs, path = resolve_filesystem(output)
     with fs.open_input_file(f"{path}/{part_name(k)}") as f:
@@ -567,7 +566,7 @@ def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256
 def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
     """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
     workers), deleted so they are written again."""
-    from rayanom.data import resolve_filesystem
+    from rayanom.storage import resolve_filesystem
     from rayanom.index import in_tasks
     from rayanom.parts import part_name, part_problems
 

@@ -55,9 +55,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from rayanom.data import (
-    ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL, read_bytes, resolve_filesystem,
-)
+from rayanom.columns import ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL
+from rayanom.storage import read_bytes, resolve_filesystem
 from rayanom.scores import VAL_SPLIT, open_scores
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, Decoded, ReadPolicy, bf16_bits, decode_table, failed_table, ipc_bytes
+from rayanom.columns import ROW_COL
+from rayanom.decode import Decoded, bf16_bits, decode_table, failed_table
+from rayanom.storage import ReadPolicy, ipc_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from torchvision.ops import nms, remove_small_boxes, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, same_file
+from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
+from rayanom.storage import same_file
 from rayanom.features import input_tensor, load_state_file, match_state, seeded
 
 logger = logging.getLogger(__name__)
@@ -364,7 +365,7 @@ def region_outputs(b) -> dict:
     over rows or boxes)."""
     import pyarrow as pa
 
-    from rayanom.data import BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
+    from rayanom.columns import BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
     from rayanom.heads import anomaly_probability
 
     n = b.n

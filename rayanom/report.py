@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from rayanom.data import resolve_filesystem
+from rayanom.storage import resolve_filesystem
 from rayanom.decisions import f1_adaptive_threshold
 from rayanom.scores import VAL_SPLIT, count_rows, open_scores, read_score_columns
 from rayanom.summary import EXACT_ROWS, Histograms
@@ -455,9 +455,9 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, box
     """Before any work: pictures and region rows need a model with those outputs (``ModelSpec.columns``: an anomaly
     map for heat maps, boxes for box overlays and region rows), and the report directory may hold only report files
     (rewritten each run). ``config`` None: no pictures asked for."""
-    from rayanom.data import check_output_dir
+    from rayanom.storage import check_output_dir
     from rayanom.config import UserError
-    from rayanom.data import BOXES_COL, MAP_COL
+    from rayanom.columns import BOXES_COL, MAP_COL
 
     columns = _columns(config)
     if heatmaps and (heatmaps < 0 or MAP_COL not in columns):
@@ -488,8 +488,8 @@ def write_report(scores_uri: str, report_dir: str, evaluate_scores: bool, heatma
     Returns ``report_dir``, ``metrics`` (``evaluate``'s, or None) and, per picture kind written, its directory and
     file count (``regions``: its directory and the regions written)."""
     from rayanom import maps
-    from rayanom.data import prepare_output_dir
-    from rayanom.data import MAP_COL
+    from rayanom.storage import prepare_output_dir
+    from rayanom.columns import MAP_COL
 
     written: dict = {"metrics": None, "report_dir": report_dir}
     if not (evaluate_scores or heatmaps or boxes or region_rows):

@@ -11,7 +11,9 @@ import pytest
 from rayanom import models, pipeline
 from rayanom.artifact import Artifact
 from rayanom.config import RunConfig, UserError
-from rayanom.data import SCORE_COL, decode_image, read_index, training_rows, with_row_index
+from rayanom.columns import SCORE_COL
+from rayanom.decode import decode_image
+from rayanom.index import read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor
 from rayanom.index import describe_index
 

@@ -16,7 +16,8 @@ from rayanom import pipeline
 from rayanom.artifact import Artifact
 from rayanom.bank import row_keys
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import decode_image, read_index, training_rows, with_row_index
+from rayanom.decode import decode_image
+from rayanom.index import read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor, resolve_weights
 from rayanom.heads import BATCH_RTOL, KdeHead, anomaly_probability
 from rayanom.index import describe_index

@@ -14,7 +14,9 @@ import pytest
 from conftest import SMALL, index_at
 
 from rayanom import plane
-from rayanom.data import ReadPolicy, decode_batch, decode_table, with_row_index
+from rayanom.decode import decode_batch, decode_table
+from rayanom.index import with_row_index
+from rayanom.storage import ReadPolicy
 from rayanom.parts import CrashMarker, part_name
 from rayanom.pipeline import score_units
 

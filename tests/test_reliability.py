@@ -20,7 +20,7 @@ from test_hostile import make_hostile
 
 from rayanom import pipeline
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import decode_table
+from rayanom.decode import decode_table
 from rayanom.index import describe_index
 from rayanom.features import device_kind, resolve_weights
 from rayanom.index import read_rows
@@ -208,7 +208,7 @@ def _score_part(artifact, info, out, batch_size=4):
     fed one by one to a ``ScoreBatches`` actor, which joins the part when its last batch is in."""
     import functools
 
-    from rayanom.data import ReadPolicy
+    from rayanom.storage import ReadPolicy
     from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows, score_units
     from rayanom.plane import decode_units
 
