@@ -137,7 +137,7 @@ def write_index(path: str, files: dict[str, list[str]], per_format: int):
 
 def model_config(name: str, args: argparse.Namespace):
     """The model's defaults (``rayanom.config``), with ``--backbone`` and ``--image-size``."""
-    from rayanom.models import spec
+    from rayanom.specs import spec
 
     kwargs = {"image_size": (args.image_size, args.image_size)}
     if args.backbone:
@@ -150,7 +150,7 @@ def fit_artifact(config, paths: list[str], device: str, precision: str, batch: i
     weights and the weight source an artifact records for them."""
     from rayanom.artifact import Artifact
     from rayanom.decode import decode_batch
-    from rayanom.models import spec_of
+    from rayanom.specs import spec_of
 
     t = time.perf_counter()
     spec = spec_of(config)

@@ -184,7 +184,7 @@ def compare_scores(labels: np.ndarray, s32: np.ndarray, s16: np.ndarray) -> dict
 
 def quality(config, extr: dict, demo: dict, batch: int) -> dict:
     """Fit the config's head on each precision's train features, score the test split, compare the two."""
-    from rayanom.models import spec_of
+    from rayanom.specs import spec_of
 
     feats, scores, timing = {}, {}, {}
     for p, e in extr.items():

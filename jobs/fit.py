@@ -24,7 +24,7 @@ else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, choices=list(SPECS), help="model to fit")
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     from rayanom.config import UserError
     from rayanom.index import check_values, describe_index
     from rayanom.launch import check_output_location
-    from rayanom.models import report_weights, spec
+    from rayanom.specs import report_weights, spec
     from rayanom.parts import Lease, check_parts_dir, has_parts
     from rayanom.report import check_report, report_dir_of
 
@@ -172,7 +172,7 @@ def model_flags() -> dict[str, tuple[tuple[str, ...], dict, str]]:
     """Flag's dest -> (the models it applies to, argparse keywords, help): each model's config fields (their types,
     their descriptions and their defaults, per model where they differ; a field whose ``flag`` metadata names another
     flag joins that one, DFM's ``layer`` joins ``--layers``) and its weight flags (``ModelSpec.weight_flags``)."""
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     out: dict[str, tuple[tuple[str, ...], dict, str]] = {}
     helps: dict[str, list[str]] = {}
@@ -215,7 +215,7 @@ def dest_of(f: dataclasses.Field) -> str:
 
 
 def _fields(dest: str) -> list[dataclasses.Field]:
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     return [f for model in SPECS.values() for d, (f, _) in _config_fields(model).items() if d == dest]
 
@@ -250,7 +250,7 @@ def _int_or_float(text: str) -> float | int:
 
 def default_of(dest: str) -> str:
     """``default: ...`` for a model flag, read from the config dataclasses (per model where they differ)."""
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     by_value: dict[str, list[str]] = {}
     for model in SPECS.values():
@@ -266,7 +266,7 @@ def default_of(dest: str) -> str:
 def build_config(args: argparse.Namespace):
     """The model config from the flags; a flag of another model is an error, not silently ignored."""
     from rayanom.config import UserError
-    from rayanom.models import spec
+    from rayanom.specs import spec
 
     model = spec(args.model)
     fields = _config_fields(model)

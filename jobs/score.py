@@ -23,7 +23,7 @@ else:  # python jobs/score.py (the README, ray job submit): jobs/ is the script'
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     p = _cli.parser(__doc__, add_help)
     _cli.add_model_dir_flag(p, "the model to score with: the artifact directory fit.py wrote (OUT/model)",
@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from rayanom.config import UserError
     from rayanom.index import check_values, describe_index
     from rayanom.launch import check_output_location
-    from rayanom.models import SPECS, spec_of
+    from rayanom.specs import SPECS, spec_of
     from rayanom.parts import Lease, check_parts_dir
     from rayanom.report import check_report, report_dir_of, write_report
     from rayanom.workflows import score_and_decide

@@ -13,9 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from safetensors.numpy import load, save
+
 from rayanom.config import ModelConfig, UserError, config_to_dict
-from rayanom.storage import check_output_dir, prepare_output_dir, resolve_filesystem
 from rayanom.decisions import THRESHOLD_FILE
+from rayanom.specs import ModelSpec, config_from_dict, spec_of
+from rayanom.storage import check_output_dir, prepare_output_dir, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class Artifact:
     """A fitted model: its config, its head, where its backbone weights come from, and how it was made."""
 
     config: ModelConfig
-    head: Any  # the model's head (``models.ModelSpec.head``)
+    head: Any  # the model's head (``specs.ModelSpec.head``)
     weights: dict[str, Any]
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -47,8 +50,6 @@ class Artifact:
 
     def save(self, uri: str, overwrite: bool = False) -> None:
         """Write ``config.json`` and ``head.safetensors`` into the directory ``uri`` (local or object store)."""
-        from safetensors.numpy import save
-
         existing = prepare_output_dir(uri, MODEL_FILES.__contains__, overwrite)
         fs, path = resolve_filesystem(uri)
         if THRESHOLD_FILE in existing:  # chosen for the model this one replaces
@@ -70,12 +71,8 @@ class Artifact:
     @classmethod
     def load(cls, uri: str, spec=None) -> Artifact:
         """Read and validate an artifact; a wrong format, version, model or a damaged file is a clear error.
-        ``spec``: its model (``models.ModelSpec``), for a model registered in another process (the actors get it
+        ``spec``: its model (``specs.ModelSpec``), for a model registered in another process (the actors get it
         with their arguments); else found by name."""
-        from safetensors.numpy import load
-
-        from rayanom.models import config_from_dict, head_from_arrays
-
         fs, path = resolve_filesystem(uri)
         try:
             with fs.open_input_file(f"{path}/{CONFIG_FILE}") as f:
@@ -100,6 +97,17 @@ class Artifact:
             raise UserError(msg) from e
         head = head_from_arrays(config, arrays, uri, spec)
         return cls(config=config, head=head, weights=meta.get("weights", {}), provenance=meta.get("provenance", {}))
+
+
+def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", model: ModelSpec | None = None):
+    """The fitted head of ``config``'s model (``model``, else found by name) from its arrays (``head.to_arrays()``),
+    names and ranks checked against the head's ``ARRAYS``."""
+    head = (model or spec_of(config)).head(config)
+    bad = [k for k, ndim in head.ARRAYS.items() if k not in arrays or arrays[k].ndim != ndim]
+    if bad:
+        msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
+        raise UserError(msg)
+    return head.load_arrays(arrays)
 
 
 def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,

@@ -92,7 +92,7 @@ DEMO_ROOT = os.path.join("runs", "demo-data")
 
 
 def demo_set(spec) -> tuple[str, str]:
-    """The demo set for a model (``models.ModelSpec``), generated on first use under ``runs/``: the index to fit on
+    """The demo set for a model (``specs.ModelSpec``), generated on first use under ``runs/``: the index to fit on
     and the scored index (its val rows, ``folders.VAL_FRACTION`` of each defect type's test images, choose the
     threshold; its test rows are reported). A model with smaller ``demo_sizes`` (a slow one) gets its own, smaller
     set."""

@@ -29,7 +29,7 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
     """
     import ray
 
-    from rayanom.models import spec_of
+    from rayanom.specs import spec_of
 
     spec = spec_of(config)
     if precision == "bf16" and not spec.bf16:

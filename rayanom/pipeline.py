@@ -37,7 +37,7 @@ from rayanom.storage import ReadPolicy, error_message, ipc_bytes
 from rayanom.decisions import Threshold, with_decisions
 from rayanom.features import device_kind
 from rayanom.index import read_rows
-from rayanom.models import Batch, ModelSpec, spec_of
+from rayanom.specs import ModelSpec, ScoringBatch, spec_of
 from rayanom.parts import (
     AUTO_ROWS, CrashMarker, apply_to_parts, drop_fragments, open_parts, part_name, read_fragments, rows_per_part,
     table_fingerprint, write_fragment, write_part,
@@ -164,7 +164,7 @@ class Scorer:
         errors = decoded.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
         _failpoints(decoded.table, ok)
-        columns = self.spec.outputs(Batch(decoded.table, ok, errors, self.extractor, self.head, self.config,
+        columns = self.spec.outputs(ScoringBatch(decoded.table, ok, errors, self.extractor, self.head, self.config,
                                           self.device, decoded.images))
         if list(columns) != [SCORE_COL, *self.spec.columns(self.config)]:  # what the report checks rely on
             msg = (f"{self.config.model}: outputs gave {list(columns)}, its spec declares "

@@ -473,7 +473,7 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, box
 
 
 def _columns(config) -> tuple[str, ...]:
-    from rayanom.models import spec_of
+    from rayanom.specs import spec_of
 
     return spec_of(config).columns(config) if config is not None else ()
 

@@ -203,7 +203,7 @@ def test_score_job_checks_weights_without_building_the_backbone(tmp_path):
     import subprocess
     import sys
 
-    from rayanom.models import check_timm_weights
+    from rayanom.specs import check_timm_weights
 
     config = DfkdeConfig(backbone="resnet18", n_pca_components=4, seed=3)
     path, moved = str(tmp_path / "w.pth"), str(tmp_path / "elsewhere.pth")
@@ -227,7 +227,7 @@ def test_score_job_checks_weights_without_building_the_backbone(tmp_path):
                               ({"kind": "pickle"}, {}, "unknown weight source")):
         with pytest.raises(UserError, match=match):
             check_timm_weights(config, bad, files)
-    code = ("import json, sys\nfrom rayanom.config import DfkdeConfig\nfrom rayanom.models import check_timm_weights\n"
+    code = ("import json, sys\nfrom rayanom.config import DfkdeConfig\nfrom rayanom.specs import check_timm_weights\n"
             f"c = DfkdeConfig(backbone='resnet18', n_pca_components=4, seed=3)\n"
             f"check_timm_weights(c, {{'kind': 'random', 'seed': 3}}, {{}})\n"
             f"check_timm_weights(c, json.loads({json.dumps(json.dumps(source))}), {{}})\n"

@@ -106,7 +106,7 @@ def test_every_default_is_the_dataclasses():
     import dataclasses
 
     from rayanom.config import RunConfig
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
     from rayanom_jobs import fit
 
     actions = {a.dest: a for a in fit.get_args_parser()._actions}
@@ -127,12 +127,12 @@ def test_every_default_is_the_dataclasses():
 
 
 def test_only_the_model_table_names_a_model():
-    """The model choice is made in rayanom/models.py (the table), rayanom/config.py (the configs it lists) and each
+    """The model choice is made in rayanom/specs.py (the table), rayanom/config.py (the configs it lists) and each
     model's own stage (heads, regions, features); the orchestration, the artifact, the report and the jobs name no
     model: no string literal equal to a model's name."""
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
-    own = {"models.py", "config.py", "heads.py", "regions.py", "features.py"}
+    own = {"specs.py", "config.py", "heads.py", "regions.py", "features.py"}
     found = []
     for p in SOURCES:
         if p.name in own:

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from rayanom.config import DfkdeConfig, RkdeConfig, UserError
-from rayanom.models import RKDE_FILES, SPECS, random_weights_warning, report_weights
+from rayanom.config import RKDE_FILES, DfkdeConfig, RkdeConfig, UserError
+from rayanom.specs import SPECS, random_weights_warning, report_weights
 
 DETECTOR_URL = "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
 REGION_URL = "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/rkde_feature_extractor.pth"

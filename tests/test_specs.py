@@ -1,4 +1,4 @@
-"""A fourth model, defined in this file and registered through rayanom.models alone, fitted and scored end to end on a
+"""A fourth model, defined in this file and registered through rayanom.specs alone, fitted and scored end to end on a
 local Ray: nothing else in the library knows it (its spec travels to the actors with their arguments)."""
 
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayanom import models, pipeline
+from rayanom import pipeline, specs
 from rayanom.artifact import Artifact
 from rayanom.config import RunConfig, UserError
 from rayanom.columns import SCORE_COL
@@ -52,9 +52,9 @@ class MeanDistanceHead:
         return self
 
 
-TOY = models.ModelSpec(name="toy-mean", config=MeanConfig, head=lambda config: MeanDistanceHead(),
-                       extractor=models.backbone_extractor, weights=models.timm_weights,
-                       load_weights=models.load_timm_weights, outputs=models.score_outputs, columns=lambda config: ())
+TOY = specs.ModelSpec(name="toy-mean", config=MeanConfig, head=lambda config: MeanDistanceHead(),
+                       extractor=specs.backbone_extractor, weights=specs.timm_weights,
+                       load_weights=specs.load_timm_weights, outputs=specs.score_outputs, columns=lambda config: ())
 
 
 @pytest.fixture
@@ -62,9 +62,9 @@ def toy():
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
-    models.register(TOY)
+    specs.register(TOY)
     yield TOY
-    del models.SPECS[TOY.name]
+    del specs.SPECS[TOY.name]
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -96,6 +96,6 @@ def test_a_fourth_model_registered_in_one_place_fits_and_scores(ray_local, demo_
 
 def test_a_registered_name_is_refused_and_an_unknown_model_is_named():
     with pytest.raises(UserError, match="invalid model='dfkde'"):
-        models.register(models.SPECS["dfkde"])
+        specs.register(specs.SPECS["dfkde"])
     with pytest.raises(UserError, match=r"invalid model='toy-mean': expected one of \['dfkde', 'dfm', 'rkde'\]"):
-        models.spec("toy-mean")
+        specs.spec("toy-mean")

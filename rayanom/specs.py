@@ -7,7 +7,7 @@ and name no model.
 
 A new model is one more ``ModelSpec``: a config dataclass (its fields are the fit flags, its defaults written once),
 a head (``fit``, ``score_samples`` higher = more normal, ``to_arrays``), the weight functions and an ``outputs``
-function (``score_outputs`` for an image-level model). ``register`` adds one at run time (tests/test_models.py
+function (``score_outputs`` for an image-level model). ``register`` adds one at run time (tests/test_specs.py
 defines a toy fourth model so). The spec travels to the actors with their arguments (Ray pickles it), so a model
 registered in the driver alone runs on every worker.
 """
@@ -24,16 +24,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, fail
 from rayanom.columns import (
-    BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
+    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
 )
+from rayanom.config import RKDE_FILES, DfkdeConfig, DfmConfig, RkdeConfig, fail, rkde_file_help
+from rayanom.heads import DfmHead, KdeHead, anomaly_probability
+from rayanom.storage import read_weights_file, same_file
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Batch:
+class ScoringBatch:
     """A decoded batch as a model's ``outputs`` sees it: the table (``decode_table``'s), which rows decoded (``ok``)
     and their images, the error of each row (a list the outputs may fill), and the actor's feature stage, head and
     device."""
@@ -69,7 +71,7 @@ def masked(values: np.ndarray, valid: np.ndarray, type_=pa.float64()) -> pa.Arra
     return pa.array(values, type_, mask=~valid)
 
 
-def image_scores(b: Batch) -> np.ndarray:
+def image_scores(b: ScoringBatch) -> np.ndarray:
     """Per row, -``head.score_samples`` of the image's features (higher = more anomalous); NaN where not decoded."""
     score = np.full(b.n, np.nan)
     if b.ok.any():
@@ -77,22 +79,20 @@ def image_scores(b: Batch) -> np.ndarray:
     return score
 
 
-def score_outputs(b: Batch) -> dict[str, pa.Array]:
+def score_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     """An image-level model's outputs: ``anomaly_score`` only."""
     score = image_scores(b)
     return {SCORE_COL: masked(score, b.valid(score))}
 
 
-def _kde_outputs(b: Batch) -> dict[str, pa.Array]:
+def _kde_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     """DFKDE: ``anomaly_score`` (-log density) and ``anomaly_probability`` (anomalib's sigmoid of the log density)."""
-    from rayanom.heads import anomaly_probability
-
     score = image_scores(b)
     valid = b.valid(score)
     return {SCORE_COL: masked(score, valid), PROB_COL: masked(anomaly_probability(-score), valid)}
 
 
-def _dfm_outputs(b: Batch) -> dict[str, pa.Array]:
+def _dfm_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     """DFM: ``anomaly_score`` (FRE or NLL) and, for FRE, the anomaly map (channel sums of the squared residuals at the
     pooled resolution, flattened row-major), its shape and the original image size (for upsampling: ``maps``)."""
     fre = b.config.score_type == "fre"
@@ -113,7 +113,7 @@ def _dfm_outputs(b: Batch) -> dict[str, pa.Array]:
             HEIGHT_COL: b.table.column(HEIGHT_COL), WIDTH_COL: b.table.column(WIDTH_COL)}
 
 
-def _region_outputs(b: Batch) -> dict[str, pa.Array]:
+def _region_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     from rayanom.regions import region_outputs
 
     return region_outputs(b)
@@ -121,16 +121,6 @@ def _region_outputs(b: Batch) -> dict[str, pa.Array]:
 
 # --- weights: timm backbones (DFKDE, DFM) and the two RKDE networks ------------------------------------------
 
-# RKDE's pretrained weights: two files a user downloads once (nothing is downloaded here), passed as a path or URI.
-# torchvision names its file after the first 8 hex digits of its sha256 (torch.hub's convention, checked on reading:
-# ``features.check_hash_in_name``); anomalib's file name has no hash.
-RKDE_FILES = {
-    "detector_weights": ("torchvision's COCO_V1 Faster R-CNN ResNet-50 FPN",
-                         "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
-    "region_weights": ("anomalib's RKDE region feature extractor (fc6/fc7)",
-                       "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/"
-                       "rkde_feature_extractor.pth"),
-}
 PRETRAINED_FLAG = ({"action": argparse.BooleanOptionalAction, "default": None},
                    "pretrained weights: timm's pretrained tag (the network or an HF_HOME cache), or RKDE's two files "
                    "(--detector-weights, --region-weights: required then); default: yes with --index, no for the "
@@ -143,29 +133,12 @@ TIMM_WEIGHT_FLAGS = {
 }
 
 
-def rkde_file_help(flag: str) -> str:
-    """Where RKDE's weights file for ``flag`` comes from: what it is, its name and its download URL."""
-    what, url = RKDE_FILES[flag]
-    name = url.rsplit("/", 1)[-1]
-    return f"{what}: {name} from {url}"
-
-
 RKDE_WEIGHT_FLAGS = {
     flag: ({"metavar": "PATH"}, f"{rkde_file_help(flag)}, downloaded once, local or a URI (as --weights); its sha256 "
            "is recorded (default: none, seeded random weights with --no-pretrained or for the demo)")
     for flag in RKDE_FILES
 }
 RKDE_WEIGHT_FLAGS["pretrained"] = PRETRAINED_FLAG
-
-
-def rkde_files_needed(missing: list[str]) -> UserError:
-    """The refusal of RKDE's pretrained weights without their files: which to download from where, which flags."""
-    flags = "/".join("--" + f.replace("_", "-") for f in missing)
-    where = "; ".join(f"--{f.replace('_', '-')} PATH|URI: {rkde_file_help(f)}" for f in RKDE_FILES)
-    return UserError(f"invalid {flags}=None: RKDE's pretrained weights (--pretrained, the default with --index) are "
-                     f"two files to download once, nothing is downloaded here: {where}; or --no-pretrained for "
-                     "random weights seeded with --seed (scores then reflect low-level image statistics, not "
-                     "learned defects)")
 
 
 def _pretrained(flags: dict, download: bool) -> bool:
@@ -196,8 +169,6 @@ def load_timm_weights(config, source: dict, files: dict) -> dict:
 
 
 def _same_file(path: str, recorded: dict, flag: str) -> None:
-    from rayanom.storage import read_weights_file, same_file
-
     same_file({"path": path, "sha256": read_weights_file(path, flag)[1]}, recorded, flag)
     logger.info("%s=%s: sha256 %s, the file the model was fitted with", flag, path, recorded["sha256"])
 
@@ -327,14 +298,10 @@ def _region_items(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _kde_head(config):
-    from rayanom.heads import KdeHead
-
     return KdeHead(config.n_pca_components, config.feature_scaling)
 
 
 def _dfm_head(config):
-    from rayanom.heads import DfmHead
-
     return DfmHead(config.pca_level, config.score_type)
 
 
@@ -350,7 +317,7 @@ class ModelSpec:
     extractor: Callable[..., Any]  # (config, state, device, threads, precision) -> the feature stage
     weights: Callable[[Any, dict, bool], tuple[dict, dict]]  # (config, weight flags, download) -> state, source
     load_weights: Callable[[Any, dict, dict], dict]  # (config, source, moved files) -> state, checked against source
-    outputs: Callable[[Batch], dict[str, pa.Array]]  # a decoded batch -> its output columns (anomaly_score first)
+    outputs: Callable[[ScoringBatch], dict[str, pa.Array]]  # a decoded batch -> its output columns (anomaly_score first)
     columns: Callable[[Any], tuple[str, ...]]  # config -> the output columns beyond anomaly_score and error
     weight_flags: dict[str, tuple[dict, str]] = field(default_factory=lambda: dict(TIMM_WEIGHT_FLAGS))
     items: Callable[[Any, np.ndarray], tuple[np.ndarray, np.ndarray]] = image_items  # bank items per image, features
@@ -425,16 +392,3 @@ def config_from_dict(d: dict[str, Any], model: ModelSpec | None = None):
     if unknown:
         fail("config keys", unknown, f"keys among {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "model"})
-
-
-def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", model: ModelSpec | None = None):
-    """The fitted head of ``config``'s model (``model``, else found by name) from its arrays (``head.to_arrays()``),
-    names and ranks checked against the head's ``ARRAYS``."""
-    head = (model or spec_of(config)).head(config)
-    bad = [k for k, ndim in head.ARRAYS.items() if k not in arrays or arrays[k].ndim != ndim]
-    if bad:
-        from rayanom.artifact import HEAD_FILE
-
-        msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
-        raise UserError(msg)
-    return head.load_arrays(arrays)
