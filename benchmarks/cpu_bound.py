@@ -53,7 +53,7 @@ def core_seconds(paths: list[str], model_dir: str, batch: int) -> dict:
     from rayanom.artifact import Artifact
     from rayanom.decode import decode_image
     from rayanom.storage import read_bytes
-    from rayanom.pipeline import Scorer
+    from rayanom.stages import Scorer
 
     torch.set_num_threads(1)
     artifact = Artifact.load(model_dir)

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.scores)  # before Ray starts: a directory without scores is refused here
     if args.model_dir:
         from rayanom.artifact import Artifact
-        from rayanom.pipeline import artifact_fingerprint
+        from rayanom.artifact import artifact_fingerprint
 
         if artifact_fingerprint(Artifact.load(args.model_dir)) != manifest.get("model"):
             raise UserError(f"invalid --model-dir={args.model_dir!r}: the scores at {args.scores!r} were made with "

@@ -88,7 +88,7 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom import pipeline
+    from rayanom import workflows
     from rayanom.artifact import fitted_before
     from rayanom.config import UserError
     from rayanom.index import check_values, describe_index
@@ -112,10 +112,10 @@ def main(args: argparse.Namespace) -> int:
         check_report(config, report_dir_of(job.at("scores")), job.evaluate, job.heatmaps, job.boxes, args.region_rows)
     elif job.evaluate or job.heatmaps or job.boxes or args.region_rows:
         raise UserError("invalid --evaluate/--heatmaps/--boxes/--region-rows: they report on scores; add --score")
-    # The weights are read and checked here; each actor loads its own from the source (pipeline.load_weights).
+    # The weights are read and checked here; each actor loads its own from the source (stages.load_weights).
     _, source = model.weights(config, {k: getattr(args, k) for k in model.weight_flags}, job.download)
     print(report_weights(config, source, demo=args.index is None))  # the sha256 of each file; random: a WARNING
-    fingerprint = pipeline.fit_fingerprint(train_info, config, source)
+    fingerprint = workflows.fit_fingerprint(train_info, config, source)
     artifact = fitted_before(job.at("model"), fingerprint, args.overwrite, args.precision)
     if artifact is None and score_info is not None and not args.overwrite and has_parts(job.at("scores")):
         raise UserError(f"output {job.at('scores')!r} holds scores of an earlier model; pass --overwrite to replace "
@@ -137,9 +137,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _fit(job: Plan, train_info, config, source: dict, run):
-    from rayanom import pipeline
+    from rayanom import workflows
 
-    result = pipeline.fit(train_info, config, source, run, index_name=job.index)
+    result = workflows.fit(train_info, config, source, run, index_name=job.index)
     result.artifact.save(job.at("model"), overwrite=True)  # occupied directories were refused before Ray started
     print(f"fitted {config.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
           f"({result.n_failed} failed; {result.n_train} in the index), bank {result.artifact.provenance['n_bank_rows']}"

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # name -> module: what ``from rayanom import name`` gives, imported on first use (PEP 562)
 _API = {
-    "fit": "rayanom.pipeline", "score": "rayanom.pipeline", "FitResult": "rayanom.pipeline",
+    "fit": "rayanom.workflows", "score": "rayanom.workflows", "FitResult": "rayanom.workflows",
     "Artifact": "rayanom.artifact",
     "DfkdeConfig": "rayanom.config", "DfmConfig": "rayanom.config", "RkdeConfig": "rayanom.config",
     "RunConfig": "rayanom.config", "UserError": "rayanom.config", "start_ray": "rayanom.launch",

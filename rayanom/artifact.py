@@ -6,6 +6,7 @@ sha256, or random seed) and resolved again, and checked, when the artifact is us
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -64,8 +65,8 @@ class Artifact:
     def precision(self) -> str:
         """The precision the model was fitted in (fp32 for models that do not record one). Part of the model's
         identity: bf16 moves the bank features and so the head, and scoring in another precision moves the scores.
-        A refit in another precision is another model (``fitted_before``), scoring defaults to it, and a scores directory
-        records the precision it was scored in (``pipeline.score``'s manifest)."""
+        A refit in another precision is another model (``fitted_before``), scoring defaults to it, and a scores
+        directory records the precision it was scored in (``workflows.score``'s manifest)."""
         return self.provenance.get("run", {}).get("precision", "fp32")
 
     @classmethod
@@ -110,9 +111,17 @@ def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", 
     return head.load_arrays(arrays)
 
 
+def artifact_fingerprint(artifact: Artifact) -> str:
+    """sha256 of an artifact's JSON and head arrays: what a scores directory was made with."""
+    h = hashlib.sha256(json.dumps(artifact.to_json(), sort_keys=True).encode())
+    for name, array in sorted(artifact.head.to_arrays().items()):
+        h.update(name.encode() + np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
 def fitted_before(model_dir: str, fingerprint: str, overwrite: bool = False,
                   precision: str = "auto") -> Artifact | None:
-    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (``pipeline.fit_fingerprint``:
+    """The artifact in ``model_dir`` if it was fitted from exactly these inputs (``workflows.fit_fingerprint``:
     fitting is idempotent, reuse it) and, unless ``precision`` is auto, in that precision (``Artifact.precision``: a
     model fitted in another one is another model); None when there is none or ``overwrite``; an error when the
     directory holds another model."""

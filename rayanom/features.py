@@ -2,7 +2,7 @@
 
 Weights come from a local or object-store file, timm's pretrained tag, or a seeded random init, and are validated
 against the backbone: by the driver before any cluster work, then by each actor, which loads its own from the recorded
-source (``pipeline.load_weights``), so that Ray can restart it on any node.
+source (``stages.load_weights``), so that Ray can restart it on any node.
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ class FeatureExtractor:
     DFKDE: global average pool of each layer, concatenated on the feature axis -> (n, sum of channels).
     DFM: ``avg_pool2d(pooling_kernel_size)`` of its one layer, flattened channel-major as anomalib's ``view(n, -1)``
     -> (n, C * h' * w'); ``map_shape`` = (C, h', w') gives the layout back for anomaly maps.
-    The Ray stage classes (``pipeline``) own the batch dicts; this class owns torch.
+    The Ray stage classes (``stages``) own the batch dicts; this class owns torch.
     """
 
     def __init__(self, config: ModelConfig, state: dict[str, np.ndarray], device: str = "cpu",

@@ -178,7 +178,7 @@ def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]
 
 
 def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``storage.ReadPolicy``)."""
+    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``ReadPolicy``)."""
     path = _path(base, rel)
     try:
         infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), ReadPolicy())

@@ -426,7 +426,7 @@ class CrashMarker:
     """Beside the parts while a worker decodes or scores a unit of work named ``name`` (``.NAME.crash.tmp``): how many
     times the unit was begun (``attempts``), the rows known to kill the worker (``bad``) and, when working row by row,
     the row in progress (``row``). Cleared when the unit is done; still there when it is begun again means the last
-    worker died on it (``plane.decode_rows``, ``pipeline.ScoreBatches``)."""
+    worker died on it (``plane.decode_rows``, ``stages.ScoreBatches``)."""
 
     def __init__(self, output: str, name: str) -> None:
         self.fs, path = resolve_filesystem(output)

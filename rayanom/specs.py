@@ -2,8 +2,8 @@
 
 For each model: its config class, where its weights come from (the fit flags, the files a score job may find
 elsewhere, the loader the actors use), its feature stage, its head, how many bank items an image gives, its output
-columns, and whether its feature stage runs in bf16. ``pipeline``, ``artifact`` and ``jobs/`` ask ``spec_of(config)``
-and name no model.
+columns, and whether its feature stage runs in bf16. ``stages``, ``workflows``, ``artifact`` and ``jobs/`` ask
+``spec_of(config)`` and name no model.
 
 A new model is one more ``ModelSpec``: a config dataclass (its fields are the fit flags, its defaults written once),
 a head (``fit``, ``score_samples`` higher = more normal, ``to_arrays``), the weight functions and an ``outputs``
@@ -317,7 +317,7 @@ class ModelSpec:
     extractor: Callable[..., Any]  # (config, state, device, threads, precision) -> the feature stage
     weights: Callable[[Any, dict, bool], tuple[dict, dict]]  # (config, weight flags, download) -> state, source
     load_weights: Callable[[Any, dict, dict], dict]  # (config, source, moved files) -> state, checked against source
-    outputs: Callable[[ScoringBatch], dict[str, pa.Array]]  # a decoded batch -> its output columns (anomaly_score first)
+    outputs: Callable[[ScoringBatch], dict[str, pa.Array]]  # a batch -> its output columns (anomaly_score first)
     columns: Callable[[Any], tuple[str, ...]]  # config -> the output columns beyond anomaly_score and error
     weight_flags: dict[str, tuple[dict, str]] = field(default_factory=lambda: dict(TIMM_WEIGHT_FLAGS))
     items: Callable[[Any, np.ndarray], tuple[np.ndarray, np.ndarray]] = image_items  # bank items per image, features

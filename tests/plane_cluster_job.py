@@ -21,7 +21,7 @@ os.environ["RAY_ADDRESS"] = cluster.address  # as `ray job submit` sets it: laun
 os.environ["RAYANOM_FAKE_GPUS"] = "1"  # the simulated GPUs are asked for; the model runs on the CPU
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
-from rayanom import pipeline  # noqa: E402
+from rayanom import workflows  # noqa: E402
 from rayanom.config import DfkdeConfig  # noqa: E402
 from rayanom.features import resolve_weights  # noqa: E402
 from rayanom.index import describe_index  # noqa: E402
@@ -30,12 +30,12 @@ from rayanom.launch import start_ray  # noqa: E402
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
 run = start_ray(config, precision="fp32", batch_size=2, rows_per_part=4, no_progress_s=240, progress=False)
 _, source = resolve_weights(config, None, False)
-artifact = pipeline.fit(describe_index(demo_index), config, source, run).artifact
+artifact = workflows.fit(describe_index(demo_index), config, source, run).artifact
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 6), out_dir + "/long.parquet")  # 36 batches
-summary = pipeline.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/scores", run)
+summary = workflows.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/scores", run)
 kinds = {n.node_id: k for k, ns in nodes.items() for n in ns}
 where = {stage: sorted({kinds.get(node, "head") for node in rows}) for stage, rows in summary["nodes"].items()}
 print("RESULT " + json.dumps({"rows": summary["rows"], "failed": summary["failed"], "actors": run.num_actors,

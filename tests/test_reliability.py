@@ -18,9 +18,10 @@ import pytest
 from conftest import SMALL, index_at
 from test_hostile import make_hostile
 
-from rayanom import pipeline
+from rayanom import workflows
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.decode import decode_table
+from rayanom.storage import ReadPolicy
 from rayanom.index import describe_index
 from rayanom.features import device_kind, resolve_weights
 from rayanom.index import read_rows
@@ -46,7 +47,7 @@ def check_accounting(out: str, index: pa.Table) -> pa.Table:
 def model(ray_local, demo_set):
     config = DfkdeConfig(**SMALL)
     state, source = resolve_weights(config, None, False)
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8))
+    result = workflows.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8))
     return result.artifact
 
 
@@ -56,7 +57,7 @@ def test_hostile_files_end_to_end(model, tmp_path):
     cases = make_hostile(tmp_path / "files")
     index = pa.table({"path": pa.array([p for _, p, _ in cases] * 2, pa.string())})  # duplicates included
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), artifact, out,
+    summary = workflows.score(index_at(tmp_path / "index.parquet", index), artifact, out,
                              RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
@@ -98,12 +99,12 @@ def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
     info = index_at(tmp_path / "long.parquet", index)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     reference = str(tmp_path / "reference")
-    pipeline.score(info, artifact, reference, run)
+    workflows.score(info, artifact, reference, run)
     out, killed = str(tmp_path / "scores"), []
     killer = threading.Thread(target=_kill_once, args=("ScoreBatches", lambda: len(_parts(out)) >= 2,
                                                        killed))
     killer.start()
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, out, run)
     killer.join()
     assert killed, "the scoring actor was never killed: the test did not test anything"
     assert len(_parts(out)) == 36
@@ -116,7 +117,7 @@ def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
     outs = []
     for actors in (1, 2):
         outs.append(str(tmp_path / f"scores-{actors}"))
-        pipeline.score(info, artifact, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
+        workflows.score(info, artifact, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
     assert sorted(_parts(outs[0])) == sorted(_parts(outs[1])) and len(_parts(outs[0])) == 6
     for name in _parts(outs[0]):  # part by part, rows and values bit for bit
         assert pq.read_table(os.path.join(outs[0], name)).equals(pq.read_table(os.path.join(outs[1], name))), name
@@ -135,15 +136,15 @@ def test_broken_complete_parts_are_written_again(model, demo_set, tmp_path):
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
     run = RunConfig(batch_size=3, rows_per_part=4, num_actors=1)
     reference, out = str(tmp_path / "reference"), str(tmp_path / "scores")
-    pipeline.score(info, artifact, reference, run)
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, reference, run)
+    workflows.score(info, artifact, out, run)
     part = [os.path.join(out, f"part-{k:08d}.parquet") for k in range(6)]
     with open(part[1], "wb") as f:
         f.write(b"PAR1 not a parquet file")
     pq.write_table(pq.read_table(part[2]), part[3])  # part 2's rows under part 3's name
     pq.write_table(pq.read_table(part[4]).slice(0, 3), part[4])
     stamps = {k: os.stat(part[k]).st_mtime_ns for k in (0, 5)}
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, out, run)
     for name in _parts(reference):
         assert pq.read_table(os.path.join(out, name)).equals(pq.read_table(os.path.join(reference, name))), name
     assert all(os.stat(part[k]).st_mtime_ns == stamps[k] for k in stamps)  # the sound parts were kept
@@ -156,12 +157,12 @@ def test_unreadable_manifest_changes_nothing(model, demo_set, tmp_path):
     artifact = model
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=1))
     out = str(tmp_path / "scores")
-    pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
+    workflows.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     manifest = os.path.join(out, "_rayanom_scores.json")
     os.replace(manifest, str(tmp_path / "manifest.bak"))
     os.mkdir(manifest)  # reading it now fails (a directory), as an unreachable object would
     with pytest.raises(UserError, match="cannot read the scores manifest") as e:
-        pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
+        workflows.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     assert "--overwrite" not in str(e.value) and len(_parts(out)) == 3
 
 
@@ -209,7 +210,8 @@ def _score_part(artifact, info, out, batch_size=4):
     import functools
 
     from rayanom.storage import ReadPolicy
-    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows, score_units
+    from rayanom.artifact import artifact_fingerprint
+    from rayanom.stages import ScoreBatches, score_unit_rows, score_units
     from rayanom.plane import decode_units
 
     os.makedirs(out)
@@ -243,7 +245,7 @@ def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tm
 
 def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path, monkeypatch):
     from rayanom.heads import BATCH_RTOL
-    from rayanom.pipeline import BankFeatures
+    from rayanom.stages import BankFeatures
 
     artifact = model
     index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
@@ -308,17 +310,17 @@ def test_retry_failed_rescores_exactly_the_failed_rows(model, demo_set, tmp_path
     info = index_at(tmp_path / "index.parquet", moved)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     out = str(tmp_path / "scores")
-    first = pipeline.score(info, artifact, out, run)
+    first = workflows.score(info, artifact, out, run)
     assert first["failed"] == 2 and first["failed_by_kind"] == {"FileNotFoundError": 2}
     before = {k: pq.read_table(os.path.join(out, f"part-{k:08d}.parquet")) for k in range(3)}
     stamp = os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns
     for i, p in later.items():
         shutil.copy(paths[i], p)
-    again = pipeline.score(info, artifact, out, run, retry_failed=True)
+    again = workflows.score(info, artifact, out, run, retry_failed=True)
     assert again["failed"] == 0
     assert os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns == stamp
     clean = str(tmp_path / "clean")
-    pipeline.score(info, artifact, clean, run)
+    workflows.score(info, artifact, clean, run)
     for k in (0, 2):
         got = pq.read_table(os.path.join(out, f"part-{k:08d}.parquet"))
         ref = pq.read_table(os.path.join(clean, f"part-{k:08d}.parquet"))
@@ -427,7 +429,7 @@ def test_a_stalled_plane_ends_with_an_error(ray_local):
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
-    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": pipeline.ReadPolicy()}
+    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
     units = [{"part": i} for i in range(7)]
     quick = Plan(num_actors=2, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=120)
     got = pa.concat_tables(run(units, decode, Stuck, {"seconds": 0.0}, quick, progress=False))

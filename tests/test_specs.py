@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayanom import pipeline, specs
+from rayanom import workflows, specs
 from rayanom.artifact import Artifact
 from rayanom.config import RunConfig, UserError
 from rayanom.columns import SCORE_COL
@@ -73,11 +73,11 @@ def test_a_fourth_model_registered_in_one_place_fits_and_scores(ray_local, demo_
     config = MeanConfig()
     state, source = toy.weights(config, {}, False)  # seeded random weights, as the demo
     run = RunConfig(batch_size=8, num_actors=2)
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source, run)
+    result = workflows.fit(describe_index(demo_set["index"]), config, source, run)
     result.artifact.save(str(tmp_path / "model"))
     artifact = Artifact.load(str(tmp_path / "model"))  # found by its name, registered
     assert isinstance(artifact.config, MeanConfig) and isinstance(artifact.head, MeanDistanceHead)
-    summary = pipeline.score(describe_index(demo_set["test"]), artifact, str(tmp_path / "scores"), run)
+    summary = workflows.score(describe_index(demo_set["test"]), artifact, str(tmp_path / "scores"), run)
     assert summary["rows"] == 12 and summary["failed"] == 0
 
     # The independent reference: the same features in this process, the distance to the training mean by hand.

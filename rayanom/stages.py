@@ -1,52 +1,41 @@
-"""Orchestration: the one place that runs the two jobs on Ray.
+"""The model stage of both workflows: the actor classes and the helpers that cut their work into units.
 
-fit:   index footers (driver) -> training rows whose keys can enter the bank (tasks: index.training_band; the
-       driver gets about K rows) -> decode (tasks) -> bank items (``BankFeatures`` actors) -> bank (driver:
-       bank.collect_bank, a pass, rarely more) -> head
-score: part descriptors (driver, from the index's footers) -> units of rows -> read and decode (tasks, any node) ->
-       features + head, fragments joined into parts (``ScoreBatches`` actors; the head read by each actor from a
-       copy of the model beside the parts) -> one small row a forward batch (driver)
+fit:   ``BankFeatures`` actors turn decoded forward batches into bank items (keys, ids, features) and failed rows.
+score: ``ScoreBatches`` actors score decoded forward batches (``Scorer``: feature stage + fitted head) and join them
+       into parts beside the output; the unit helpers (``score_units``, ``score_unit_rows``) tell the decode stage
+       which rows each unit holds.
 
-Ray must already be initialised (``jobs/`` does it). Both run on ``plane`` (Ray Data). The actors load the weights
-themselves (``load_weights``). Forward batches are cut at fixed offsets (from the start of a fit chunk, itself at a
-multiple of ``batch_size``, or of a scoring part): each forward pass sees the same rows whatever the number of actors.
+The actors load the weights themselves (``load_weights``), so Ray can restart them on any node. Forward batches are
+cut at fixed offsets (from the start of a fit chunk, itself at a multiple of ``batch_size``, or of a scoring part):
+each forward pass sees the same rows whatever the number of actors. Nothing here imports torch at module level: the
+decode workers import this module for the unit helpers.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
-import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from rayanom import __version__
-from rayanom.artifact import Artifact
-from rayanom.bank import REGION_ID_STRIDE, Candidates, collect_bank, region_keys, row_keys
-from rayanom.config import ModelConfig, RunConfig, UserError, config_to_dict
+from rayanom.artifact import Artifact, artifact_fingerprint
+from rayanom.bank import REGION_ID_STRIDE, region_keys, row_keys
 from rayanom.columns import DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL
-from rayanom.decode import Decoded
-from rayanom.storage import ReadPolicy, error_message, ipc_bytes
+from rayanom.config import ModelConfig, RunConfig
 from rayanom.decisions import Threshold, with_decisions
-from rayanom.features import device_kind
+from rayanom.decode import Decoded
 from rayanom.index import read_rows
-from rayanom.specs import ModelSpec, ScoringBatch, spec_of
 from rayanom.parts import (
-    AUTO_ROWS, CrashMarker, apply_to_parts, drop_fragments, open_parts, part_name, read_fragments, rows_per_part,
-    table_fingerprint, write_fragment, write_part,
+    CrashMarker, drop_fragments, part_name, read_fragments, table_fingerprint, write_fragment, write_part,
 )
-from rayanom.plane import (
-    CAREFUL_AFTER, Nodes, Plan, batch_bytes, checked_batches, result_cols, row_by_row, unit_rows,
-)
-from rayanom.plane import run as run_plane
-from rayanom.summary import summarize
+from rayanom.plane import CAREFUL_AFTER, Plan, batch_bytes, checked_batches, result_cols, row_by_row
+from rayanom.specs import ModelSpec, ScoringBatch, spec_of
+from rayanom.storage import error_message, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +105,7 @@ class BankFeatures:
 
     def _safe_items(self, decoded: Decoded, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
         """``_items``; when the model stage raises, the rows in halves down to the single row that fails, whose
-        ``errors`` entry then names the exception (as scoring does, ``PartScorer``)."""
+        ``errors`` entry then names the exception (as scoring does, ``ScoreBatches``)."""
         try:
             return self._items(decoded, rows, ok)
         except Exception as e:  # noqa: BLE001 - narrowed to its row; the fit goes on
@@ -165,7 +154,7 @@ class Scorer:
         ok = np.array([e is None for e in errors], dtype=bool)
         _failpoints(decoded.table, ok)
         columns = self.spec.outputs(ScoringBatch(decoded.table, ok, errors, self.extractor, self.head, self.config,
-                                          self.device, decoded.images))
+                                                 self.device, decoded.images))
         if list(columns) != [SCORE_COL, *self.spec.columns(self.config)]:  # what the report checks rely on
             msg = (f"{self.config.model}: outputs gave {list(columns)}, its spec declares "
                    f"{[SCORE_COL, *self.spec.columns(self.config)]}")
@@ -174,10 +163,6 @@ class Scorer:
         for name, column in columns.items():
             out = out.append_column(name, column)
         return out.append_column(ERROR_COL, pa.array(errors, pa.string()))
-
-
-def read_policy(run: RunConfig) -> ReadPolicy:
-    return ReadPolicy(retries=run.io_retries, max_file_bytes=run.max_file_bytes)
 
 
 def fit_unit_rows(unit: dict) -> tuple[pa.Table, dict]:
@@ -193,102 +178,6 @@ def bank_items(block: pa.Table):
         keys = np.asarray(r[KEY_COL], np.float64)
         feats = np.frombuffer(r[FEATURES_COL], np.float32).reshape(len(keys), r["dim"])
         yield keys, np.asarray(r[BANK_ID_COL], np.int64), feats, list(zip(r["failed_rows"], r["errors"]))
-
-
-@dataclass
-class FitResult:
-    artifact: Artifact
-    n_train: int  # normal training rows in the index
-    n_read: int  # of them, rows read (those whose keys could enter the bank)
-    n_failed: int  # of the rows read, rows that failed
-    failures: list[tuple[int, str]] = field(default_factory=list)
-
-
-def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunConfig(),
-        index_name: str | None = None) -> FitResult:
-    """Fit ``config``'s model on the normal training rows of an index (an ``index.IndexInfo`` from
-    ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
-    (``index.training_band``), so the driver holds about K rows of it.
-
-    ``weights_source`` comes from the model's ``ModelSpec.weights`` (``features.resolve_weights`` for a timm
-    backbone, ``regions.rkde_weights`` for RKDE); the actors load the
-    weights it describes themselves (``load_weights``). Returns the artifact, not yet saved.
-
-    Raises:
-        UserError: label values other than 0/1, or too few training rows for ``config`` (before any image is read).
-    """
-    from rayanom.index import training_band
-
-    t0 = time.time()
-    index_name = index_name or index.uri
-    k = config.max_training_points
-    spec = spec_of(config)
-    slots = spec.slots(config)
-    # The first band, sized for K + 1 rows if every row were a training row; it also counts the training rows and
-    # checks the labels. collect_bank fetches more when the index holds other rows too.
-    first = min(1.0, (k + 8.0 * math.sqrt(k) + 16.0) / max(index.n_rows, 1))
-    first = first if first < 1.0 else 2.0
-    n, *band = training_band(index, config.seed, slots, 0.0, first)
-    if n < config.min_training_rows:
-        msg = (f"{index_name}: {n} normal training rows (split 'train' where the column exists, label 0 where it "
-               f"exists); {config.model} with these settings needs at least {config.min_training_rows}")
-        raise UserError(msg)
-    logger.info("fit: %d training rows, %s model (%s weights), bank cap %d", n, config.model, weights_source["kind"],
-                k)
-    candidates = Candidates(n, lambda lo, hi: training_band(index, config.seed, slots, lo, hi)[1:], first,
-                            tuple(band))
-    kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
-              "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
-              "spec": spec}
-    decode = {"rows_of": fit_unit_rows, "batch_size": run.batch_size, "image_size": config.image_size,
-              "policy": read_policy(run), "bf16": run.precision == "bf16"}
-    def run_pass(todo: np.ndarray, lo: float, hi: float):
-        """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
-        where = {int(r): i for i, r in enumerate(candidates.rows)}
-        paths = candidates.paths[[where[int(r)] for r in todo]] if len(todo) else np.empty(0, dtype=object)
-        rows = pa.table({ROW_COL: pa.array(todo, pa.int64()), PATH_COL: pa.array(paths.tolist(), pa.string())})
-        # Chunks of whole forward batches (so the batches do not depend on them), about four per actor, at most a
-        # part's rows.
-        batches = -(-len(todo) // (4 * run.num_actors * run.batch_size))
-        chunk = run.batch_size * max(1, min(batches, -(-(run.rows_per_part or AUTO_ROWS[1]) // run.batch_size)))
-        units = [{"part": i, "rows": ipc_bytes(rows.slice(s, chunk))} for i, s in enumerate(range(0, len(todo), chunk))]
-        plan = plan_of(dataclasses.replace(run, num_actors=min(run.num_actors, len(units))), config, chunk)
-        nodes, started = Nodes(), time.time()
-        for block in run_plane(units, decode, BankFeatures, {**kwargs, "lo": lo, "hi": hi}, plan, run.progress):
-            nodes.add(block)
-            yield from bank_items(block)
-        logger.info(nodes.line("fit pass", time.time() - started))
-
-    bank = collect_bank(candidates, config.seed, k, slots, run_pass)
-    return _fitted(bank, n, t0, index, index_name, config, weights_source, run)
-
-
-def _fitted(bank, n: int, t0: float, index, index_name: str, config: ModelConfig, weights_source: dict,
-            run: RunConfig) -> FitResult:
-    """The head fitted on ``bank`` (``bank.collect_bank``'s), with the artifact's provenance; logs what was read."""
-    ids, feats = bank.ids, bank.features
-    failures = sorted(bank.failures.items())
-    n_ok = bank.n_read - len(failures)
-    if failures:
-        logger.warning("fit: %d of %d training rows read failed, e.g. row %d: %s", len(failures), bank.n_read,
-                       *failures[0])
-    spec = spec_of(config)
-    if spec.subset_note and n - len(failures) > config.max_training_points:
-        logger.warning("fit: %s fitted on a uniform subset of %d of %d training rows (%s); raise "
-                       "--max-training-points to use more", config.model, len(ids), n, spec.subset_note)
-    logger.info("fit: bank of %d x %d features from %d of %d training rows read (%d decoded, %d passes) in %.1f s",
-                *feats.shape[:2], bank.n_read, n, n_ok, bank.passes, time.time() - t0)
-    t1 = time.time()
-    head = spec.head(config).fit(feats)
-    logger.info("fit: head fitted in %.2f s", time.time() - t1)
-    provenance = {
-        "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "index": index_name,
-        "n_train_rows": n, "n_read_rows": bank.n_read, "n_failed_rows": len(failures), "n_bank_rows": int(len(ids)),
-        "feature_dim": int(feats.shape[1]), "bank_row_index_sha256": _sha(ids), "run": dataclasses.asdict(run),
-        "fit_fingerprint": fit_fingerprint(index, config, weights_source), "index_fingerprint": index.fingerprint,
-    }
-    artifact = Artifact(config=config, head=head, weights=weights_source, provenance=provenance)
-    return FitResult(artifact=artifact, n_train=n, n_read=bank.n_read, n_failed=len(failures), failures=failures[:20])
 
 
 class ScoreBatches:
@@ -307,6 +196,8 @@ class ScoreBatches:
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
                  output: str, job: str, batch_size: int, index, threshold: dict | None = None,
                  files: dict | None = None, spec: ModelSpec | None = None) -> None:
+        from rayanom.features import device_kind  # torch: only the actors need it, never the decode workers
+
         artifact = Artifact.load(model, spec)
         if artifact_fingerprint(artifact) != fingerprint:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
@@ -338,14 +229,14 @@ class ScoreBatches:
             groups.setdefault(where["part"], []).append((where, scored))
             places.append(where)
         written = {}
-        for k, batches in groups.items():
+        for part, batches in groups.items():
             where, scored = batches[0][0], pa.concat_tables([t for _, t in batches])
             offsets = [w["offset"] for w, _ in batches]
             if offsets[0] == 0 and offsets == sorted(offsets) and scored.num_rows == where["total"]:  # a whole part
-                written[(k, 0)] = self._join(where, scored)  # written at once, without fragments
+                written[(part, 0)] = self._join(where, scored)  # written at once, without fragments
                 continue
-            held = write_fragment(self.output, self.job, k, where["offset"], scored)
-            written[(k, where["offset"])] = self._join(where) if held >= where["total"] else 0
+            held = write_fragment(self.output, self.job, part, where["offset"], scored)
+            written[(part, where["offset"])] = self._join(where) if held >= where["total"] else 0
         marker.clear()
         return pa.table(result_cols(rows, time.perf_counter() - t0, written=pa.array(
             [written.get((w["part"], w["offset"]), 0) for w in places], pa.int64())))
@@ -353,13 +244,13 @@ class ScoreBatches:
     def _join(self, where: dict, whole: pa.Table | None = None) -> int:
         """Part ``where["part"]`` from its fragments, or ``whole`` (all its scored rows), with the part's earlier rows
         for a retry, decided and written; its rows, or 0 where another call joined it first."""
-        k, first, stop = where["part"], where["first"], where["stop"]
-        table = read_fragments(self.output, self.job, k) if whole is None else whole
+        part, first, stop = where["part"], where["first"], where["stop"]
+        table = read_fragments(self.output, self.job, part) if whole is None else whole
         if table is None:
             return 0
         index_rows = read_rows(self.index.part_of(first, stop), first, stop)
         if where["retry"]:  # --retry-failed: the rows retried, back among the others in row order
-            previous = failed_rows_of(self.output, k, index_rows)[0]
+            previous = failed_rows_of(self.output, part, index_rows)[0]
             kept = previous.filter(pc.is_null(previous.column(ERROR_COL)))
             table = pa.concat_tables([kept, table.select(kept.column_names).cast(kept.schema)]).sort_by(ROW_COL)
         table = with_decisions(table, self.threshold)
@@ -369,9 +260,9 @@ class ScoreBatches:
                                                b"rayanom_input_sha256": table_fingerprint(index_rows).encode(),
                                                b"rayanom_device": self.device_kind.encode(),
                                                b"rayanom_precision": self.precision.encode()})
-        write_part(self.output, k, table, f"{self.job}-{uuid.uuid4().hex[:8]}")  # two joins never share a file
+        write_part(self.output, part, table, f"{self.job}-{uuid.uuid4().hex[:8]}")  # two joins never share a file
         if whole is None:
-            drop_fragments(self.output, self.job, k)
+            drop_fragments(self.output, self.job, part)
         return table.num_rows
 
     def _score(self, decoded: Decoded) -> pa.Table:
@@ -379,7 +270,8 @@ class ScoreBatches:
         raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
         n = decoded.num_rows
         if n > self.max_batch:
-            return pa.concat_tables([self._score(decoded.slice(s, self.max_batch)) for s in range(0, n, self.max_batch)])
+            step = self.max_batch
+            return pa.concat_tables([self._score(decoded.slice(s, step)) for s in range(0, n, step)])
         try:
             return self.scorer(decoded)
         except Exception as e:  # noqa: BLE001 - a model-stage failure is narrowed to its row, the job goes on
@@ -396,15 +288,11 @@ class ScoreBatches:
             return pa.concat_tables([self._score(decoded.slice(0, half)), self._score(decoded.slice(half))])
 
 
-def failed_rows_of(output: str, k: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The complete part ``k`` as written (its decisions dropped: decided again with the rest), and the rows of
+def failed_rows_of(output: str, part: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """The complete part ``part`` as written (its decisions dropped: decided again with the rest), and the rows of
     ``rows`` (the part's index rows) that failed in it."""
-    import pyarrow.parquet as pq
-
-    from rayanom.storage import resolve_filesystem
-
     fs, path = resolve_filesystem(output)
-    with fs.open_input_file(f"{path}/{part_name(k)}") as f:
+    with fs.open_input_file(f"{path}/{part_name(part)}") as f:
         previous = pq.read_table(f)
     previous = previous.replace_schema_metadata(None)
     previous = previous.drop_columns([c for c in (DECISION_COL, NORMALIZED_COL) if c in previous.column_names])
@@ -461,87 +349,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
-def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
-          job: str | None = None, retry_failed: bool = False, files: dict | None = None, threshold=None) -> dict:
-    """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
-    ``output``: one row per input row, written by the workers.
-
-    The actors load the weights ``artifact.weights`` records (with the files named in ``files``, weight flag ->
-    path, found at those paths instead: ``load_weights``) and the head from a copy of the artifact written beside the
-    parts (``parts.MODEL_COPY``), so nothing large is a constructor argument. Part k holds rows [k P, (k + 1) P) for
-    P = ``run.rows_per_part`` (0: ``parts.rows_per_part`` chooses); parts already complete from an interrupted run of
-    the same model, index and layout are kept and skipped (``parts``). The driver handles one small descriptor and
-    one summary per part, never a row. ``retry_failed``: complete parts holding failed rows are done again for those
-    rows only (``PartScorer``), every other row kept as it was. ``threshold`` (a ``decisions.Threshold``, or None)
-    decides ``is_anomalous`` and ``normalized_score``; complete parts decided with another threshold are decided again
-    (``parts.apply_to_parts``), never scored again. Returns the summary of ``summary.summarize``, with the threshold.
-    """
-    n, per_part = index.n_rows, rows_per_part(output, index.n_rows, run.rows_per_part, overwrite)
-    # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
-    # so parts of a format-3 run are not resumed into a format-4 one.
-    manifest = {"format": "rayanom-scores", "format_version": 4, "model": artifact_fingerprint(artifact),
-                "index": index.fingerprint, "index_files": list(index.file_fingerprints), "n_rows": n,
-                "rows_per_part": per_part, "precision": run.precision, "n_parts": -(-n // per_part)}
-    done = open_parts(output, manifest, overwrite)
-    if done:
-        done -= _broken_parts(output, sorted(done), n, per_part)
-    retry = _parts_with_failures(output, sorted(done)) if retry_failed and done else {}
-    todo = [{"part": k, "start": k * per_part, "stop": min((k + 1) * per_part, n), "retry": int(k in retry)}
-            for k in range(manifest["n_parts"]) if k not in done or k in retry]
-    logger.info("score: %d rows with a %s model -> %s (%d parts, %d to write%s)", n, artifact.config.model, output,
-                manifest["n_parts"], len(todo) - len(retry),
-                f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
-    if todo:
-        nodes = _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
-    if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
-        redone = apply_to_parts(output, threshold)
-        if redone:
-            logger.info("score: %d complete parts decided again with this run's threshold", redone)
-    summary = summarize(output)
-    if summary["rows"] != n:
-        msg = f"scores at {output!r} hold {summary['rows']} rows for {n} input rows"
-        raise RuntimeError(msg)
-    summary["threshold"] = dataclasses.asdict(threshold) if threshold else None
-    # Rows per node id of each stage (O(nodes)): where decode and the model ran in this run.
-    summary["nodes"] = {"decode": dict(nodes.decode), "model": dict(nodes.model)} if todo else {}
-    return summary
-
-
-def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
-                 job: str | None, files: dict | None, threshold) -> Nodes:
-    """Score the parts ``todo`` on the plane (decode tasks, ``ScoreBatches`` actors); checks that every part and
-    row was written, and returns where the stages ran."""
-    from rayanom.parts import MODEL_COPY
-
-    t0 = time.time()
-    model = f"{output.rstrip('/')}/{MODEL_COPY}"
-    artifact.save(model, overwrite=True)
-    job = job or uuid.uuid4().hex[:12]
-    drop_fragments(output)  # an interrupted job's: its complete parts are kept, the rest is scored again
-    kwargs = {"model": model, "fingerprint": fingerprint, "weights": artifact.weights, "files": files,
-              "spec": spec_of(artifact.config), "index": index,
-              "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
-              "output": output, "job": job, "batch_size": run.batch_size,
-              "threshold": dataclasses.asdict(threshold) if threshold else None}
-    decode = {"rows_of": functools.partial(score_unit_rows, index=index, output=output),
-              "marker_of": functools.partial(score_unit_marker, output=output), "batch_size": run.batch_size,
-              "image_size": artifact.config.image_size, "policy": read_policy(run), "bf16": run.precision == "bf16"}
-    per_unit = unit_rows(index.n_rows, todo[0]["stop"] - todo[0]["start"], run.batch_size)
-    nodes, written = Nodes(), {}
-    for block in run_plane(score_units(todo, per_unit), decode, ScoreBatches, kwargs,
-                           plan_of(run, artifact.config, per_unit), run.progress):
-        nodes.add(block)
-        written.update((k, w) for k, w in zip(block.column("part").to_pylist(), block.column("written").to_pylist())
-                       if w)
-    drop_fragments(output)
-    n_done = sum(written.values())
-    if len(written) != len(todo) or n_done != sum(t["stop"] - t["start"] for t in todo):  # retried parts too
-        msg = f"scoring wrote {len(written)} of {len(todo)} parts ({n_done} rows)"
-        raise RuntimeError(msg)
-    logger.info(nodes.line("score", time.time() - t0))
-    return nodes
-
-
 CALL_BYTES = 256 * 2**20  # at most this much of images in one model-stage call
 
 
@@ -553,70 +360,3 @@ def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
     return Plan(num_actors=run.num_actors, batches_per_call=calls, num_cpus=run.num_cpus_per_actor,
                 num_gpus=run.num_gpus_per_actor, memory=2**30 + 2 * calls * one, no_progress_s=run.no_progress_s,
                 start_timeout_s=run.start_timeout_s)
-
-
-def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256) -> dict[int, int]:
-    """Failed rows per complete part (those with any), counted on the workers from the ``error`` column."""
-    from rayanom.index import in_tasks
-    from rayanom.parts import failed_rows
-
-    return {k: v for found in in_tasks(failed_rows, done, parts_per_task, output) for k, v in found.items() if v}
-
-
-def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
-    """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
-    workers), deleted so they are written again."""
-    from rayanom.storage import resolve_filesystem
-    from rayanom.index import in_tasks
-    from rayanom.parts import part_name, part_problems
-
-    problems = {k: v for found in in_tasks(part_problems, done, parts_per_task, output, n_rows, per_part)
-                for k, v in found.items()}
-    fs, path = resolve_filesystem(output)
-    for k, problem in sorted(problems.items()):
-        logger.warning("score: complete part %s is broken (%s): writing it again", part_name(k), problem)
-        fs.delete_file(f"{path}/{part_name(k)}")
-    return set(problems)
-
-
-def fit_fingerprint(index, config: ModelConfig, weights_source: dict) -> str:
-    """sha256 of what determines a fitted model: the index (``IndexInfo.fingerprint``: its files' paths, sizes,
-    modification times, row counts and schema, O(files)), the model config and the backbone weights. Any change to
-    the index's files refits, even one outside the training rows."""
-    import hashlib
-    import json
-
-    text = json.dumps({"config": config_to_dict(config), "weights": weights_source, "index": index.fingerprint},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def artifact_fingerprint(artifact: Artifact) -> str:
-    """sha256 of an artifact's JSON and head arrays: what a scores directory was made with."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256(json.dumps(artifact.to_json(), sort_keys=True).encode())
-    for name, array in sorted(artifact.head.to_arrays().items()):
-        h.update(name.encode() + np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
-
-
-def _sha(ids: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"rayanom": __version__}
-    for name in ("ray", "torch", "torchvision", "timm", "numpy", "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
