@@ -17,6 +17,18 @@ import types
 import typing
 from dataclasses import dataclass
 
+from rayanom import workflows
+from rayanom.artifact import fitted_before
+from rayanom.columns import BOXES_COL, MAP_COL
+from rayanom.config import UserError
+from rayanom.demo import demo_set
+from rayanom.index import check_values, describe_index
+from rayanom.launch import check_output_location
+from rayanom.parts import Lease, check_parts_dir, has_parts
+from rayanom.report import check_report, report_dir_of, write_report
+from rayanom.specs import SPECS, report_weights, spec
+from rayanom.workflows import score_and_decide, threshold_from_fit_index
+
 if __package__:  # python -m jobs.fit, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's own directory
@@ -24,8 +36,6 @@ else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.specs import SPECS
-
     p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, choices=list(SPECS), help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
@@ -70,14 +80,10 @@ class Plan:
 def plan(args: argparse.Namespace, spec, config) -> Plan:
     """The embedded default (no --index): the model's demo set, fit and score, the report and its pictures (heat
     maps or box overlays of 8 images where ``config``'s outputs hold anomaly maps or boxes)."""
-    from rayanom.config import UserError
-    from rayanom.columns import BOXES_COL, MAP_COL
-
     if args.index is not None:
         if args.out is None:
             raise UserError("missing --out RUN_DIR: it is required with --index")
         return Plan(args.index, args.score, args.out, True, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0)
-    from rayanom.demo import demo_set
 
     index, test = demo_set(spec)
     columns = spec.columns(config)
@@ -88,15 +94,6 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom import workflows
-    from rayanom.artifact import fitted_before
-    from rayanom.config import UserError
-    from rayanom.index import check_values, describe_index
-    from rayanom.launch import check_output_location
-    from rayanom.specs import report_weights, spec
-    from rayanom.parts import Lease, check_parts_dir, has_parts
-    from rayanom.report import check_report, report_dir_of
-
     _cli.setup_logging(args.quiet)
     config = build_config(args)
     model = spec(args.model)
@@ -137,8 +134,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _fit(job: Plan, train_info, config, source: dict, run):
-    from rayanom import workflows
-
     result = workflows.fit(train_info, config, source, run, index_name=job.index)
     result.artifact.save(job.at("model"), overwrite=True)  # occupied directories were refused before Ray started
     print(f"fitted {config.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
@@ -149,9 +144,6 @@ def _fit(job: Plan, train_info, config, source: dict, run):
 
 def _score(args, job: Plan, artifact, score_info, train_info, run, lease) -> int:
     """The --score index scored, decided and reported; without one, the threshold from the fit index's val rows."""
-    from rayanom.report import report_dir_of, write_report
-    from rayanom.workflows import score_and_decide, threshold_from_fit_index
-
     if score_info is None:
         n, summary = threshold_from_fit_index(train_info, artifact, job.at("model"), job.at("val-index"),
                                               job.at("val-scores"), run, args.threshold)
@@ -172,8 +164,6 @@ def model_flags() -> dict[str, tuple[tuple[str, ...], dict, str]]:
     """Flag's dest -> (the models it applies to, argparse keywords, help): each model's config fields (their types,
     their descriptions and their defaults, per model where they differ; a field whose ``flag`` metadata names another
     flag joins that one, DFM's ``layer`` joins ``--layers``) and its weight flags (``ModelSpec.weight_flags``)."""
-    from rayanom.specs import SPECS
-
     out: dict[str, tuple[tuple[str, ...], dict, str]] = {}
     helps: dict[str, list[str]] = {}
     for name, model in SPECS.items():
@@ -215,8 +205,6 @@ def dest_of(f: dataclasses.Field) -> str:
 
 
 def _fields(dest: str) -> list[dataclasses.Field]:
-    from rayanom.specs import SPECS
-
     return [f for model in SPECS.values() for d, (f, _) in _config_fields(model).items() if d == dest]
 
 
@@ -250,8 +238,6 @@ def _int_or_float(text: str) -> float | int:
 
 def default_of(dest: str) -> str:
     """``default: ...`` for a model flag, read from the config dataclasses (per model where they differ)."""
-    from rayanom.specs import SPECS
-
     by_value: dict[str, list[str]] = {}
     for model in SPECS.values():
         f = _config_fields(model).get(dest, (None,))[0]
@@ -265,9 +251,6 @@ def default_of(dest: str) -> str:
 
 def build_config(args: argparse.Namespace):
     """The model config from the flags; a flag of another model is an error, not silently ignored."""
-    from rayanom.config import UserError
-    from rayanom.specs import spec
-
     model = spec(args.model)
     fields = _config_fields(model)
     kwargs = {}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from safetensors.numpy import load, save
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from rayanom.config import ModelConfig, UserError, config_to_dict
 from rayanom.decisions import THRESHOLD_FILE
@@ -56,7 +56,7 @@ class Artifact:
         if THRESHOLD_FILE in existing:  # chosen for the model this one replaces
             fs.delete_file(f"{path}/{THRESHOLD_FILE}")
         with fs.open_output_stream(f"{path}/{HEAD_FILE}") as f:
-            f.write(save({k: np.ascontiguousarray(v) for k, v in self.head.to_arrays().items()}))
+            f.write(save_safetensors({k: np.ascontiguousarray(v) for k, v in self.head.to_arrays().items()}))
         with fs.open_output_stream(f"{path}/{CONFIG_FILE}") as f:
             f.write(json.dumps(self.to_json(), indent=2, sort_keys=True).encode())
         logger.info("model artifact written to %s", uri)
@@ -92,7 +92,7 @@ class Artifact:
             raise UserError(msg)
         config = config_from_dict(meta.get("config"), spec)
         try:
-            arrays = load(head_bytes)
+            arrays = load_safetensors(head_bytes)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
             msg = f"invalid model={uri!r}: {HEAD_FILE} is damaged ({type(e).__name__}: {e})"
             raise UserError(msg) from e

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
+import platform
 import re
 import time
 import warnings
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load
 
 from rayanom.config import ModelConfig, UserError
 from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
@@ -167,12 +170,8 @@ def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.nda
     check_hash_in_name(path, sha, field)
     try:
         if path.endswith(".safetensors"):
-            from safetensors.numpy import load
-
             state = load(data)
         else:
-            import io
-
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and set(obj) <= {"state_dict", "model"} and len(obj) == 1:
                 obj = next(iter(obj.values()))
@@ -221,8 +220,6 @@ def fp32_without_tf32() -> None:
 
 def device_kind(device: str) -> str:
     """What ``device`` is, for the record: the GPU's name, or the CPU's model name (Linux) or architecture."""
-    import platform
-
     dev = torch.device(device)
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
@@ -247,8 +244,6 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
     (slower than fp32). The images must be large enough to be representative: on this 2-core Intel with AMX the ratio
     was 1.0-1.25 at 64² (overheads dominate), 2.1 at 128², 2.8-3.2 at 224². With ``give_up`` > 0, a warm-up ratio
     below ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
-    import time
-
     import torchvision
 
     dev = torch.device(device)

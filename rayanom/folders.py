@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from rayanom.config import UserError
 from rayanom.storage import resolve_filesystem
@@ -65,8 +68,6 @@ class FolderIndex:
 
 def _files(uri: str) -> tuple[str, list[str]]:
     """(the folder as rows name it: an absolute path, or the URI; every file below it, relative to it, sorted)."""
-    import os
-
     fs, root = resolve_filesystem(uri)
     root = root.rstrip("/") if "://" in uri else os.path.abspath(root)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -200,9 +201,6 @@ def write_index(index: FolderIndex, out: str, eval_out: str | None = None) -> di
     """Write the index as parquet at ``out`` and the skipped files beside it (``<out>.skipped.tsv``: path, reason);
     with ``eval_out``, its ``val`` and ``test`` rows alone there too (what to score and evaluate). Returns the summary
     (what ``jobs/index.py`` prints)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     if not index.rows:
         msg = f"no image found for the index {out!r} ({len(index.skipped)} files skipped)"
         raise UserError(msg)

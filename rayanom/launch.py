@@ -9,6 +9,7 @@ import logging
 import os
 
 from rayanom.config import RunConfig, UserError
+from rayanom.specs import spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,6 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
     CPU starve the tasks: the job hangs, as measured on 2 cores).
     """
     import ray
-
-    from rayanom.specs import spec_of
 
     spec = spec_of(config)
     if precision == "bf16" and not spec.bf16:

@@ -41,11 +41,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from rayanom.config import UserError, fail
 from rayanom.columns import DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL
-from rayanom.storage import ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem, with_retries
+from rayanom.config import UserError, fail
 from rayanom.folders import IMAGE_EXTENSIONS, NOT_IMAGE
+from rayanom.storage import ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +307,6 @@ def _table(listing: Listing, paths: list[str], values: list[dict]) -> pa.Table:
 def _write_group(listing: Listing, group: int, pieces: list[tuple]) -> dict:
     """A task: the entries of ``pieces`` (listed here where they are folders), classified, written in order as
     ``part-GGGGGG-FFFFFF.parquet`` and ``_skipped-GGGGGG.tsv``; returns the counts."""
-    import pyarrow.parquet as pq
-
     paths, values, skipped = [], [], []
     found, rules = 0, (dict(listing.labels), dict(listing.splits))
     for piece in pieces:

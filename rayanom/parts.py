@@ -17,7 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -25,11 +29,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from rayanom.config import UserError
 from rayanom.columns import ROW_COL
-from rayanom.storage import check_output_dir, ipc_bytes, resolve_filesystem
+from rayanom.config import UserError
 from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
 from rayanom.index import in_tasks
+from rayanom.storage import ReadPolicy, check_output_dir, error_message, ipc_bytes, resolve_filesystem, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +153,6 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
     """The manifest, read with retries of transient storage errors. A read that still fails is an error that asks
     for a re-run and changes nothing (it must never lead to --overwrite, which deletes the parts); a manifest that
     is not JSON reads as one that disagrees."""
-    from rayanom.storage import ReadPolicy, error_message, with_retries
-
     def read() -> bytes:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:
             return f.read()
@@ -190,8 +192,6 @@ def s3_put_if_absent(fs: pafs.S3FileSystem, path: str, body: bytes) -> bool:
 
 def _store_now(fs: pafs.FileSystem, path: str) -> int:
     """The store's clock (ns): the modification time of a probe file written now."""
-    import uuid
-
     probe = f"{path}/.{LEASE}.{uuid.uuid4().hex[:12]}.probe"
     with fs.open_output_stream(probe) as f:
         f.write(b"")
@@ -287,8 +287,6 @@ class Lease:
     """
 
     def __init__(self, output: str, job: str | None = None) -> None:
-        import uuid
-
         self.output, self.job = output, job or uuid.uuid4().hex[:12]  # a new job id unless given
         self.fs, self.path = resolve_filesystem(output)
         self.file = f"{self.path}/{LEASE}"
@@ -297,10 +295,6 @@ class Lease:
         self._created = False
 
     def _body(self) -> bytes:
-        import os
-        import socket
-        import time
-
         return json.dumps({"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
                            "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
 
@@ -354,8 +348,6 @@ class Lease:
     def _create(self) -> bool | None:
         """Create the lease file only where none exists, in one atomic step: True when this job created it, False
         when one exists; None where the filesystem has no such write."""
-        import os
-
         if isinstance(self.fs, pafs.LocalFileSystem):
             try:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -371,9 +363,6 @@ class Lease:
     def _holder_is_gone(self) -> bool:
         """The lease was taken on this machine by a process that no longer exists (a job killed a moment ago): its
         lease can be taken over without waiting for the heartbeat to go stale."""
-        import os
-        import socket
-
         holder = self._holder()
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
@@ -386,8 +375,6 @@ class Lease:
         return False
 
     def _start_heartbeat(self) -> None:
-        import threading
-
         self._stop = threading.Event()
 
         def beat():

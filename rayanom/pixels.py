@@ -50,14 +50,18 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
 
 from rayanom.columns import ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL
-from rayanom.storage import read_bytes, resolve_filesystem
+from rayanom.maps import upsample
 from rayanom.scores import VAL_SPLIT, open_scores
+from rayanom.storage import read_bytes, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +209,6 @@ def pixel_summary(maps: np.ndarray, masks: np.ndarray) -> PixelSummary:
 def evaluation_maps(rows: list[dict], size: tuple[int, int]) -> np.ndarray:
     """The maps of scored DFM ``fre`` rows at ``size`` (the model's input size), (n, H, W) float32: bilinear,
     ``align_corners=False`` (``rayanom.maps.upsample``), the rows of one pooled shape upsampled in one call."""
-    from rayanom.maps import upsample
-
     height, width = (int(s) for s in size)
     out = np.empty((len(rows), height, width), dtype=np.float32)
     shapes = [tuple(int(d) for d in r[MAP_SHAPE_COL]) for r in rows]
@@ -222,7 +224,6 @@ def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     ``> 0``) and torch's ``nearest`` resize, as torchvision's ``Resize`` does to a ``Mask``."""
     import torch
     import torch.nn.functional as F
-    from PIL import Image
 
     with Image.open(io.BytesIO(read_bytes(path))) as im:
         mask = np.asarray(im.convert("L")) > 0
@@ -284,8 +285,6 @@ def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR
     it has no anomaly maps (not DFM ``fre``) or its index had no ``mask_path`` column. The parts are summarised where
     they lie: by Ray tasks, ``_PARTS_PER_TASK`` parts each, when Ray is running (the jobs), else in this process; the
     driver adds the summaries as they come back, holding one running sum and a bounded number in flight."""
-    import sys
-
     dataset = open_scores(scores_uri)
     if MAP_COL not in dataset.schema.names or MASK_COL not in dataset.schema.names:
         return None
@@ -308,8 +307,6 @@ def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR
 
 def _summarize_parts(scores_uri: str, names: list[str], size: tuple[int, int]) -> PixelSummary:
     """The summary of the parts ``names`` of the scores at ``scores_uri`` (read with the columns it needs)."""
-    import pyarrow.parquet as pq
-
     fs, path = resolve_filesystem(scores_uri)
     out = PixelSummary.empty()
     for name in names:

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rayanom.config import UserError
 from rayanom.columns import ROW_COL
+from rayanom.config import UserError
 from rayanom.decode import Decoded, bf16_bits, decode_table, failed_table
 from rayanom.storage import ReadPolicy, ipc_bytes
 

@@ -34,6 +34,7 @@ from functools import partial
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torchvision.transforms.functional as TF
 from torch import nn
@@ -42,10 +43,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import nms, remove_small_boxes, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from rayanom.columns import BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
 from rayanom.config import RKDE_FRAME, RkdeConfig, UserError, rkde_files_needed
 from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
-from rayanom.storage import same_file
 from rayanom.features import input_tensor, load_state_file, match_state, seeded
+from rayanom.heads import anomaly_probability
+from rayanom.storage import same_file
 
 logger = logging.getLogger(__name__)
 
@@ -361,11 +364,6 @@ def region_outputs(b) -> dict:
     density), the largest region probability, the boxes in original pixels with their probabilities. No region: the
     lowest float64 score, probability 0, no boxes. Computed over all regions of the batch at once (no Python loop
     over rows or boxes)."""
-    import pyarrow as pa
-
-    from rayanom.columns import BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
-    from rayanom.heads import anomaly_probability
-
     n = b.n
     results = b.extractor(b.images) if b.ok.any() else []
     counts = np.zeros(n, np.int64)

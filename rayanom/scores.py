@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from rayanom.config import UserError
 from rayanom.columns import DEFECT_COL, ERROR_COL, LABEL_COL, PATH_COL, SCORE_COL, SPLIT_COL
+from rayanom.config import UserError
 from rayanom.storage import resolve_filesystem
 
 VAL_SPLIT = "val"  # rows with this ``split`` value choose the threshold; metrics are reported on the other rows

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from rayanom.columns import (
-    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
+    BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
 )
 from rayanom.config import RKDE_FILES, DfkdeConfig, DfmConfig, RkdeConfig, fail, rkde_file_help
 from rayanom.heads import DfmHead, KdeHead, anomaly_probability
