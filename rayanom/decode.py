@@ -6,8 +6,8 @@ It imports no torch: decode workers stay light.
 from __future__ import annotations
 
 import io
-import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,9 +135,15 @@ def bf16_bits(images: np.ndarray) -> np.ndarray:
     return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
-def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy()) -> Decoded:
+def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy(),
+                 hook: Callable[[pa.Table], None] | None = None) -> Decoded:
     """The decode stage on an arrow table: every input column unchanged, plus the original ``image_height``/
-    ``image_width`` and ``error`` (string), and the images of the rows that decoded."""
+    ``image_width`` and ``error`` (string), and the images of the rows that decoded.
+
+    ``hook(table)``, where given, runs first: a fault a caller injects (tests), which may raise or end the process.
+    """
+    if hook is not None:
+        hook(table)
     images, sizes, errors = _decode_paths(table.column(PATH_COL).to_pylist(), image_size, policy)
     return Decoded(_with_decode_columns(table, sizes, errors), images)
 
@@ -160,10 +166,7 @@ def _decode_paths(paths: list, image_size: tuple[int, int], policy: ReadPolicy):
     row failed) and each row's error (None when decoded). A failure is its row's error, never an exception."""
     images, sizes = [], np.zeros((len(paths), 2), dtype=np.int32)
     errors = [None] * len(paths)
-    crash_on = os.environ.get("RAYANOM_FAILPOINT_EXIT_ON_PATH")  # tests: a file whose reading kills the worker
     for i, p in enumerate(paths):
-        if crash_on and p and crash_on in str(p):
-            os._exit(77)
         try:
             image, sizes[i] = decode_image_sized(read_bytes(p, policy), image_size)
             images.append(image)

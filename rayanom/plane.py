@@ -48,6 +48,18 @@ class Plan:
     start_timeout_s: float
 
 
+@dataclass(frozen=True)
+class FaultHooks:
+    """Faults a caller injects into the stages (tests): each may raise, or end its worker's process.
+
+    ``decode(rows)`` runs before each cut of rows is read (a forward batch, or a single row in careful mode);
+    ``model(table, ok)`` before the model stage runs on a decoded batch (``ok``: the rows it computes).
+    """
+
+    decode: Callable[[pa.Table], None] | None = None
+    model: Callable[[pa.Table, np.ndarray], None] | None = None
+
+
 def batch_bytes(n: int, image_size: tuple[int, int], bf16: bool = False) -> int:
     """Bytes of one forward batch between the stages: images at the model's input size, float32 or (bf16 runs)
     bfloat16."""
@@ -122,11 +134,12 @@ def node_id() -> str:
 
 
 def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[int, int], policy: ReadPolicy,
-                marker=None, bf16: bool = False) -> Iterator[pa.Table]:
+                marker=None, bf16: bool = False, hook: Callable | None = None) -> Iterator[pa.Table]:
     """``rows`` decoded in forward batches cut at multiples of ``batch_size`` from ``where["offset"]`` (itself one),
     as batch rows, a table of them for every ``GROUP_BYTES`` of images. With a crash marker whose unit killed its
     worker ``CAREFUL_AFTER`` times: row by row, the marker naming the row in progress, and a row that killed the
-    worker before failed without being read. ``bf16``: the images as a bf16 run's first convolution takes them."""
+    worker before failed without being read. ``bf16``: the images as a bf16 run's first convolution takes them.
+    ``hook``: ``FaultHooks.decode``."""
     node, state = node_id(), marker.begin() if marker is not None else None
     careful = state is not None and state["attempts"] > CAREFUL_AFTER
     if careful:
@@ -135,9 +148,10 @@ def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[
     for s in range(0, rows.num_rows, batch_size):
         t0 = time.perf_counter()
         cut = rows.slice(s, batch_size)
-        decoded = (Decoded.concat(row_by_row(cut, marker, state, lambda row: decode_table(row, image_size, policy),
+        decoded = (Decoded.concat(row_by_row(cut, marker, state,
+                                             lambda row: decode_table(row, image_size, policy, hook),
                                              lambda row, message: failed_table(row, image_size, message)))
-                   if careful else decode_table(cut, image_size, policy))
+                   if careful else decode_table(cut, image_size, policy, hook))
         if bf16:
             decoded = Decoded(decoded.table, bf16_bits(decoded.images))
         group.append(to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
@@ -174,13 +188,14 @@ def crash_message(state: dict) -> str:
 
 
 def decode_units(units: pa.Table, rows_of: Callable, batch_size: int, image_size: tuple[int, int],
-                 policy: ReadPolicy, marker_of: Callable | None = None, bf16: bool = False) -> Iterator[pa.Table]:
+                 policy: ReadPolicy, marker_of: Callable | None = None, bf16: bool = False,
+                 hook: Callable | None = None) -> Iterator[pa.Table]:
     """The decode stage (a Ray Data generator UDF over unit rows): ``rows_of(unit)`` gives a unit's rows, decoded in
-    forward batches (:func:`decode_rows`); one output row per batch."""
+    forward batches (:func:`decode_rows`; ``hook``: ``FaultHooks.decode``); one output row per batch."""
     for unit in units.to_pylist():
         rows, where = rows_of(unit)
         marker = marker_of(unit) if marker_of is not None else None
-        yield from decode_rows(rows, where, batch_size, image_size, policy, marker, bf16)
+        yield from decode_rows(rows, where, batch_size, image_size, policy, marker, bf16, hook)
 
 
 def run(units: list[dict], decode: dict, stage: type, kwargs: dict, plan: Plan,

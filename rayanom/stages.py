@@ -14,9 +14,9 @@ decode workers import this module for the unit helpers.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from rayanom.artifact import Artifact, artifact_fingerprint
 from rayanom.bank import REGION_ID_STRIDE, region_keys, row_keys
-from rayanom.columns import DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, WIDTH_COL
+from rayanom.columns import DECISION_COL, ERROR_COL, HEIGHT_COL, NORMALIZED_COL, ROW_COL, SCORE_COL, WIDTH_COL
 from rayanom.config import ModelConfig, RunConfig
 from rayanom.decisions import Threshold, with_decisions
 from rayanom.decode import Decoded
@@ -71,12 +71,13 @@ class BankFeatures:
 
     def __init__(self, config: ModelConfig, weights: dict, slots: int, device: str, threads: int,
                  precision: str = "fp32", batch_size: int = 32, spec: ModelSpec | None = None,
-                 lo: float = 0.0, hi: float = 1.0) -> None:
+                 lo: float = 0.0, hi: float = 1.0, hook: Callable | None = None) -> None:
         self.spec = spec or spec_of(config)
         self.extractor = _extractor(self.spec, config, weights, None, device, threads, precision)
         self.slots = slots  # bank items a row can have (bank.lower_keys)
         self.seed, self.batch_size, self.image_size = config.seed, batch_size, config.image_size
         self.lo, self.hi, self.bf16 = lo, hi, precision == "bf16"
+        self.hook = hook  # plane.FaultHooks.model: a fault a caller injects (tests)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         """Batch rows in (``plane.to_batch_row``), one result row out for each: its bank items and failed rows."""
@@ -124,7 +125,8 @@ class BankFeatures:
 
     def _items(self, decoded: Decoded, rows: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(bank ids, keys, features) of the ``ok`` rows' items."""
-        _failpoints(decoded.table, ok)
+        if self.hook is not None:
+            self.hook(decoded.table, ok)
         counts, feats = (self.spec.items(self.extractor, decoded.images_where(ok)) if ok.any() else
                          (np.zeros(0, np.int64), np.zeros((0, self.extractor.dim), np.float32)))
         if self.slots == 1:
@@ -141,10 +143,12 @@ class Scorer:
     RKDE's boxes) and ``error``."""
 
     def __init__(self, config: ModelConfig, weights: dict, head, device: str, threads: int,
-                 precision: str = "fp32", files: dict | None = None, spec: ModelSpec | None = None) -> None:
+                 precision: str = "fp32", files: dict | None = None, spec: ModelSpec | None = None,
+                 hook: Callable | None = None) -> None:
         self.spec = spec or spec_of(config)
         self.extractor = _extractor(self.spec, config, weights, files, device, threads, precision)
         self.head = head
+        self.hook = hook  # plane.FaultHooks.model: a fault a caller injects (tests)
         self.config = config
         self.device = device
 
@@ -152,7 +156,8 @@ class Scorer:
         """Score a decoded batch."""
         errors = decoded.column(ERROR_COL).to_pylist()
         ok = np.array([e is None for e in errors], dtype=bool)
-        _failpoints(decoded.table, ok)
+        if self.hook is not None:
+            self.hook(decoded.table, ok)
         columns = self.spec.outputs(ScoringBatch(decoded.table, ok, errors, self.extractor, self.head, self.config,
                                                  self.device, decoded.images))
         if list(columns) != [SCORE_COL, *self.spec.columns(self.config)]:  # what the report checks rely on
@@ -195,14 +200,14 @@ class ScoreBatches:
 
     def __init__(self, model: str, fingerprint: str, weights: dict, device: str, threads: int, precision: str,
                  output: str, job: str, batch_size: int, index, threshold: dict | None = None,
-                 files: dict | None = None, spec: ModelSpec | None = None) -> None:
+                 files: dict | None = None, spec: ModelSpec | None = None, hook: Callable | None = None) -> None:
         from rayanom.features import device_kind  # torch: only the actors need it, never the decode workers
 
         artifact = Artifact.load(model, spec)
         if artifact_fingerprint(artifact) != fingerprint:
             msg = f"the model at {model!r} is not the one this job scores with (it changed during the job?)"
             raise RuntimeError(msg)
-        self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision, files, spec)
+        self.scorer = Scorer(artifact.config, weights, artifact.head, device, threads, precision, files, spec, hook)
         self.device_kind, self.precision = device_kind(device), precision
         self.output, self.job, self.batch_size, self.index = output, job, batch_size, index
         self.max_batch = batch_size  # lowered by an out-of-memory error
@@ -325,21 +330,6 @@ def score_units(todo: list[dict], per_unit: int) -> list[dict]:
         units += [{"part": t["part"], "first": t["start"], "stop": t["stop"], "retry": t["retry"], "start": s,
                    "end": min(s + step, t["stop"])} for s in range(t["start"], t["stop"], step)]
     return units
-
-
-def _failpoints(table: pa.Table, ok: np.ndarray) -> None:
-    """Tests only, set by environment variables: the model stage raises on a batch holding a marked path, or an
-    out-of-memory error on batches of more rows than a limit (the exception CUDA raises)."""
-    raise_on = os.environ.get("RAYANOM_FAILPOINT_RAISE_ON_PATH")
-    if raise_on and any(raise_on in str(p) for p, good in zip(table.column(PATH_COL).to_pylist(), ok) if good):
-        msg = f"failpoint: a batch holding {raise_on!r}"
-        raise RuntimeError(msg)
-    oom_above = os.environ.get("RAYANOM_FAILPOINT_OOM_ABOVE")
-    if oom_above and int(ok.sum()) > int(oom_above):
-        import torch
-
-        msg = f"CUDA out of memory (failpoint: more than {oom_above} images in a batch)"
-        raise torch.cuda.OutOfMemoryError(msg)
 
 
 def _is_out_of_memory(e: BaseException) -> bool:

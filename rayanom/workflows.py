@@ -13,7 +13,7 @@ Ray must already be initialised (``jobs/`` does it); both run on ``plane`` (Ray 
 settled before any part is written: where it needs the labelled ``val`` rows (no stored threshold, or a value set by
 hand, which takes their score range as its normalisation statistics), those rows are written as an index of their
 own and scored first, undecided (the rows that choose a threshold cannot be decided with it), then every part is
-written once, decided with it. ``hooks`` (``plane.FaultHooks``) is for callers that inject faults (tests).
+written once, decided with it. ``hooks`` (``plane.FaultHooks``): for callers that inject faults (tests).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from rayanom.parts import (
     AUTO_ROWS, MODEL_COPY, VAL_DIR, Lease, apply_to_parts, drop_fragments, failed_rows, open_parts, part_name,
     part_problems, rows_per_part,
 )
-from rayanom.plane import Nodes, unit_rows
+from rayanom.plane import FaultHooks, Nodes, unit_rows
 from rayanom.plane import run as run_plane
 from rayanom.scores import read_score_columns
 from rayanom.specs import spec_of
@@ -73,14 +73,15 @@ class FitResult:
 
 
 def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunConfig(),
-        index_name: str | None = None) -> FitResult:
+        index_name: str | None = None, hooks: FaultHooks | None = None) -> FitResult:
     """Fit ``config``'s model on the normal training rows of an index (an ``index.IndexInfo`` from
     ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
     (``index.training_band``), so the driver holds about K rows of it.
 
     ``weights_source`` comes from the model's ``ModelSpec.weights`` (``features.resolve_weights`` for a timm
     backbone, ``regions.rkde_weights`` for RKDE); the actors load the
-    weights it describes themselves (``load_weights``). Returns the artifact, not yet saved.
+    weights it describes themselves (``load_weights``). Returns the artifact, not yet saved. ``hooks``: for callers
+    that inject faults (tests).
 
     Raises:
         UserError: label values other than 0/1, or too few training rows for ``config`` (before any image is read).
@@ -105,9 +106,9 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
                             tuple(band))
     kwargs = {"config": config, "weights": weights_source, "slots": slots, "device": run.device,
               "threads": run.threads_per_actor, "precision": run.precision, "batch_size": run.batch_size,
-              "spec": spec}
+              "spec": spec, "hook": (hooks or FaultHooks()).model}
     decode = {"rows_of": fit_unit_rows, "batch_size": run.batch_size, "image_size": config.image_size,
-              "policy": read_policy(run), "bf16": run.precision == "bf16"}
+              "policy": read_policy(run), "bf16": run.precision == "bf16", "hook": (hooks or FaultHooks()).decode}
 
     def run_pass(todo: np.ndarray, lo: float, hi: float):
         """Decode ``todo`` (sorted row indices) and extract their bank items with keys in [lo, hi)."""
@@ -159,7 +160,8 @@ def _fit_head_on_bank(bank, n: int, t0: float, index, index_name: str, config: M
 
 
 def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
-          job: str | None = None, retry_failed: bool = False, files: dict | None = None, threshold=None) -> dict:
+          job: str | None = None, retry_failed: bool = False, files: dict | None = None, threshold=None,
+          hooks: FaultHooks | None = None) -> dict:
     """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
     ``output``: one row per input row, written by the workers.
 
@@ -171,8 +173,8 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
     one summary per part, never a row. ``retry_failed``: complete parts holding failed rows are done again for those
     rows only (``stages.ScoreBatches``), every other row kept as it was. ``threshold`` (a ``decisions.Threshold``, or
     None) decides ``is_anomalous`` and ``normalized_score``; complete parts decided with another threshold are decided
-    again (``parts.apply_to_parts``), never scored again. Returns the summary of ``summary.summarize``, with the
-    threshold.
+    again (``parts.apply_to_parts``), never scored again. ``hooks``: for callers that inject faults (tests). Returns
+    the summary of ``summary.summarize``, with the threshold.
     """
     n, per_part = index.n_rows, rows_per_part(output, index.n_rows, run.rows_per_part, overwrite)
     # Format 4: the heads score in float32 on the actor's device (format 3's scores differ within heads.DEVICE_RTOL),
@@ -190,7 +192,8 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
                 manifest["n_parts"], len(todo) - len(retry),
                 f"; {sum(retry.values())} failed rows of {len(retry)} complete parts to retry" if retry_failed else "")
     if todo:
-        nodes = _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold)
+        nodes = _write_parts(index, artifact, output, run, todo, manifest["model"], job, files, threshold,
+                             hooks or FaultHooks())
     if done:  # parts of an earlier run: decided again where their threshold differs (decisions are not identity)
         redone = apply_to_parts(output, threshold)
         if redone:
@@ -206,7 +209,7 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
 
 
 def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
-                 job: str | None, files: dict | None, threshold) -> Nodes:
+                 job: str | None, files: dict | None, threshold, hooks: FaultHooks) -> Nodes:
     """Score the parts ``todo`` on the plane (decode tasks, ``ScoreBatches`` actors); checks that every part and
     row was written, and returns where the stages ran."""
     t0 = time.time()
@@ -218,10 +221,11 @@ def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: l
               "spec": spec_of(artifact.config), "index": index,
               "device": run.device, "threads": run.threads_per_actor, "precision": run.precision,
               "output": output, "job": job, "batch_size": run.batch_size,
-              "threshold": dataclasses.asdict(threshold) if threshold else None}
+              "threshold": dataclasses.asdict(threshold) if threshold else None, "hook": hooks.model}
     decode = {"rows_of": functools.partial(score_unit_rows, index=index, output=output),
               "marker_of": functools.partial(score_unit_marker, output=output), "batch_size": run.batch_size,
-              "image_size": artifact.config.image_size, "policy": read_policy(run), "bf16": run.precision == "bf16"}
+              "image_size": artifact.config.image_size, "policy": read_policy(run), "bf16": run.precision == "bf16",
+              "hook": hooks.decode}
     per_unit = unit_rows(index.n_rows, todo[0]["stop"] - todo[0]["start"], run.batch_size)
     nodes, written = Nodes(), {}
     for block in run_plane(score_units(todo, per_unit), decode, ScoreBatches, kwargs,

@@ -19,13 +19,14 @@ from conftest import SMALL, index_at
 from test_hostile import make_hostile
 
 from rayanom import workflows
+from rayanom.bank import ALL_KEYS
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.decode import decode_table
-from rayanom.storage import ReadPolicy
-from rayanom.index import describe_index
 from rayanom.features import device_kind, resolve_weights
-from rayanom.index import read_rows
+from rayanom.index import describe_index, read_rows
 from rayanom.parts import table_fingerprint
+from rayanom.plane import FaultHooks
+from rayanom.storage import ReadPolicy
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,20 +205,42 @@ def _poisoned_index(demo_set, tmp_path):
     return test.set_column(test.schema.get_field_index("path"), "path", pa.array(paths))
 
 
-def _score_part(artifact, info, out, batch_size=4):
+def raise_on_poison(table, ok):
+    """A model-stage fault (``FaultHooks.model``): a batch holding a decoded ``poison.png`` raises."""
+    if any("poison.png" in str(p) for p, good in zip(table.column("path").to_pylist(), ok) if good):
+        msg = "failpoint: a batch holding 'poison.png'"
+        raise RuntimeError(msg)
+
+
+def oom_above_two(table, ok):
+    """A model-stage fault: the out-of-memory error CUDA raises, on batches of more than two images."""
+    import torch
+
+    if int(ok.sum()) > 2:
+        msg = "CUDA out of memory (failpoint: more than 2 images in a batch)"
+        raise torch.cuda.OutOfMemoryError(msg)
+
+
+def exit_on_poison(rows):
+    """A decode-stage fault (``FaultHooks.decode``): reading ``poison.png`` kills the worker process."""
+    if any("poison.png" in str(p) for p in rows.column("path").to_pylist()):
+        os._exit(77)
+
+
+def _score_part(artifact, info, out, batch_size=4, hook=None):
     """Part 0 (the whole index) scored by the two stages as plain objects, without Ray: the decode stage's batch rows
-    fed one by one to a ``ScoreBatches`` actor, which joins the part when its last batch is in."""
+    fed one by one to a ``ScoreBatches`` actor (``hook``: its model-stage fault), which joins the part when its last
+    batch is in."""
     import functools
 
-    from rayanom.storage import ReadPolicy
     from rayanom.artifact import artifact_fingerprint
-    from rayanom.stages import ScoreBatches, score_unit_rows, score_units
     from rayanom.plane import decode_units
+    from rayanom.stages import ScoreBatches, score_unit_rows, score_units
 
     os.makedirs(out)
     artifact.save(os.path.join(out, "_rayanom_model"))
     scorer = ScoreBatches(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights, "cpu",
-                          1, "fp32", out, "job", batch_size, info)
+                          1, "fp32", out, "job", batch_size, info, hook=hook)
     units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": info.n_rows, "retry": 0}], 2 * batch_size))
     rows_of = functools.partial(score_unit_rows, index=info, output=out)
     written = [w for rows in decode_units(units, rows_of, batch_size, artifact.config.image_size, ReadPolicy())
@@ -226,14 +249,13 @@ def _score_part(artifact, info, out, batch_size=4):
     return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
 
 
-def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path, monkeypatch):
+def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
 
     artifact = model
     info = index_at(tmp_path / "index.parquet", _poisoned_index(demo_set, tmp_path))
     _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
-    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    _, got = _score_part(artifact, info, str(tmp_path / "failing"))
+    _, got = _score_part(artifact, info, str(tmp_path / "failing"), hook=raise_on_poison)
     errors = got.column("error").to_pylist()
     assert errors[5] == "RuntimeError: failpoint: a batch holding 'poison.png'" and got["anomaly_score"][5].as_py() is None
     assert errors[:5] + errors[6:] == [None] * 11
@@ -243,7 +265,7 @@ def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tm
     assert [b[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)] == a[[0, 1, 2, 3, 8, 9, 10, 11]].tolist()  # other batches: bits
 
 
-def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path, monkeypatch):
+def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
     from rayanom.stages import BankFeatures
 
@@ -251,46 +273,43 @@ def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path,
     index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
     rows = decode_table(index.slice(4, 4).select(["row_index", "path"]), artifact.config.image_size)  # row 5 poisoned
     actor = BankFeatures(artifact.config, artifact.weights, 1, "cpu", 1, batch_size=4)
-    clean = actor.items(rows, 0.0, 2.0)
-    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    got = actor.items(rows, 0.0, 2.0)
+    clean = actor.items(rows, 0.0, ALL_KEYS)
+    actor.hook = raise_on_poison
+    got = actor.items(rows, 0.0, ALL_KEYS)
     assert got["failed_rows"].tolist() == [5]
     assert got["errors"].tolist() == ["RuntimeError: failpoint: a batch holding 'poison.png'"]
     assert got["bank_id"].tolist() == [4, 6, 7] and clean["bank_id"].tolist() == [4, 5, 6, 7]
     np.testing.assert_allclose(got["features"], clean["features"][[0, 2, 3]], rtol=BATCH_RTOL, atol=1e-6)
 
 
-def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path, monkeypatch):
+def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
 
     artifact = model
     info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]))
     _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
-    monkeypatch.setenv("RAYANOM_FAILPOINT_OOM_ABOVE", "2")
-    scorer, got = _score_part(artifact, info, str(tmp_path / "oom"))
+    scorer, got = _score_part(artifact, info, str(tmp_path / "oom"), hook=oom_above_two)
     assert scorer.max_batch == 2 and got.column("error").to_pylist() == [None] * 12
     np.testing.assert_allclose(got["anomaly_score"].to_pylist(), clean["anomaly_score"].to_pylist(), rtol=BATCH_RTOL)
 
 
 @pytest.mark.timeout(600)
 def test_a_row_that_kills_its_worker_is_recorded_and_the_job_finishes(model, demo_set, tmp_path):
-    artifact = model
-    artifact.save(str(tmp_path / "model"))
+    """A row whose reading kills its worker (a decode hook that ends the process) kills it again in row-by-row mode,
+    then is skipped with a WorkerCrash error; the job finishes, every other row scored, no crash marker left."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
     index = _poisoned_index(demo_set, tmp_path)
-    pq.write_table(index, tmp_path / "index.parquet")
     out = str(tmp_path / "scores")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "RAYANOM_FAILPOINT_EXIT_ON_PATH": "poison.png"}
-    proc = subprocess.run([sys.executable, "jobs/score.py", "--model-dir", str(tmp_path / "model"), "--index",
-                           str(tmp_path / "index.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size",
-                           "2", "--num-actors", "1", "--max-failed-fraction", "0.5", "--quiet"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunConfig(rows_per_part=4, batch_size=2, num_actors=1)
+    summary = workflows.score(index_at(tmp_path / "index.parquet", index), model, out, run,
+                              hooks=FaultHooks(decode=exit_on_poison))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
     assert errors[5].startswith("WorkerCrash: the worker process died while reading or scoring this row")
     assert errors[:5] + errors[6:] == [None] * 11
-    assert "scored 11 of 12 rows, 1 failed (WorkerCrash 1)" in proc.stdout
+    assert (summary["scored"], summary["rows"], summary["failed_by_kind"]) == (11, 12, {"WorkerCrash": 1})
     assert not [n for n in os.listdir(out) if n.endswith(".crash.tmp")]
 
 

@@ -413,3 +413,10 @@ def test_function_local_imports_are_only_of_heavy_dependencies():
                 if light or (project and not project <= heavy):
                     found.append(f"{p.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
     assert len(found) == 0, found
+
+
+def test_fault_hooks_live_in_the_tests():
+    """Faults are injected by the tests, through ``plane.FaultHooks``; the library reads no failpoint variable."""
+    found = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES for i, line in enumerate(p.read_text().splitlines(), 1)
+             if "FAILPOINT" in line]
+    assert not found, found
