@@ -55,7 +55,8 @@ def test_decode_stage_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, rayanom.decode, rayanom.plane; assert callable(rayanom.plane.decode_units); "
+    # The decode workers import the stage's function (plane) and the unit helpers they are given (stages).
+    code = ("import sys, rayanom.decode, rayanom.plane, rayanom.stages; assert callable(rayanom.plane.decode_units); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"

@@ -73,7 +73,7 @@ def test_no_comment_points_outside_the_repository():
 def test_public_api_is_light_and_complete():
     # After every module is loaded, no name of the API may be shadowed by a submodule of the same name.
     code = ("import sys, types, rayanom; assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy'; "
-            "import rayanom.workflows, rayanom.report, rayanom.compare, rayanom.pixels, rayanom.workflows; "
+            "import rayanom.stages, rayanom.report, rayanom.compare, rayanom.pixels, rayanom.workflows; "
             "print([n for n in rayanom.__all__ "
             "       if isinstance(getattr(rayanom, n, None), (type(None), types.ModuleType))])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
