@@ -101,8 +101,10 @@ class Artifact:
 
 
 def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", model: ModelSpec | None = None):
-    """The fitted head of ``config``'s model (``model``, else found by name) from its arrays (``head.to_arrays()``),
-    names and ranks checked against the head's ``ARRAYS``."""
+    """The fitted head of a model from its arrays, checked against the head's ``ARRAYS``.
+
+    ``model``: its spec (else found by the config's name); ``arrays``: ``head.to_arrays()``'s, names and ranks
+    checked."""
     head = (model or spec_of(config)).head(config)
     bad = [k for k, ndim in head.ARRAYS.items() if k not in arrays or arrays[k].ndim != ndim]
     if bad:

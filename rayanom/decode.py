@@ -71,8 +71,9 @@ def decode_image_sized(data: bytes, image_size: tuple[int, int]) -> tuple[np.nda
 
 
 def _planes_float(im: Image.Image) -> np.ndarray:
-    """Contiguous float32 planes in [0, 1]: (3, h, w) RGB, or (1, h, w) for 16-bit grey (its three channels are
-    equal, so it is resized once)."""
+    """An image's pixels as float32 planes in [0, 1].
+
+    Contiguous (3, h, w) RGB, or (1, h, w) for 16-bit grey (its three channels are equal, so it is resized once)."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         return np.clip(np.asarray(im, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)[None]
     if im.mode == "F":
@@ -85,8 +86,9 @@ def _planes_float(im: Image.Image) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded batch: the input rows with ``image_height``, ``image_width`` and ``error``, and the images of the rows
-    that decoded, (m, 3, h, w) in row order (a failed row has no image: nothing to allocate or ship): float32 RGB in
+    """A decoded batch: its rows with their decode columns, and the images of the rows that decoded.
+
+    The input rows with ``image_height``, ``image_width`` and ``error``; the images of the rows that decoded, (m, 3, h, w) in row order (a failed row has no image: nothing to allocate or ship): float32 RGB in
     [0, 1], or for bf16 runs normalised bfloat16 as uint16 bits (:func:`bf16_bits`)."""
 
     table: pa.Table
@@ -126,7 +128,9 @@ class Decoded:
 
 
 def bf16_bits(images: np.ndarray) -> np.ndarray:
-    """Images (m, 3, h, w) float32 in [0, 1], normalised with the ImageNet mean and std as the feature stage does, then
+    """Images normalised as the feature stage does, rounded to bfloat16, as uint16 bits.
+
+    Images (m, 3, h, w) float32 in [0, 1], normalised with the ImageNet mean and std as the feature stage does, then
     rounded to bfloat16 (to nearest, ties to even, as torch) as uint16 bits: half the bytes of float32, and the very
     values a bf16 run's first convolution gets (autocast rounds its input the same way)."""
     mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
@@ -137,8 +141,10 @@ def bf16_bits(images: np.ndarray) -> np.ndarray:
 
 def decode_table(table: pa.Table, image_size: tuple[int, int], policy: ReadPolicy = ReadPolicy(),
                  hook: Callable[[pa.Table], None] | None = None) -> Decoded:
-    """The decode stage on an arrow table: every input column unchanged, plus the original ``image_height``/
-    ``image_width`` and ``error`` (string), and the images of the rows that decoded.
+    """The decode stage on an arrow table: its rows with their decode columns and images.
+
+    Every input column unchanged, plus the original ``image_height``/``image_width`` and ``error`` (string), and the
+    images of the rows that decoded.
 
     ``hook(table)``, where given, runs first: a fault a caller injects (tests), which may raise or end the process.
     """
@@ -162,8 +168,10 @@ def _with_decode_columns(table: pa.Table, sizes: np.ndarray, errors) -> pa.Table
 
 
 def _decode_paths(paths: list, image_size: tuple[int, int], policy: ReadPolicy):
-    """Read and decode every path: the images that decoded (m, 3, h, w) float32, the original sizes (n, 2; 0 where a
-    row failed) and each row's error (None when decoded). A failure is its row's error, never an exception."""
+    """Read and decode every path; a failure is its row's error, never an exception.
+
+    Returns the images that decoded (m, 3, h, w) float32, the original sizes (n, 2; 0 where a row failed) and each
+    row's error (None when decoded)."""
     images, sizes = [], np.zeros((len(paths), 2), dtype=np.int32)
     errors = [None] * len(paths)
     for i, p in enumerate(paths):

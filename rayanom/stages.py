@@ -45,8 +45,10 @@ FEATURES_COL = "features"
 
 
 def load_weights(config: ModelConfig, source: dict, files: dict | None = None, spec: ModelSpec | None = None) -> dict:
-    """The weights ``source`` describes (an artifact's ``weights``, or the source ``ModelSpec.weights`` gave), with
-    the files named in ``files`` (weight flag -> path) found at other paths. Each actor loads its own from the record,
+    """The weights an actor loads from their record (``source``), files found where ``files`` says.
+
+    ``source``: an artifact's ``weights``, or the source ``ModelSpec.weights`` gave; ``files``: weight flag -> path
+    of a file found at another path. Each actor loads its own from the record,
     so it can be restarted anywhere: a random init from its seed, timm's pretrained tag, or a file every worker can
     read (a URI, a shared filesystem, or a path inside ``ray job submit --working-dir``), checked against its
     sha256."""
@@ -60,8 +62,10 @@ def _extractor(spec: ModelSpec, config: ModelConfig, weights: dict, files: dict 
 
 
 class BankFeatures:
-    """Fit-stage model actor: the bank items of a decoded forward batch (a ``plane`` batch row) whose keys lie in
-    [lo, hi) (``bank``), and the rows that failed with their errors.
+    """Fit-stage model actor: the bank items of decoded forward batches, and the rows that failed.
+
+    Per decoded forward batch (a ``plane`` batch row): its bank items whose keys lie in [lo, hi) (``bank``), and the
+    rows that failed with their errors.
 
     A model whose images give one item each (``slots`` 1) banks them with bank id = row index; one whose images give
     several (RKDE's regions) with bank id = row index * 65536 + item number, so the bank is a uniform subset of all
@@ -80,7 +84,9 @@ class BankFeatures:
         self.hook = hook  # plane.FaultHooks.model: a fault a caller injects (tests)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        """Batch rows in (``plane.to_batch_row``), one result row out for each: its bank items and failed rows."""
+        """The bank items of a call's forward batches (``plane.to_batch_row``): one result row for each.
+
+        A result row holds the batch's bank items and its failed rows."""
         t0 = time.perf_counter()
         out = [self.items(decoded, self.lo, self.hi)
                for _, decoded in checked_batches(rows, self.image_size, self.batch_size, self.bf16)]
@@ -105,8 +111,10 @@ class BankFeatures:
                 FEATURES_COL: feats[keep]}
 
     def _safe_items(self, decoded: Decoded, rows: np.ndarray, ok: np.ndarray, errors: np.ndarray):
-        """``_items``; when the model stage raises, the rows in halves down to the single row that fails, whose
-        ``errors`` entry then names the exception (as scoring does, ``ScoreBatches``)."""
+        """``_items``, a failure narrowed down to the row that fails.
+
+        When the model stage raises, the rows in halves down to the single row that fails, whose ``errors`` entry
+        then names the exception (as scoring does, ``ScoreBatches``)."""
         try:
             return self._items(decoded, rows, ok)
         except Exception as e:  # noqa: BLE001 - narrowed to its row; the fit goes on
@@ -138,7 +146,9 @@ class BankFeatures:
 
 
 class Scorer:
-    """Score-stage actor: feature stage + fitted head; every input column, then the model's output columns
+    """Score-stage model: feature stage + fitted head, adding the model's output columns to a decoded batch.
+
+    Every input column, then the model's output columns
     (``ModelSpec.outputs``: ``anomaly_score`` first, then e.g. DFKDE's ``anomaly_probability``, DFM's anomaly map,
     RKDE's boxes) and ``error``."""
 
@@ -186,7 +196,9 @@ def bank_items(block: pa.Table):
 
 
 class ScoreBatches:
-    """Score-stage model actor: one decoded forward batch a call (a ``plane`` batch row), scored (``Scorer``) and
+    """Score-stage model actor: decoded forward batches scored and joined into parts beside the output.
+
+    One decoded forward batch a call (a ``plane`` batch row), scored (``Scorer``) and
     written as a fragment of its part; the call that completes a part joins its fragments into the part
     (``parts.write_part``), with its decisions and metadata. Only a one-row result goes back, never a row's data.
 
@@ -215,7 +227,9 @@ class ScoreBatches:
         self.threshold = Threshold(**threshold) if threshold else None
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        """Batch rows in (``plane.to_batch_row``; a few forward batches a call), one result row out for each: its
+        """Score and write a call's forward batches; one result row for each.
+
+        Batch rows in (``plane.to_batch_row``; a few forward batches a call), one result row out for each: its
         place and nodes, and the rows of the part its group completed (0 when the part still misses batches)."""
         t0 = time.perf_counter()
         first = rows.slice(0, 1).drop_columns(["meta", "pixels"]).to_pylist()[0]
@@ -247,7 +261,9 @@ class ScoreBatches:
             [written.get((w["part"], w["offset"]), 0) for w in places], pa.int64())))
 
     def _join(self, where: dict, whole: pa.Table | None = None) -> int:
-        """Part ``where["part"]`` from its fragments, or ``whole`` (all its scored rows), with the part's earlier rows
+        """Join a part from its fragments (or ``whole``), decide it and write it.
+
+        Part ``where["part"]`` from its fragments, or ``whole`` (all its scored rows), with the part's earlier rows
         for a retry, decided and written; its rows, or 0 where another call joined it first."""
         part, first, stop = where["part"], where["first"], where["stop"]
         table = read_fragments(self.output, self.job, part) if whole is None else whole
@@ -271,8 +287,10 @@ class ScoreBatches:
         return table.num_rows
 
     def _score(self, decoded: Decoded) -> pa.Table:
-        """``Scorer`` on a decoded batch; when it raises, the batch in halves down to single rows (the row that still
-        raises alone gets the exception as its ``error``). An out-of-memory error lowers ``max_batch``."""
+        """``Scorer`` on a decoded batch, a failure narrowed down to the row that fails.
+
+        When it raises, the batch in halves down to single rows (the row that still raises alone gets the exception
+        as its ``error``). An out-of-memory error lowers ``max_batch``."""
         n = decoded.num_rows
         if n > self.max_batch:
             step = self.max_batch
@@ -294,7 +312,9 @@ class ScoreBatches:
 
 
 def failed_rows_of(output: str, part: int, rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """The complete part ``part`` as written (its decisions dropped: decided again with the rest), and the rows of
+    """A complete part as written, and which of its index rows failed in it.
+
+    The complete part ``part`` as written (its decisions dropped: decided again with the rest), and the rows of
     ``rows`` (the part's index rows) that failed in it."""
     fs, path = resolve_filesystem(output)
     with fs.open_input_file(f"{path}/{part_name(part)}") as f:
@@ -306,8 +326,10 @@ def failed_rows_of(output: str, part: int, rows: pa.Table) -> tuple[pa.Table, pa
 
 
 def score_unit_rows(unit: dict, index, output: str) -> tuple[pa.Table, dict]:
-    """A scoring unit's index rows and where its batches sit (``plane.decode_units``'s ``rows_of``): rows
-    [start, end) of its part, or the failed rows of the complete part for a retry."""
+    """A scoring unit's index rows and where its batches sit.
+
+    For ``plane.decode_units``'s ``rows_of``: rows [start, end) of its part, or the failed rows of the complete part
+    for a retry."""
     first, stop = unit["first"], unit["stop"]
     where = {"part": unit["part"], "first": first, "stop": stop, "retry": unit["retry"]}
     if unit["retry"]:
@@ -322,8 +344,10 @@ def score_unit_marker(unit: dict, output: str) -> CrashMarker:
 
 
 def score_units(todo: list[dict], per_unit: int) -> list[dict]:
-    """The decode units of the parts ``todo``: rows [start, end) of each part in ``per_unit`` rows (a multiple of the
-    batch size, so batches sit at the same offsets whatever the unit), a retried part whole."""
+    """The decode units of the parts ``todo``.
+
+    Rows [start, end) of each part in ``per_unit`` rows (a multiple of the batch size, so batches sit at the same
+    offsets whatever the unit), a retried part whole."""
     units = []
     for t in todo:
         step = t["stop"] - t["start"] if t["retry"] else per_unit
@@ -343,8 +367,9 @@ CALL_BYTES = 256 * 2**20  # at most this much of images in one model-stage call
 
 
 def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
-    """The plane's actors for ``run``, with units of ``unit`` rows: a call takes a unit's batches (at most
-    ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap of a model and two calls."""
+    """The plane's actors for ``run``, with units of ``unit`` rows.
+
+    A call takes a unit's batches (at most ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap of a model and two calls."""
     one = batch_bytes(run.batch_size, config.image_size, run.precision == "bf16")
     calls = max(1, min(-(-unit // run.batch_size), CALL_BYTES // one))
     return Plan(num_actors=run.num_actors, batches_per_call=calls, num_cpus=run.num_cpus_per_actor,

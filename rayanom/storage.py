@@ -79,7 +79,9 @@ TRANSIENT_TYPES = (TimeoutError, ConnectionError)
 
 @dataclass(frozen=True)
 class ReadPolicy:
-    """How image files are read. A transient storage error (``is_transient``) is retried up to ``retries`` times per
+    """How image files are read: retries of transient errors, and the largest file read.
+
+    A transient storage error (``is_transient``) is retried up to ``retries`` times per
     request, after a pause drawn uniformly from [0, min(cap, base * 2^attempt)] (full jitter, so throttled workers
     spread out; the draws change timing only, never a result). Files larger than ``max_file_bytes`` are refused from
     their size, before a byte is read."""
@@ -142,8 +144,9 @@ def same_file(got: dict, recorded: dict, flag: str) -> None:
 
 
 def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
-    """All bytes of a local file or URI, in two requests on object stores (open: HEAD, then read: GET), each retried
-    on transient errors (``ReadPolicy``). A missing file, a directory or a file above ``max_file_bytes`` is an
+    """All bytes of a local file or URI, transient errors retried.
+
+    On object stores in two requests (open: HEAD, then read: GET), each retried on transient errors (``ReadPolicy``). A missing file, a directory or a file above ``max_file_bytes`` is an
     error that says so."""
     if path is None or not str(path).strip():
         msg = "empty path"

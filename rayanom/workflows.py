@@ -74,8 +74,9 @@ class FitResult:
 
 def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunConfig(),
         index_name: str | None = None, hooks: FaultHooks | None = None) -> FitResult:
-    """Fit ``config``'s model on the normal training rows of an index (an ``index.IndexInfo`` from
-    ``describe_index``). The driver never reads the index: workers find the rows whose keys can enter the bank
+    """Fit ``config``'s model on the normal training rows of an index.
+
+    The index is an ``index.IndexInfo`` from ``describe_index``. The driver never reads the index: workers find the rows whose keys can enter the bank
     (``index.training_band``), so the driver holds about K rows of it.
 
     ``weights_source`` comes from the model's ``ModelSpec.weights`` (``features.resolve_weights`` for a timm
@@ -162,8 +163,9 @@ def _fit_head_on_bank(bank, n: int, t0: float, index, index_name: str, config: M
 def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), overwrite: bool = False,
           job: str | None = None, retry_failed: bool = False, files: dict | None = None, threshold=None,
           hooks: FaultHooks | None = None) -> dict:
-    """Score every row of an index (an ``index.IndexInfo`` from ``describe_index``) into parquet parts at
-    ``output``: one row per input row, written by the workers.
+    """Score every row of an index into parquet parts at ``output``.
+
+    The index is an ``index.IndexInfo`` from ``describe_index``; one row per input row, written by the workers.
 
     The actors load the weights ``artifact.weights`` records (with the files named in ``files``, weight flag ->
     path, found at those paths instead: ``load_weights``) and the head from a copy of the artifact written beside the
@@ -210,8 +212,9 @@ def score(index, artifact: Artifact, output: str, run: RunConfig = RunConfig(), 
 
 def _write_parts(index, artifact: Artifact, output: str, run: RunConfig, todo: list[dict], fingerprint: str,
                  job: str | None, files: dict | None, threshold, hooks: FaultHooks) -> Nodes:
-    """Score the parts ``todo`` on the plane (decode tasks, ``ScoreBatches`` actors); checks that every part and
-    row was written, and returns where the stages ran."""
+    """Score the parts ``todo`` on the plane and check that every part and row was written.
+
+    Decode tasks and ``ScoreBatches`` actors; returns where the stages ran."""
     t0 = time.time()
     model = f"{output.rstrip('/')}/{MODEL_COPY}"
     artifact.save(model, overwrite=True)
@@ -248,8 +251,9 @@ def _parts_with_failures(output: str, done: list[int], parts_per_task: int = 256
 
 
 def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, parts_per_task: int = 256) -> set[int]:
-    """Complete parts whose footers disagree with their rows (``parts.part_problems``, checked in parallel on the
-    workers), deleted so they are written again."""
+    """Complete parts whose footers disagree with their rows, deleted so they are written again.
+
+    Checked in parallel on the workers (``parts.part_problems``)."""
     problems = {p: v for found in in_tasks(part_problems, done, parts_per_task, output, n_rows, per_part)
                 for p, v in found.items()}
     fs, path = resolve_filesystem(output)
@@ -260,8 +264,10 @@ def _broken_parts(output: str, done: list[int], n_rows: int, per_part: int, part
 
 
 def fit_fingerprint(index, config: ModelConfig, weights_source: dict) -> str:
-    """sha256 of what determines a fitted model: the index (``IndexInfo.fingerprint``: its files' paths, sizes,
-    modification times, row counts and schema, O(files)), the model config and the backbone weights. Any change to
+    """The sha256 of what determines a fitted model.
+
+    The index (``IndexInfo.fingerprint``: its files' paths, sizes, modification times, row counts and schema,
+    O(files)), the model config and the backbone weights. Any change to
     the index's files refits, even one outside the training rows."""
     text = json.dumps({"config": config_to_dict(config), "weights": weights_source, "index": index.fingerprint},
                       sort_keys=True)
@@ -371,8 +377,9 @@ def threshold_from_fit_index(index: IndexInfo, artifact: Artifact, model_dir: st
 
 
 def decide_scores(scores_uri: str, manual: float | None = None) -> tuple[Threshold, int]:
-    """New decisions for existing scores, without scoring again: ``manual`` or the F1-adaptive threshold of the
-    scores' ``val`` rows, applied to the parts decided otherwise. Returns it and the number of parts rewritten."""
+    """New decisions for existing scores, without scoring again.
+
+    ``manual``, or the F1-adaptive threshold of the scores' ``val`` rows, applied to the parts decided otherwise. Returns it and the number of parts rewritten."""
     t = manual_threshold(scores_uri, manual) if manual is not None else threshold_from_val(scores_uri)
     if t is None:
         msg = f"{scores_uri!r} has no labelled 'val' rows holding both classes: pass --threshold"
