@@ -88,8 +88,9 @@ def _planes_float(im: Image.Image) -> np.ndarray:
 class Decoded:
     """A decoded batch: its rows with their decode columns, and the images of the rows that decoded.
 
-    The input rows with ``image_height``, ``image_width`` and ``error``; the images of the rows that decoded, (m, 3, h, w) in row order (a failed row has no image: nothing to allocate or ship): float32 RGB in
-    [0, 1], or for bf16 runs normalised bfloat16 as uint16 bits (:func:`bf16_bits`)."""
+    The input rows with ``image_height``, ``image_width`` and ``error``; the images of the rows that decoded,
+    (m, 3, h, w) in row order (a failed row has no image: nothing to allocate or ship): float32 RGB in [0, 1], or
+    for bf16 runs normalised bfloat16 as uint16 bits (:func:`bf16_bits`)."""
 
     table: pa.Table
     images: np.ndarray

@@ -369,7 +369,8 @@ CALL_BYTES = 256 * 2**20  # at most this much of images in one model-stage call
 def plan_of(run: RunConfig, config: ModelConfig, unit: int) -> Plan:
     """The plane's actors for ``run``, with units of ``unit`` rows.
 
-    A call takes a unit's batches (at most ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap of a model and two calls."""
+    A call takes a unit's batches (at most ``CALL_BYTES`` of images); each actor reserves its CPUs, its GPU and the heap
+    of a model and two calls."""
     one = batch_bytes(run.batch_size, config.image_size, run.precision == "bf16")
     calls = max(1, min(-(-unit // run.batch_size), CALL_BYTES // one))
     return Plan(num_actors=run.num_actors, batches_per_call=calls, num_cpus=run.num_cpus_per_actor,

@@ -146,8 +146,8 @@ def same_file(got: dict, recorded: dict, flag: str) -> None:
 def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
     """All bytes of a local file or URI, transient errors retried.
 
-    On object stores in two requests (open: HEAD, then read: GET), each retried on transient errors (``ReadPolicy``). A missing file, a directory or a file above ``max_file_bytes`` is an
-    error that says so."""
+    On object stores in two requests (open: HEAD, then read: GET), each retried on transient errors (``ReadPolicy``). A
+    missing file, a directory or a file above ``max_file_bytes`` is an error that says so."""
     if path is None or not str(path).strip():
         msg = "empty path"
         raise ValueError(msg)

@@ -76,8 +76,8 @@ def fit(index, config: ModelConfig, weights_source: dict, run: RunConfig = RunCo
         index_name: str | None = None, hooks: FaultHooks | None = None) -> FitResult:
     """Fit ``config``'s model on the normal training rows of an index.
 
-    The index is an ``index.IndexInfo`` from ``describe_index``. The driver never reads the index: workers find the rows whose keys can enter the bank
-    (``index.training_band``), so the driver holds about K rows of it.
+    The index is an ``index.IndexInfo`` from ``describe_index``. The driver never reads the index: workers find the rows
+    whose keys can enter the bank (``index.training_band``), so the driver holds about K rows of it.
 
     ``weights_source`` comes from the model's ``ModelSpec.weights`` (``features.resolve_weights`` for a timm
     backbone, ``regions.rkde_weights`` for RKDE); the actors load the
@@ -379,7 +379,8 @@ def threshold_from_fit_index(index: IndexInfo, artifact: Artifact, model_dir: st
 def decide_scores(scores_uri: str, manual: float | None = None) -> tuple[Threshold, int]:
     """New decisions for existing scores, without scoring again.
 
-    ``manual``, or the F1-adaptive threshold of the scores' ``val`` rows, applied to the parts decided otherwise. Returns it and the number of parts rewritten."""
+    ``manual``, or the F1-adaptive threshold of the scores' ``val`` rows, applied to the parts decided otherwise.
+    Returns it and the number of parts rewritten."""
     t = manual_threshold(scores_uri, manual) if manual is not None else threshold_from_val(scores_uri)
     if t is None:
         msg = f"{scores_uri!r} has no labelled 'val' rows holding both classes: pass --threshold"
