@@ -17,10 +17,9 @@ from rayanom.artifact import Artifact
 from rayanom.bank import row_keys
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.decode import decode_image
-from rayanom.index import read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor, resolve_weights
 from rayanom.heads import BATCH_RTOL, KdeHead, anomaly_probability
-from rayanom.index import describe_index
+from rayanom.index import describe_index, read_index, training_rows, with_row_index
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

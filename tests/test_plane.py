@@ -16,9 +16,9 @@ from conftest import SMALL, index_at
 from rayanom import plane
 from rayanom.decode import decode_batch, decode_table
 from rayanom.index import with_row_index
-from rayanom.storage import ReadPolicy
 from rayanom.parts import CrashMarker, part_name
 from rayanom.stages import score_units
+from rayanom.storage import ReadPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

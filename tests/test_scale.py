@@ -17,8 +17,8 @@ from conftest import index_at
 
 from rayanom import workflows
 from rayanom.config import DfmConfig, RunConfig
-from rayanom.index import describe_index
 from rayanom.features import resolve_weights
+from rayanom.index import describe_index
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

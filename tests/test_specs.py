@@ -8,14 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayanom import workflows, specs
+from rayanom import specs, workflows
 from rayanom.artifact import Artifact
-from rayanom.config import RunConfig, UserError
 from rayanom.columns import SCORE_COL
+from rayanom.config import RunConfig, UserError
 from rayanom.decode import decode_image
-from rayanom.index import read_index, training_rows, with_row_index
 from rayanom.features import FeatureExtractor
-from rayanom.index import describe_index
+from rayanom.index import describe_index, read_index, training_rows, with_row_index
 
 pytestmark = pytest.mark.timeout(300)
 
