@@ -14,9 +14,9 @@ import traceback
 import typing
 from collections.abc import Callable
 
+from rayanom import launch
 from rayanom.config import ModelConfig, RunConfig, UserError
 from rayanom.decisions import NO_THRESHOLD
-from rayanom.launch import start_ray as start
 
 logger = logging.getLogger("rayanom.jobs")
 
@@ -124,11 +124,12 @@ def setup_logging(quiet: bool) -> None:
 
 def start_ray(args: argparse.Namespace, config, fitted_precision: str | None = None):
     """``launch.start_ray`` with the run flags: the RunConfig for what Ray offers, ``--precision auto`` resolved."""
-    return start(config, device=args.device, num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,
-                 precision=args.precision, fitted_precision=fitted_precision, batch_size=args.batch_size,
-                 rows_per_part=args.rows_per_part, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
-                 no_progress_s=args.no_progress_timeout, start_timeout_s=args.wait_for_actors,
-                 progress=not args.quiet)
+    return launch.start_ray(config, device=args.device, num_actors=args.num_actors,
+                            threads_per_actor=args.threads_per_actor, precision=args.precision,
+                            fitted_precision=fitted_precision, batch_size=args.batch_size,
+                            rows_per_part=args.rows_per_part, io_retries=args.io_retries,
+                            max_file_bytes=args.max_file_bytes, no_progress_s=args.no_progress_timeout,
+                            start_timeout_s=args.wait_for_actors, progress=not args.quiet)
 
 
 def run_main(main: Callable[[argparse.Namespace], int], get_parser: Callable[[], argparse.ArgumentParser],

@@ -17,13 +17,11 @@ import types
 import typing
 from dataclasses import dataclass
 
-from rayanom import workflows
+from rayanom import demo, launch, workflows
 from rayanom.artifact import fitted_before
 from rayanom.columns import BOXES_COL, MAP_COL
 from rayanom.config import UserError
-from rayanom.demo import demo_set
 from rayanom.index import check_values, describe_index
-from rayanom.launch import check_output_location
 from rayanom.parts import Lease, check_parts_dir, has_parts
 from rayanom.report import check_report, report_dir_of, write_report
 from rayanom.specs import SPECS, report_weights, spec
@@ -85,7 +83,7 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
             raise UserError("missing --out RUN_DIR: it is required with --index")
         return Plan(args.index, args.score, args.out, True, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0)
 
-    index, test = demo_set(spec)
+    index, test = demo.demo_set(spec)
     columns = spec.columns(config)
     pictures = {flag: 8 if value is None and column in columns else value or 0
                 for flag, value, column in (("heatmaps", args.heatmaps, MAP_COL), ("boxes", args.boxes, BOXES_COL))}
@@ -98,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     model = spec(args.model)
     job = plan(args, model, config)
-    check_output_location({"--out": job.out}, args.shared_path)  # on a cluster of several nodes: shared or a URI
+    # on a cluster of several nodes: shared or a URI
+    launch.check_output_location({"--out": job.out}, args.shared_path)
     # Everything a user can get wrong in flags and outputs is checked here, before Ray starts. The index's schema is
     # read from its footers here; its values (labels) and training rows are checked by the workers once Ray has
     # started, before any output is written.

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from rayanom import launch
 from rayanom.config import UserError
 from rayanom.folders import VAL_FRACTION, folder_index, mvtec_index, write_index
-from rayanom.launch import check_output_location, start_ray_for_tasks
 from rayanom.listing import ROWS_PER_FILE, plan_listing, write_listing
 
 if __package__:  # python -m jobs.index, or the rayanom-* console scripts
@@ -93,8 +93,9 @@ def _listing(args: argparse.Namespace) -> int:
                            args.list_tasks)
     # On a cluster the tasks list and write where they run: a local folder must be one every node mounts.
     local_roots = [r for r in listing.roots if "://" not in r or r.startswith("file://")]
-    check_output_location({"--out": listing.out, "--list": local_roots[0] if local_roots else None}, args.shared_path)
-    start_ray_for_tasks()
+    launch.check_output_location({"--out": listing.out, "--list": local_roots[0] if local_roots else None},
+                                 args.shared_path)
+    launch.start_ray_for_tasks()
     summary = write_listing(listing)
     print(json.dumps(summary, indent=2))
     print(f"index: {listing.out} ({summary['rows']} rows in {summary['files']} files; {summary['skipped']} of "
