@@ -59,7 +59,8 @@ def make_images(root: str, n_train: int, n_test: int, size: int) -> str:
 
 
 def bench_decode(paths: list[str], size: int) -> float:
-    from rayanom.data import decode_image, read_bytes
+    from rayanom.decode import decode_image
+    from rayanom.storage import read_bytes
 
     t = time.perf_counter()
     for p in paths:
@@ -166,7 +167,8 @@ def bench_plain_loop(index: str, backbone: str, size: int, batch: int, workers: 
     import torch
 
     from rayanom.config import DfkdeConfig
-    from rayanom.data import decode_image, read_bytes
+    from rayanom.decode import decode_image
+    from rayanom.storage import read_bytes
     from rayanom.features import FeatureExtractor, resolve_weights
     from rayanom.heads import KdeHead
 

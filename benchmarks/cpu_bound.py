@@ -6,7 +6,7 @@
 One run measures, in this order: ``jobs/fit.py`` on 64 training images (the precision ``auto`` picks, recorded in the
 model); ``jobs/score.py`` on the test rows, with parts of ``--rows-per-part`` rows, whose steady rate is the rows of
 every part but the first finished ones over the time between the first and the last part written (start-up and the
-tail excluded); then, in this process, the core-seconds per image of decode (``data.decode_image``, one thread) and
+tail excluded); then, in this process, the core-seconds per image of decode (``decode.decode_image``, one thread) and
 of the model stage (``FeatureExtractor.features`` + the head, one torch thread, batches of ``--batch-size``), by
 ``time.process_time``. The bound for C cores is C / (decode + model core-seconds per image): what the job could reach
 if it kept every core busy with nothing but those two. Prints one line per number and writes
@@ -51,8 +51,9 @@ def core_seconds(paths: list[str], model_dir: str, batch: int) -> dict:
     import torch
 
     from rayanom.artifact import Artifact
-    from rayanom.data import decode_image, read_bytes
-    from rayanom.pipeline import Scorer
+    from rayanom.decode import decode_image
+    from rayanom.storage import read_bytes
+    from rayanom.stages import Scorer
 
     torch.set_num_threads(1)
     artifact = Artifact.load(model_dir)

@@ -7,13 +7,13 @@
 
 No install and no Ray needed: the script puts the repo root on ``sys.path`` and drives the two stages of the scoring
 plane as plain objects, as ``tests/test_reliability.py`` does: the decode stage (``plane.decode_units`` over
-``pipeline.score_units`` / ``score_unit_rows``: one row a forward batch, ``plane.to_batch_row``) and the model stage
-(``pipeline.ScoreBatches``, one batch row a call). Where ``import ray`` fails (the GPU machine) and the library
+``stages.score_units`` / ``score_unit_rows``: one row a forward batch, ``plane.to_batch_row``) and the model stage
+(``stages.ScoreBatches``, one batch row a call). Where ``import ray`` fails (the GPU machine) and the library
 imports it anyway, a stand-in module that says Ray is not initialised is registered first (``_import_stages``).
 
 It generates normal images (``--distinct`` textured parts of ``--file-px``², PNG and JPEG, in a temporary directory
 removed at the end), fits each model's head in-process on the backbone features of ``--fit-images`` of them (random
-weights from a seed: nothing is downloaded), saves the artifact beside the parts as ``pipeline.score`` does, builds
+weights from a seed: nothing is downloaded), saves the artifact beside the parts as ``workflows.score`` does, builds
 one ``ScoreBatches`` on a parquet index of those files, and measures for DFKDE and DFM (resnet50 unless
 ``--backbone``, at ``--image-size``², batches of ``--batch-size``):
 
@@ -25,7 +25,7 @@ one ``ScoreBatches`` on a parquet index of those files, and measures for DFKDE a
    (target >= 0.8). And **actor call**: ``ScoreBatches.__call__`` on the same rows (also its crash marker, the
    fragment written per batch to a temporary output directory, each part joined when its last batch is in; the rows
    given new part numbers each pass), timed from part to part (each part read back: no row failed);
-3. **decode per core**: ``data.decode_table`` (read, decode, resize to the model's input size) in this one process on
+3. **decode per core**: ``decode.decode_table`` (read, decode, resize to the model's input size) in this one process on
    one thread, over the ``--file-px``² PNG and JPEG files; and from 1-3 the decode CPUs one GPU needs: bare forward
    (and stage) images/s / decode images/s per core;
 4. **end to end** (unless ``--skip-e2e``): both stages in this one process, per format: ``decode_units`` in batch-sized
@@ -73,11 +73,11 @@ logger = logging.getLogger("benchmarks.gpu")
 
 
 def _import_stages() -> None:
-    """Import ``rayanom.pipeline`` (hence ``plane``). Where Ray is absent and the library imports it anyway, a
+    """Import ``rayanom.stages`` (hence ``plane``). Where Ray is absent and the library imports it anyway, a
     stand-in ``ray`` module whose ``is_initialized()`` is False is registered first: the stages then run as plain
     objects (``plane.node_id`` gives ""); nothing of Ray is called on that path."""
     try:
-        import rayanom.pipeline  # noqa: F401
+        import rayanom.stages  # noqa: F401
     except ImportError as e:
         if e.name != "ray":
             raise
@@ -85,7 +85,7 @@ def _import_stages() -> None:
         stub = types.ModuleType("ray")
         stub.is_initialized = lambda: False
         sys.modules["ray"] = stub
-        import rayanom.pipeline  # noqa: F401
+        import rayanom.stages  # noqa: F401
 
 
 # --- Inputs: generated files and their index ------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def write_index(path: str, files: dict[str, list[str]], per_format: int):
 
 def model_config(name: str, args: argparse.Namespace):
     """The model's defaults (``rayanom.config``), with ``--backbone`` and ``--image-size``."""
-    from rayanom.models import spec
+    from rayanom.specs import spec
 
     kwargs = {"image_size": (args.image_size, args.image_size)}
     if args.backbone:
@@ -146,11 +146,11 @@ def model_config(name: str, args: argparse.Namespace):
 
 
 def fit_artifact(config, paths: list[str], device: str, precision: str, batch: int):
-    """An artifact as ``pipeline.fit`` makes one: the head fitted on the features of ``paths``, with seeded random
+    """An artifact as ``workflows.fit`` makes one: the head fitted on the features of ``paths``, with seeded random
     weights and the weight source an artifact records for them."""
     from rayanom.artifact import Artifact
-    from rayanom.data import decode_batch
-    from rayanom.models import spec_of
+    from rayanom.decode import decode_batch
+    from rayanom.specs import spec_of
 
     t = time.perf_counter()
     spec = spec_of(config)
@@ -169,9 +169,10 @@ def fit_artifact(config, paths: list[str], device: str, precision: str, batch: i
 
 
 def score_batches(artifact, output: str, info, env: Env):
-    """The model stage as ``pipeline.score`` builds its actors: from the model copy saved beside the parts."""
+    """The model stage as ``workflows.score`` builds its actors: from the model copy saved beside the parts."""
     from rayanom.parts import MODEL_COPY
-    from rayanom.pipeline import ScoreBatches, artifact_fingerprint
+    from rayanom.artifact import artifact_fingerprint
+    from rayanom.stages import ScoreBatches
 
     model = f"{output.rstrip('/')}/{MODEL_COPY}"
     artifact.save(model, overwrite=True)
@@ -338,8 +339,8 @@ def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int
                 bf16: bool = False) -> list[pa.Table]:
     """The decode stage on one unit, as the job runs it (``decode_units`` with the unit's rows and crash marker):
     its batch rows."""
-    from rayanom.data import ReadPolicy
-    from rayanom.pipeline import score_unit_marker, score_unit_rows
+    from rayanom.storage import ReadPolicy
+    from rayanom.stages import score_unit_marker, score_unit_rows
     from rayanom.plane import decode_units
 
     tables = decode_units(pa.Table.from_pylist([unit]), functools.partial(score_unit_rows, index=info, output=output),
@@ -348,14 +349,14 @@ def decode_unit(unit: dict, info, output: str, batch: int, image_size: tuple[int
 
 
 def parts_of(first: int, stop: int, per_part: int) -> list[dict]:
-    """The parts (``pipeline.score``'s descriptors) of rows [first, stop), at multiples of ``per_part``."""
+    """The parts (``workflows.score``'s descriptors) of rows [first, stop), at multiples of ``per_part``."""
     return [{"part": s // per_part, "start": s, "stop": min(s + per_part, stop), "retry": 0}
             for s in range(first, stop, per_part)]
 
 
 def batch_rows(sb, info, parts: list[dict], env: Env) -> list[pa.Table]:
     """The batch rows of ``parts``, decoded once on a thread pool of every CPU, in order."""
-    from rayanom.pipeline import score_units
+    from rayanom.stages import score_units
 
     decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size,
                                bf16=sb.bf16)
@@ -367,7 +368,7 @@ def end_to_end(sb, info, parts: list[dict], env: Env) -> Iterator[int]:
     """Both stages in this process: units of one forward batch decoded on ``env.cpus`` threads, as many ahead,
     each batch row then given to ``ScoreBatches.__call__`` here (each part it joins checked); yields each batch's
     images."""
-    from rayanom.pipeline import score_units
+    from rayanom.stages import score_units
 
     decode = functools.partial(decode_unit, info=info, output=sb.output, batch=env.batch, image_size=sb.image_size,
                                bf16=sb.bf16)
@@ -390,7 +391,7 @@ def end_to_end(sb, info, parts: list[dict], env: Env) -> Iterator[int]:
 
 def decode_per_core(paths: list[str], image_size: tuple[int, int], env: Env) -> float:
     """images/s of ``decode_table`` on one thread of this process, in batches cycling through ``paths``."""
-    from rayanom.data import decode_table
+    from rayanom.decode import decode_table
 
     def work() -> Iterator[int]:
         for s in itertools.count(0, env.batch):

@@ -187,7 +187,7 @@ def bench_images(root: str, model: str, sizes: tuple[int, int], distinct: int, b
         print(f"images: score.py {n} rows in {walls[n]:.1f} s (whole process)", flush=True)
     # In-process loop: the same decode, extractor and head, one process, the machine's threads.
     from rayanom.artifact import Artifact
-    from rayanom.data import decode_batch
+    from rayanom.decode import decode_batch
     from rayanom.features import FeatureExtractor, artifact_weights
 
     n = max(sizes)

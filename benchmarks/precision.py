@@ -84,7 +84,8 @@ def demo_images(root: str, image_size: tuple[int, int]) -> dict:
     """The demo set of ``jobs/fit.py --model dfkde`` (``make_demo(root, seed=0)``), decoded: images, labels, splits."""
     import pyarrow.parquet as pq
 
-    from rayanom.data import decode_image, read_bytes
+    from rayanom.decode import decode_image
+    from rayanom.storage import read_bytes
     from rayanom.demo import make_demo
 
     t0 = time.perf_counter()
@@ -183,7 +184,7 @@ def compare_scores(labels: np.ndarray, s32: np.ndarray, s16: np.ndarray) -> dict
 
 def quality(config, extr: dict, demo: dict, batch: int) -> dict:
     """Fit the config's head on each precision's train features, score the test split, compare the two."""
-    from rayanom.models import spec_of
+    from rayanom.specs import spec_of
 
     feats, scores, timing = {}, {}, {}
     for p, e in extr.items():

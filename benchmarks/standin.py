@@ -69,7 +69,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from rayanom import plane
-    from rayanom.data import ReadPolicy, ipc_bytes
+    from rayanom.storage import ReadPolicy, ipc_bytes
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = tempfile.mkdtemp(prefix="standin")

@@ -14,6 +14,10 @@ import traceback
 import typing
 from collections.abc import Callable
 
+from rayanom import launch
+from rayanom.config import ModelConfig, RunConfig, UserError
+from rayanom.decisions import NO_THRESHOLD
+
 logger = logging.getLogger("rayanom.jobs")
 
 # A wait on the cluster that ran out ends the job with a message naming the flag that sets it (launch's probe task,
@@ -71,8 +75,6 @@ def add_shared_path_flag(parser: argparse.ArgumentParser, paths: str) -> None:
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """The run flags; their defaults are RunConfig's (written there once)."""
-    from rayanom.config import RunConfig
-
     g = parser.add_argument_group("run (resources and speed, recorded in the artifact's provenance; "
                                   "--precision is also part of the model's identity)")
     g.add_argument("--batch-size", type=int, default=RunConfig.batch_size,
@@ -125,13 +127,12 @@ def setup_logging(quiet: bool) -> None:
 
 def start_ray(args: argparse.Namespace, config, fitted_precision: str | None = None):
     """``launch.start_ray`` with the run flags: the RunConfig for what Ray offers, ``--precision auto`` resolved."""
-    from rayanom.launch import start_ray as start
-
-    return start(config, device=args.device, num_actors=args.num_actors, threads_per_actor=args.threads_per_actor,
-                 precision=args.precision, fitted_precision=fitted_precision, batch_size=args.batch_size,
-                 rows_per_part=args.rows_per_part, io_retries=args.io_retries, max_file_bytes=args.max_file_bytes,
-                 no_progress_s=args.no_progress_timeout, start_timeout_s=args.wait_for_actors,
-                 progress=not args.quiet)
+    return launch.start_ray(config, device=args.device, num_actors=args.num_actors,
+                            threads_per_actor=args.threads_per_actor, precision=args.precision,
+                            fitted_precision=fitted_precision, batch_size=args.batch_size,
+                            rows_per_part=args.rows_per_part, io_retries=args.io_retries,
+                            max_file_bytes=args.max_file_bytes, no_progress_s=args.no_progress_timeout,
+                            start_timeout_s=args.wait_for_actors, progress=not args.quiet)
 
 
 def run_main(main: Callable[[argparse.Namespace], int], get_parser: Callable[[], argparse.ArgumentParser],
@@ -140,8 +141,6 @@ def run_main(main: Callable[[argparse.Namespace], int], get_parser: Callable[[],
 
     A user error prints one line that names flags, no traceback. ``renamed``: names in messages whose flag is not the
     parser's dest of that name (``{"model": "--model-dir"}``; None: leave the name as it is)."""
-    from rayanom.config import UserError
-
     parser = get_parser()
     args = parser.parse_args()
     try:
@@ -181,8 +180,6 @@ def flag_names(parser: argparse.ArgumentParser, renamed: dict[str, str | None] |
     The names: every dest of ``parser`` (``batch_size`` -> ``--batch-size``), the config fields whose flag has another
     name (their ``flag`` metadata: ``no_progress_s`` -> ``--no-progress-timeout``, DFM's ``layer`` -> ``--layers``)
     where ``parser`` has that flag, and ``renamed``."""
-    from rayanom.config import ModelConfig, RunConfig
-
     # argparse has no public list of a parser's flags: its ``_actions`` is the one place they are all found.
     flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"}
     names = dict(flags)
@@ -216,7 +213,6 @@ def print_summary(summary: dict) -> None:
                if auroc is not None else ""))
     print(line)
     t = summary.get("threshold")
-    from rayanom.decisions import NO_THRESHOLD
 
     print(f"decisions: is_anomalous = anomaly_score >= {t['value']:.6g} ({t['source']})" if t else
           f"decisions: {NO_THRESHOLD}")

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import re
 
+from rayanom.compare import compare_runs
+from rayanom.config import UserError
+
 if __package__:  # python -m jobs.compare, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/compare.py (the README, ray job submit): jobs/ is the script's own directory
@@ -34,9 +37,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.compare import compare_runs
-    from rayanom.config import UserError
-
     _cli.setup_logging(args.quiet)
     if args.top < 0:
         raise UserError(f"invalid --top={args.top}: expected an integer >= 0")

@@ -15,6 +15,14 @@ from __future__ import annotations
 import argparse
 import time
 
+from rayanom import launch
+from rayanom.artifact import Artifact, artifact_fingerprint
+from rayanom.config import UserError
+from rayanom.decisions import THRESHOLD_FILE, save_threshold
+from rayanom.parts import Lease, read_manifest
+from rayanom.report import check_report, report_dir_of, write_report
+from rayanom.workflows import decide_scores
+
 if __package__:  # python -m jobs.decide, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/decide.py (the README, ray job submit): jobs/ is the script's own directory
@@ -37,21 +45,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.config import UserError
-    from rayanom.decisions import THRESHOLD_FILE, save_threshold
-    from rayanom.launch import check_output_location, start_ray_for_tasks
-    from rayanom.parts import Lease, read_manifest
-    from rayanom.report import check_report, report_dir_of, write_report
-    from rayanom.workflows import decide_scores
-
     _cli.setup_logging(args.quiet)
     # On a cluster of several nodes the tasks on every node rewrite the parts: shared paths only.
-    check_output_location({"--scores": args.scores, "--model-dir": args.model_dir}, args.shared_path)
+    launch.check_output_location({"--scores": args.scores, "--model-dir": args.model_dir}, args.shared_path)
     manifest = read_manifest(args.scores)  # before Ray starts: a directory without scores is refused here
     if args.model_dir:
-        from rayanom.artifact import Artifact
-        from rayanom.pipeline import artifact_fingerprint
-
         if artifact_fingerprint(Artifact.load(args.model_dir)) != manifest.get("model"):
             raise UserError(f"invalid --model-dir={args.model_dir!r}: the scores at {args.scores!r} were made with "
                             "another model")
@@ -59,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     if args.evaluate:
         check_report(None, report_dir, True)
     with Lease(args.scores):  # no scoring job may write the parts meanwhile
-        start_ray_for_tasks()
+        launch.start_ray_for_tasks()
         t0 = time.time()
         t, n = decide_scores(args.scores, None if args.from_val else args.threshold)
         print(f"decisions: is_anomalous = anomaly_score >= {t.value:.6g} ({t.source}); {n} parts decided again in "

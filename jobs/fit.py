@@ -18,6 +18,16 @@ import types
 import typing
 from dataclasses import dataclass
 
+from rayanom import demo, launch, workflows
+from rayanom.artifact import fitted_before
+from rayanom.columns import BOXES_COL, MAP_COL
+from rayanom.config import UserError
+from rayanom.index import check_values, describe_index
+from rayanom.parts import Lease, check_parts_dir, has_parts
+from rayanom.report import check_report, report_dir_of, write_report
+from rayanom.specs import SPECS, report_weights, spec
+from rayanom.workflows import score_and_decide, threshold_from_fit_index
+
 if __package__:  # python -m jobs.fit, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's own directory
@@ -25,8 +35,6 @@ else:  # python jobs/fit.py (the README, ray job submit): jobs/ is the script's 
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.models import SPECS
-
     p = _cli.parser(__doc__, add_help)
     p.add_argument("--model", required=True, choices=list(SPECS), help="model to fit")
     p.add_argument("--index", help="parquet index with a 'path' column (default: a generated demo set)")
@@ -72,16 +80,12 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
     """The embedded default run (no --index): the model's demo set, fit and score, the report and its pictures.
 
     The pictures are heat maps or box overlays of 8 images, where ``config``'s outputs hold anomaly maps or boxes."""
-    from rayanom.config import UserError
-    from rayanom.data import BOXES_COL, MAP_COL
-
     if args.index is not None:
         if args.out is None:
             raise UserError("missing --out RUN_DIR: it is required with --index")
         return Plan(args.index, args.score, args.out, True, bool(args.evaluate), args.heatmaps or 0, args.boxes or 0)
-    from rayanom.demo import demo_set
 
-    index, test = demo_set(spec)
+    index, test = demo.demo_set(spec)
     columns = spec.columns(config)
     pictures = {flag: 8 if value is None and column in columns else value or 0
                 for flag, value, column in (("heatmaps", args.heatmaps, MAP_COL), ("boxes", args.boxes, BOXES_COL))}
@@ -90,20 +94,12 @@ def plan(args: argparse.Namespace, spec, config) -> Plan:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom import pipeline
-    from rayanom.artifact import fitted_before
-    from rayanom.config import UserError
-    from rayanom.index import check_values, describe_index
-    from rayanom.launch import check_output_location
-    from rayanom.models import report_weights, spec
-    from rayanom.parts import Lease, check_parts_dir, has_parts
-    from rayanom.report import check_report, report_dir_of
-
     _cli.setup_logging(args.quiet)
     config = build_config(args)
     model = spec(args.model)
     job = plan(args, model, config)
-    check_output_location({"--out": job.out}, args.shared_path)  # on a cluster of several nodes: shared or a URI
+    # on a cluster of several nodes: shared or a URI
+    launch.check_output_location({"--out": job.out}, args.shared_path)
     # Everything a user can get wrong in flags and outputs is checked here, before Ray starts. The index's schema is
     # read from its footers here; its values (labels) and training rows are checked by the workers once Ray has
     # started, before any output is written.
@@ -114,10 +110,10 @@ def main(args: argparse.Namespace) -> int:
         check_report(config, report_dir_of(job.at("scores")), job.evaluate, job.heatmaps, job.boxes, args.region_rows)
     elif job.evaluate or job.heatmaps or job.boxes or args.region_rows:
         raise UserError("invalid --evaluate/--heatmaps/--boxes/--region-rows: they report on scores; add --score")
-    # The weights are read and checked here; each actor loads its own from the source (pipeline.load_weights).
+    # The weights are read and checked here; each actor loads its own from the source (stages.load_weights).
     _, source = model.weights(config, {k: getattr(args, k) for k in model.weight_flags}, job.download)
     print(report_weights(config, source, demo=args.index is None))  # the sha256 of each file; random: a WARNING
-    fingerprint_of = functools.partial(pipeline.fit_fingerprint, train_info, config, source)
+    fingerprint_of = functools.partial(workflows.fit_fingerprint, train_info, config, source)
     artifact = fitted_before(job.at("model"), fingerprint_of, args.overwrite, args.precision)
     if artifact is None and score_info is not None and not args.overwrite and has_parts(job.at("scores")):
         raise UserError(f"output {job.at('scores')!r} holds scores of an earlier model; pass --overwrite to replace "
@@ -139,9 +135,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _fit(job: Plan, train_info, config, source: dict, run):
-    from rayanom import pipeline
-
-    result = pipeline.fit(train_info, config, source, run, index_name=job.index)
+    result = workflows.fit(train_info, config, source, run, index_name=job.index)
     result.artifact.save(job.at("model"), overwrite=True)  # occupied directories were refused before Ray started
     print(f"fitted {config.model} on {result.n_read - result.n_failed} of {result.n_read} training rows read "
           f"({result.n_failed} failed; {result.n_train} in the index), bank {result.artifact.provenance['n_bank_rows']}"
@@ -151,9 +145,6 @@ def _fit(job: Plan, train_info, config, source: dict, run):
 
 def _score(args, job: Plan, artifact, score_info, train_info, run, lease) -> int:
     """The --score index scored, decided and reported; without one, the threshold from the fit index's val rows."""
-    from rayanom.report import report_dir_of, write_report
-    from rayanom.workflows import score_and_decide, threshold_from_fit_index
-
     if score_info is None:
         n, summary = threshold_from_fit_index(train_info, artifact, job.at("model"), job.at("val-index"),
                                               job.at("val-scores"), run, args.threshold)
@@ -176,8 +167,6 @@ def model_flags() -> dict[str, tuple[tuple[str, ...], dict, str]]:
     The flags are each model's config fields (their types, descriptions and defaults, per model where they differ; a
     field whose ``flag`` metadata names another flag joins that one, DFM's ``layer`` joins ``--layers``) and its weight
     flags (``ModelSpec.weight_flags``)."""
-    from rayanom.models import SPECS
-
     out: dict[str, tuple[tuple[str, ...], dict, str]] = {}
     helps: dict[str, list[str]] = {}
     for name, model in SPECS.items():
@@ -221,8 +210,6 @@ def dest_of(f: dataclasses.Field) -> str:
 
 
 def _fields(dest: str) -> list[dataclasses.Field]:
-    from rayanom.models import SPECS
-
     return [f for model in SPECS.values() for d, (f, _) in _config_fields(model).items() if d == dest]
 
 
@@ -256,8 +243,6 @@ def _int_or_float(text: str) -> float | int:
 
 def default_of(dest: str) -> str:
     """``default: ...`` for a model flag, read from the config dataclasses (per model where they differ)."""
-    from rayanom.models import SPECS
-
     by_value: dict[str, list[str]] = {}
     for model in SPECS.values():
         f = _config_fields(model).get(dest, (None,))[0]
@@ -271,9 +256,6 @@ def default_of(dest: str) -> str:
 
 def build_config(args: argparse.Namespace):
     """The model config from the flags; a flag of another model is an error, not silently ignored."""
-    from rayanom.config import UserError
-    from rayanom.models import spec
-
     model = spec(args.model)
     fields = _config_fields(model)
     kwargs = {}

@@ -24,6 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from rayanom import launch
+from rayanom.config import UserError
+from rayanom.folders import VAL_FRACTION, folder_index, mvtec_index, write_index
+from rayanom.listing import ROWS_PER_FILE, plan_listing, write_listing
+
 if __package__:  # python -m jobs.index, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/index.py (the README, ray job submit): jobs/ is the script's own directory
@@ -36,9 +41,6 @@ RENAMED = {"roots": "--list", "label_rule": "--label-from-dir", "split_rule": "-
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.folders import VAL_FRACTION
-    from rayanom.listing import ROWS_PER_FILE
-
     p = _cli.parser(__doc__, add_help)
     layout = p.add_mutually_exclusive_group(required=True)
     layout.add_argument("--mvtec", metavar="CATEGORY_DIR",
@@ -80,10 +82,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _listing(args: argparse.Namespace) -> int:
     """--list: the flags checked before Ray starts, then the listing in Ray tasks."""
-    from rayanom.config import UserError
-    from rayanom.launch import check_output_location, start_ray_for_tasks
-    from rayanom.listing import plan_listing, write_listing
-
     layout = [flag for flag, value in (("--abnormal", args.abnormal), ("--normal-test", args.normal_test),
                                         ("--mask", args.mask), ("--val-fraction", args.val_fraction),
                                         ("--eval-out", args.eval_out)) if value is not None]
@@ -94,8 +92,9 @@ def _listing(args: argparse.Namespace) -> int:
                            args.list_tasks)
     # On a cluster the tasks list and write where they run: a local folder must be one every node mounts.
     local_roots = [r for r in listing.roots if "://" not in r or r.startswith("file://")]
-    check_output_location({"--out": listing.out, "--list": local_roots[0] if local_roots else None}, args.shared_path)
-    start_ray_for_tasks()
+    launch.check_output_location({"--out": listing.out, "--list": local_roots[0] if local_roots else None},
+                                 args.shared_path)
+    launch.start_ray_for_tasks()
     summary = write_listing(listing)
     print(json.dumps(summary, indent=2))
     print(f"index: {listing.out} ({summary['rows']} rows in {summary['files']} files; {summary['skipped']} of "
@@ -104,9 +103,6 @@ def _listing(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.config import UserError
-    from rayanom.folders import VAL_FRACTION, folder_index, mvtec_index, write_index
-
     _cli.setup_logging(args.quiet)
     if args.list:
         return _listing(args)

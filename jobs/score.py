@@ -16,6 +16,15 @@ from __future__ import annotations
 
 import argparse
 
+from rayanom import launch
+from rayanom.artifact import Artifact
+from rayanom.config import UserError
+from rayanom.index import check_values, describe_index
+from rayanom.parts import Lease, check_parts_dir
+from rayanom.report import check_report, report_dir_of, write_report
+from rayanom.specs import SPECS, spec_of
+from rayanom.workflows import score_and_decide
+
 if __package__:  # python -m jobs.score, or the rayanom-* console scripts
     from . import _cli
 else:  # python jobs/score.py (the README, ray job submit): jobs/ is the script's own directory
@@ -23,8 +32,6 @@ else:  # python jobs/score.py (the README, ray job submit): jobs/ is the script'
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from rayanom.models import SPECS
-
     p = _cli.parser(__doc__, add_help)
     _cli.add_model_dir_flag(p, "the model to score with: the artifact directory fit.py wrote (OUT/model)",
                             required=True)
@@ -48,18 +55,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rayanom.artifact import Artifact
-    from rayanom.config import UserError
-    from rayanom.index import check_values, describe_index
-    from rayanom.launch import check_output_location
-    from rayanom.models import SPECS, spec_of
-    from rayanom.parts import Lease, check_parts_dir
-    from rayanom.report import check_report, report_dir_of, write_report
-    from rayanom.workflows import score_and_decide
-
     _cli.setup_logging(args.quiet)
     # On a cluster of several nodes the actors on every node read the model and write the parts: shared paths only.
-    check_output_location({"--out": args.out, "--model-dir": args.model_dir}, args.shared_path)
+    launch.check_output_location({"--out": args.out, "--model-dir": args.model_dir}, args.shared_path)
     # Everything a user can get wrong is checked here, before Ray starts (the index's schema from its footers) or,
     # for the label values, by a first pass on the workers before any output is written.
     artifact = Artifact.load(args.model_dir)

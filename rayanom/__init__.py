@@ -16,11 +16,13 @@ The public API, imported lazily (``import rayanom`` loads neither torch nor Ray,
     rayanom.evaluate("s3://bucket/scores/run1", "s3://bucket/scores/run1-report")   # no Ray needed
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 # name -> module: what ``from rayanom import name`` gives, imported on first use (PEP 562)
 _API = {
-    "fit": "rayanom.pipeline", "score": "rayanom.pipeline", "FitResult": "rayanom.pipeline",
+    "fit": "rayanom.workflows", "score": "rayanom.workflows", "FitResult": "rayanom.workflows",
     "Artifact": "rayanom.artifact",
     "DfkdeConfig": "rayanom.config", "DfmConfig": "rayanom.config", "RkdeConfig": "rayanom.config",
     "RunConfig": "rayanom.config", "UserError": "rayanom.config", "start_ray": "rayanom.launch",
@@ -33,8 +35,6 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str):
     if name in _API:
-        import importlib
-
         return getattr(importlib.import_module(_API[name]), name)
     msg = f"module 'rayanom' has no attribute {name!r}"
     raise AttributeError(msg)

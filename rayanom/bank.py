@@ -34,6 +34,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Independent streams of uniforms per seed: the row key (0, as ``row_keys``), RKDE's position of the smallest region
 # key among an image's slots, and RKDE's other region keys.
 _POSITION_STREAM, _REGION_STREAM = 1, 2
+ALL_KEYS = 2.0  # a key bound above every key (keys lie in [0, 1]): a band [lo, ALL_KEYS) holds every key from lo on
 REGION_ID_STRIDE = 1 << 16  # bank id of region j of row r: r * stride + j (so at most 65536 regions an image)
 
 
@@ -211,11 +212,11 @@ def collect_bank(rows: np.ndarray | Candidates, seed: int, k: int, slots: int,
         c.fetch_below(t)
         while len(c.rows) <= k:
             t = min(1.0, 2.0 * t)
-            c.fetch_below(t if t < 1.0 else 2.0)
+            c.fetch_below(t if t < 1.0 else ALL_KEYS)
         hi = float(c.lower[k])
     else:
-        c.fetch_below(2.0)
-        hi = 2.0
+        c.fetch_below(ALL_KEYS)
+        hi = ALL_KEYS
     selector = BankSelector(k)
     failures: dict[int, str] = {}
     lo, passes = 0.0, 0
@@ -236,7 +237,7 @@ def collect_bank(rows: np.ndarray | Candidates, seed: int, k: int, slots: int,
         # Fewer than K items below hi: scale the threshold by the shortfall (items are uniform in key), with the
         # margin of 8 standard deviations that makes a third pass improbable; at most 16x a pass.
         grow = min(16.0, (k + 8.0 * math.sqrt(k) + 16.0) / max(selector.n, 1))
-        lo, hi = hi, (hi * grow if hi * grow < 1.0 else 2.0)
+        lo, hi = hi, (hi * grow if hi * grow < 1.0 else ALL_KEYS)
     ids, feats = selector.result()
     n_read = int(np.searchsorted(c.lower, hi, "left"))
     return Bank(ids=ids, features=feats, n_read=n_read, passes=passes, failures=failures)

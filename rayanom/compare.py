@@ -30,13 +30,14 @@ import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image
 
+from rayanom.columns import DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL
 from rayanom.config import UserError
-from rayanom.data import (
-    DECISION_COL, DEFECT_COL, ERROR_COL, NORMALIZED_COL, PATH_COL, ROW_COL, SCORE_COL, read_bytes, resolve_filesystem,
-)
+from rayanom.parts import read_manifest
 from rayanom.report import png_bytes
 from rayanom.scores import count_rows, open_scores, score_values
+from rayanom.storage import read_bytes, resolve_filesystem
 from rayanom.summary import EXACT_ROWS
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ def _read(dataset, lo: int | None = None, hi: int | None = None) -> dict[str, np
 
 
 def _index_fingerprint(uri: str) -> str | None:
-    from rayanom.parts import read_manifest
-
     try:
         return read_manifest(uri).get("index")
     except UserError:
@@ -282,8 +281,6 @@ def _figure(result: dict, sample: tuple[np.ndarray, np.ndarray], dist_a: dict, d
 
 
 def _thumbnail(ax, item: dict) -> None:
-    from PIL import Image
-
     ax.axis("off")
     arrow = "normal -> anomalous" if item["b"]["is_anomalous"] else "anomalous -> normal"
     ax.set_title(f"{arrow}\n{item.get('defect_type') or ''} moved {item['moved']:.3g}", fontsize="x-small")

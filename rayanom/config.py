@@ -232,7 +232,7 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"  # "bf16": autocast where it measures fast (launch.start_ray); scores move slightly
     bf16_speedup: float = 0.0  # what --precision auto measured where the actors run (0: not measured)
-    io_retries: int = 40  # retries of a transient storage error, per request (data.ReadPolicy)
+    io_retries: int = 40  # retries of a transient storage error, per request (storage.ReadPolicy)
     max_file_bytes: int = 256 * 2**20  # larger image files are refused from their size, before reading
     # A model stage where no call finishes for this long ends the job (Ray Data's no-progress guard); one where no
     # actor could start for this long, too. ``flag``: the job flag that sets the field (messages name it).
@@ -264,3 +264,32 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict of a model config, with the ``model`` tag."""
     d = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# RKDE's pretrained weights: two files a user downloads once (nothing is downloaded here), passed as a path or URI.
+# torchvision names its file after the first 8 hex digits of its sha256 (torch.hub's convention, checked on reading:
+# ``features.check_hash_in_name``); anomalib's file name has no hash.
+RKDE_FILES = {
+    "detector_weights": ("torchvision's COCO_V1 Faster R-CNN ResNet-50 FPN",
+                         "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
+    "region_weights": ("anomalib's RKDE region feature extractor (fc6/fc7)",
+                       "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/"
+                       "rkde_feature_extractor.pth"),
+}
+
+
+def rkde_file_help(flag: str) -> str:
+    """Where RKDE's weights file for ``flag`` comes from: what it is, its name and its download URL."""
+    what, url = RKDE_FILES[flag]
+    name = url.rsplit("/", 1)[-1]
+    return f"{what}: {name} from {url}"
+
+
+def rkde_files_needed(missing: list[str]) -> UserError:
+    """The refusal of RKDE's pretrained weights without their files: which to download from where, which flags."""
+    flags = "/".join("--" + f.replace("_", "-") for f in missing)
+    where = "; ".join(f"--{f.replace('_', '-')} PATH|URI: {rkde_file_help(f)}" for f in RKDE_FILES)
+    return UserError(f"invalid {flags}=None: RKDE's pretrained weights (--pretrained, the default with --index) are "
+                     f"two files to download once, nothing is downloaded here: {where}; or --no-pretrained for "
+                     "random weights seeded with --seed (scores then reflect low-level image statistics, not "
+                     "learned defects)")

@@ -23,8 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from rayanom.columns import DECISION_COL, ERROR_COL, NORMALIZED_COL, SCORE_COL
 from rayanom.config import UserError
-from rayanom.data import DECISION_COL, ERROR_COL, NORMALIZED_COL, SCORE_COL, resolve_filesystem
+from rayanom.storage import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 

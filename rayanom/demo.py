@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from rayanom.folders import VAL_FRACTION, mvtec_index, write_index
+
 logger = logging.getLogger(__name__)
 
 DEFECTS = ("scratch", "stain", "hole", "crack")
@@ -67,8 +69,6 @@ def make_demo(root: str, n_train: int = 100, n_test_normal: int = 30, n_test_ano
     split, defect_type, mask_path; the files it skipped in ``index.parquet.skipped.tsv``); its val and test rows alone
     go to ``root/test.parquet``, what the demo scores (the val rows choose the threshold, the test rows are
     reported)."""
-    from rayanom.folders import mvtec_index, write_index
-
     rng = np.random.default_rng(seed)
     category = os.path.abspath(os.path.join(root, "discs"))
     plan = [("train", None)] * n_train + [("test", None)] * n_test_normal
@@ -99,8 +99,6 @@ def demo_set(spec) -> tuple[str, str]:
     Generated on first use under ``runs/``. The scored index's val rows (``folders.VAL_FRACTION`` of each defect type's
     test images) choose the threshold; its test rows are reported. A model with smaller ``demo_sizes`` (a slow one) gets
     its own, smaller set."""
-    from rayanom.folders import VAL_FRACTION
-
     root = f"{DEMO_ROOT}-{spec.name}" if spec.demo_sizes else DEMO_ROOT
     index = os.path.join(root, "index.parquet")
     if not os.path.exists(index) or "val" not in pq.read_table(index, columns=["split"]).column("split").to_pylist():

@@ -2,14 +2,16 @@
 
 Weights come from a local or object-store file, timm's pretrained tag, or a seeded random init, and are validated
 against the backbone: by the driver before any cluster work, then by each actor, which loads its own from the recorded
-source (``pipeline.load_weights``), so that Ray can restart it on any node.
+source (``stages.load_weights``), so that Ray can restart it on any node.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
+import platform
 import re
 import time
 import warnings
@@ -19,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load
 
 from rayanom.config import ModelConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, read_weights_file, same_file
+from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
+from rayanom.storage import read_weights_file, same_file
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +174,8 @@ def load_state_file(path: str, field: str = "weights") -> tuple[dict[str, np.nda
     check_hash_in_name(path, sha, field)
     try:
         if path.endswith(".safetensors"):
-            from safetensors.numpy import load
-
             state = load(data)
         else:
-            import io
-
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             if isinstance(obj, dict) and set(obj) <= {"state_dict", "model"} and len(obj) == 1:
                 obj = next(iter(obj.values()))
@@ -227,8 +227,6 @@ def fp32_without_tf32() -> None:
 
 def device_kind(device: str) -> str:
     """What ``device`` is, for the record: the GPU's name, or the CPU's model name (Linux) or architecture."""
-    import platform
-
     dev = torch.device(device)
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
@@ -253,8 +251,6 @@ def bf16_speedup(device: str, config: ModelConfig | None = None, image_size: int
     with ``avx512_bf16`` only or one that emulates bf16 (slower than fp32); the images must be large enough for the
     ratio to be representative (benchmarks/README.md has the numbers). With ``give_up`` > 0, a warm-up ratio below
     ``1 / give_up`` (bf16 emulated: many times slower) ends the measurement there, with that ratio."""
-    import time
-
     import torchvision
 
     dev = torch.device(device)
@@ -320,7 +316,7 @@ class FeatureExtractor:
     DFKDE: global average pool of each layer, concatenated on the feature axis -> (n, sum of channels).
     DFM: ``avg_pool2d(pooling_kernel_size)`` of its one layer, flattened channel-major as anomalib's ``view(n, -1)``
     -> (n, C * h' * w'); ``map_shape`` = (C, h', w') gives the layout back for anomaly maps.
-    The Ray stage classes (``pipeline``) own the batch dicts; this class owns torch.
+    The Ray stage classes (``stages``) own the batch dicts; this class owns torch.
     """
 
     def __init__(self, config: ModelConfig, state: dict[str, np.ndarray], device: str = "cpu",

@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from rayanom.config import UserError
-from rayanom.data import resolve_filesystem
+from rayanom.storage import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ class FolderIndex:
 
 def _files(uri: str) -> tuple[str, list[str]]:
     """(the folder as rows name it: an absolute path, or the URI; every file below it, relative to it, sorted)."""
-    import os
-
     fs, root = resolve_filesystem(uri)
     root = root.rstrip("/") if "://" in uri else os.path.abspath(root)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -213,9 +214,6 @@ def write_index(index: FolderIndex, out: str, eval_out: str | None = None) -> di
 
     The summary is what ``jobs/index.py`` prints. The skipped files go to ``<out>.skipped.tsv`` (path, reason); with
     ``eval_out``, the index's ``val`` and ``test`` rows alone are written there too (what to score and evaluate)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     if not index.rows:
         msg = f"no image found for the index {out!r} ({len(index.skipped)} files skipped)"
         raise UserError(msg)

@@ -24,10 +24,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rayanom.bank import lower_keys
+from rayanom.columns import LABEL_COL, PATH_COL, RESERVED_COLS, ROW_COL, SPLIT_COL
 from rayanom.config import UserError
-from rayanom.data import (
-    LABEL_COL, PATH_COL, ROW_COL, SPLIT_COL, check_index_values, resolve_filesystem, training_rows, validate_schema,
-)
+from rayanom.storage import resolve_filesystem
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,81 @@ class IndexInfo:
                                    first_row=self.file_ranges()[keep[0]][0])
 
 
+def read_index(uri: str) -> pa.Table:
+    """Read and validate a parquet index (a file or a directory of parquet files).
+
+    Raises:
+        UserError: missing ``path`` column, wrong column types, labels outside {0, 1}, reserved column names.
+    """
+    fs, path = resolve_filesystem(uri)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        msg = f"cannot read index {uri!r} as parquet: {e}"
+        raise UserError(msg) from e
+    return validate_index(table, uri)
+
+
+def validate_index(table: pa.Table, name: str = "index") -> pa.Table:
+    """Check the schema and values of an index table and return it unchanged."""
+    validate_schema(table.schema, name)
+    check_index_values(table, name)
+    return table
+
+
+def validate_schema(schema: pa.Schema, name: str = "index") -> None:
+    """The index's columns: ``path`` strings, no reserved names, integer ``label``, string ``split``."""
+    cols = schema.names
+    if PATH_COL not in cols:
+        msg = f"{name}: required column 'path' is missing (columns: {cols}); it must hold image paths or URIs"
+        raise UserError(msg)
+    if not (pa.types.is_string(schema.field(PATH_COL).type) or pa.types.is_large_string(schema.field(PATH_COL).type)):
+        msg = f"{name}: column 'path' has type {schema.field(PATH_COL).type}; expected string"
+        raise UserError(msg)
+    reserved = [c for c in cols if c in RESERVED_COLS]
+    if reserved:
+        msg = f"{name}: column(s) {reserved} are reserved for outputs; rename them (reserved: {list(RESERVED_COLS)})"
+        raise UserError(msg)
+    if LABEL_COL in cols:
+        t = schema.field(LABEL_COL).type
+        if not (pa.types.is_integer(t) or pa.types.is_boolean(t)):
+            msg = f"{name}: column 'label' has type {t}; expected integers 0 (normal) or 1 (anomalous)"
+            raise UserError(msg)
+    if SPLIT_COL in cols and not (pa.types.is_string(schema.field(SPLIT_COL).type)
+                                  or pa.types.is_large_string(schema.field(SPLIT_COL).type)):
+        msg = f"{name}: column 'split' has type {schema.field(SPLIT_COL).type}; expected string"
+        raise UserError(msg)
+
+
+def check_index_values(table: pa.Table, name: str = "index") -> None:
+    """The values of ``label`` where the table has it: 0 or 1, no nulls."""
+    if LABEL_COL not in table.column_names:
+        return
+    labels = table.column(LABEL_COL).cast(pa.int64())
+    bad = pc.invert(pc.is_in(labels, pa.array([0, 1], pa.int64())))
+    if pc.any(pc.fill_null(bad, True)).as_py():
+        values = sorted({v for v in pc.filter(labels, pc.fill_null(bad, True)).to_pylist()}, key=str)[:5]
+        msg = f"{name}: column 'label' holds {values}; allowed values are 0 (normal) and 1 (anomalous), no nulls"
+        raise UserError(msg)
+
+
+def with_row_index(table: pa.Table) -> pa.Table:
+    """Append ``row_index`` (0..n-1, the row's position in the index)."""
+    return table.append_column(ROW_COL, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+
+def training_rows(table: pa.Table) -> pa.Table:
+    """Normal training rows: ``split == "train"`` when the column exists, and ``label == 0`` when it exists."""
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    if SPLIT_COL in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table.column(SPLIT_COL), "train"), False))
+    if LABEL_COL in table.column_names:
+        mask = pc.and_(mask, pc.equal(table.column(LABEL_COL).cast(pa.int64()), 0))
+    return table.filter(mask)
+
+
 def describe_index(uri: str) -> IndexInfo:
-    """Read the footers of the parquet index at ``uri`` and check its schema (``data.validate_schema``).
+    """Read the footers of the parquet index at ``uri`` and check its schema (``validate_schema``).
 
     Raises:
         UserError: unreadable index, missing ``path`` column, wrong column types, reserved column names.
@@ -192,8 +265,6 @@ def map_in_tasks(fn, items: list, per_task: int, first, *args) -> list:
 def _file_training_band(info: IndexInfo, files: list[int], seed: int, slots: int, lo: float,
                         hi: float) -> tuple[str | None, int, pa.Table | None]:
     """A worker's share of ``training_band``: (first value problem or None, training rows, band rows)."""
-    from rayanom.bank import lower_keys
-
     fs = resolve_filesystem(info.uri)[0]
     starts = [s for s, _ in info.file_ranges()]
     columns = [c for c in (PATH_COL, LABEL_COL, SPLIT_COL) if c in info.columns]
@@ -222,7 +293,7 @@ def training_band(info: IndexInfo, seed: int, slots: int, lo: float, hi: float,
     """The normal training rows whose lower bank key lies in [lo, hi), found on the workers.
 
     Returns (training rows in the index, their rows, lower keys and paths in the band); the rows are
-    ``data.training_rows``, the keys ``bank.lower_keys``.
+    ``training_rows``, the keys ``bank.lower_keys``.
 
     Each task reads the ``path``, ``label`` and ``split`` columns of a group of files and returns only its band, so the
     driver holds the band (about K rows for the bank's passes), never the index. The values of ``label`` are checked on

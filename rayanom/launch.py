@@ -11,6 +11,7 @@ import logging
 import os
 
 from rayanom.config import RunConfig, UserError
+from rayanom.specs import spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ def start_ray(config, *, device: str = "auto", num_actors: int | None = None, th
     starve the tasks and the job hangs).
     """
     import ray
-
-    from rayanom.models import spec_of
 
     spec = spec_of(config)
     if precision == "bf16" and not spec.bf16:

@@ -41,13 +41,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
+from rayanom.columns import DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL
 from rayanom.config import UserError, raise_invalid
-from rayanom.data import (
-    DEFECT_COL, LABEL_COL, PATH_COL, SPLIT_COL, ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem,
-    with_retries,
-)
 from rayanom.folders import IMAGE_EXTENSIONS, NOT_IMAGE
+from rayanom.storage import ReadPolicy, RetriesExhausted, check_output_dir, resolve_filesystem, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def _scan_local(base: str, rel: str, recursive: bool) -> tuple[list, list, list]
 
 
 def _list_remote(fs: pafs.FileSystem, base: str, rel: str, recursive: bool) -> tuple[list, list, list]:
-    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``data.ReadPolicy``)."""
+    """``list_folder`` on object storage (or any pyarrow filesystem), transient errors retried (``ReadPolicy``)."""
     path = _path(base, rel)
     try:
         infos = with_retries(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), ReadPolicy())
@@ -318,8 +317,6 @@ def _write_group(listing: Listing, group: int, pieces: list[tuple]) -> dict:
 
     Pieces that are folders are listed here; the rows go to ``part-GGGGGG-FFFFFF.parquet`` and the skipped entries to
     ``_skipped-GGGGGG.tsv``."""
-    import pyarrow.parquet as pq
-
     paths, values, skipped = [], [], []
     found, rules = 0, (dict(listing.labels), dict(listing.splits))
     for piece in pieces:

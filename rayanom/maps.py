@@ -22,9 +22,14 @@ import logging
 import os
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
-from rayanom.data import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL, read_bytes, resolve_filesystem
+from rayanom.columns import MAP_COL, MAP_SHAPE_COL, PATH_COL, SCORE_COL
 from rayanom.scores import open_scores
+from rayanom.storage import read_bytes, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +66,6 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 def overlay(image_bytes: bytes, pooled: np.ndarray, vmax: float, alpha: float = 0.45):
     """The original image with its upsampled map blended on top (a PIL image)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(image_bytes)) as im:
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
     heat = upsample(pooled, rgb.shape[:2]) / max(vmax, np.finfo(np.float32).tiny)
@@ -103,8 +106,6 @@ def _save_png(picture, out_dir: str, rank: int, row: dict) -> str:
 
 
 def _top_rows(scores: str, columns: list[str], top_n: int, valid_col: str) -> list[dict]:
-    import pyarrow.compute as pc
-
     table = open_scores(scores).to_table(columns=columns)
     table = table.filter(pc.is_valid(table.column(valid_col)))
     return table.sort_by([(SCORE_COL, "descending"), ("row_index", "ascending")]).slice(0, top_n).to_pylist()
@@ -114,8 +115,6 @@ def write_box_overlays(scores: str, out_dir: str, top_n: int) -> list[str]:
     """RKDE: draw the ``top_n`` highest-scoring images with their boxes; return the files written.
 
     Boxes are coloured by box probability (blue = low, red = high, one scale for all pictures) and labelled with it."""
-    from PIL import Image, ImageDraw
-
     top = _top_rows(scores, ["row_index", PATH_COL, SCORE_COL, "boxes", "box_scores"], top_n, "boxes")
     out_fs, out_path = resolve_filesystem(out_dir)
     out_fs.create_dir(out_path, recursive=True)
@@ -143,9 +142,6 @@ def write_region_rows(scores: str, out_dir: str) -> int:
 
     A row holds row_index, path, region, box in original pixels and box_score; the rows are written part by part from
     the scores dataset, in bounded memory."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out_fs, out_path = resolve_filesystem(out_dir)
     out_fs.create_dir(out_path, recursive=True)
     total = 0

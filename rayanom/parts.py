@@ -17,7 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
+import threading
+import time
 import uuid
 
 import numpy as np
@@ -25,10 +29,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rayanom.columns import ROW_COL
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, check_output_dir, ipc_bytes, resolve_filesystem
 from rayanom.decisions import META_KEY, Threshold, from_key, key_of, with_decisions
 from rayanom.index import map_in_tasks
+from rayanom.storage import ReadPolicy, check_output_dir, error_message, ipc_bytes, resolve_filesystem, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +155,6 @@ def _read_manifest(fs: pafs.FileSystem, path: str) -> dict:
 
     A read that still fails is an error that asks for a re-run and changes nothing (it must never lead to --overwrite,
     which deletes the parts); a manifest that is not JSON reads as one that disagrees."""
-    from rayanom.data import ReadPolicy, error_message, with_retries
-
     def read() -> bytes:
         with fs.open_input_file(f"{path}/{MANIFEST}") as f:
             return f.read()
@@ -193,8 +196,6 @@ def s3_put_if_absent(fs: pafs.S3FileSystem, path: str, body: bytes) -> bool:
 
 def _store_now(fs: pafs.FileSystem, path: str) -> int:
     """The store's clock (ns): the modification time of a probe file written now."""
-    import uuid
-
     probe = f"{path}/.{LEASE}.{uuid.uuid4().hex[:12]}.probe"
     with fs.open_output_stream(probe) as f:
         f.write(b"")
@@ -297,8 +298,6 @@ class Lease:
     """
 
     def __init__(self, output: str, job: str | None = None) -> None:
-        import uuid
-
         self.output, self.job = output, job or uuid.uuid4().hex[:12]  # a new job id unless given
         self.fs, self.path = resolve_filesystem(output)
         self.file = f"{self.path}/{LEASE}"
@@ -307,10 +306,6 @@ class Lease:
         self._created = False
 
     def _body(self) -> bytes:
-        import os
-        import socket
-        import time
-
         return json.dumps({"job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
                            "heartbeat": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
 
@@ -365,8 +360,6 @@ class Lease:
         """Create the lease file only where none exists, in one atomic step.
 
         True when this job created it, False when one exists; None where the filesystem has no such write."""
-        import os
-
         if isinstance(self.fs, pafs.LocalFileSystem):
             try:
                 fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -383,9 +376,6 @@ class Lease:
         """Whether the lease was taken on this machine by a process that no longer exists (a job killed a moment ago).
 
         Such a lease can be taken over without waiting for the heartbeat to go stale."""
-        import os
-        import socket
-
         holder = self._holder()
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
             return False
@@ -398,8 +388,6 @@ class Lease:
         return False
 
     def _start_heartbeat(self) -> None:
-        import threading
-
         self._stop = threading.Event()
 
         def beat():

@@ -52,15 +52,18 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
 
-from rayanom.data import (
-    ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL, read_bytes, resolve_filesystem,
-)
+from rayanom.columns import ERROR_COL, LABEL_COL, MAP_COL, MAP_SHAPE_COL, MASK_COL, SPLIT_COL
+from rayanom.maps import upsample
 from rayanom.scores import VAL_SPLIT, open_scores
+from rayanom.storage import read_bytes, resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +215,6 @@ def evaluation_maps(rows: list[dict], size: tuple[int, int]) -> np.ndarray:
 
     Upsampling is bilinear, ``align_corners=False`` (``rayanom.maps.upsample``), the rows of one pooled shape in one
     call."""
-    from rayanom.maps import upsample
-
     height, width = (int(s) for s in size)
     out = np.empty((len(rows), height, width), dtype=np.float32)
     shapes = [tuple(int(d) for d in r[MAP_SHAPE_COL]) for r in rows]
@@ -231,7 +232,6 @@ def read_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     ``Resize`` does to a ``Mask``."""
     import torch
     import torch.nn.functional as F
-    from PIL import Image
 
     with Image.open(io.BytesIO(read_bytes(path))) as im:
         mask = np.asarray(im.convert("L")) > 0
@@ -296,8 +296,6 @@ def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR
     summarised where they lie: by Ray tasks, ``_PARTS_PER_TASK`` parts each, when Ray is running (the jobs), else in
     this process; the driver adds the summaries as they come back, holding one running sum and a bounded number in
     flight."""
-    import sys
-
     dataset = open_scores(scores_uri)
     if MAP_COL not in dataset.schema.names or MASK_COL not in dataset.schema.names:
         return None
@@ -320,8 +318,6 @@ def pixel_metrics(scores_uri: str, size: tuple[int, int], fpr_limit: float = FPR
 
 def _summarize_parts(scores_uri: str, names: list[str], size: tuple[int, int]) -> PixelSummary:
     """The summary of the parts ``names`` of the scores at ``scores_uri`` (read with the columns it needs)."""
-    import pyarrow.parquet as pq
-
     fs, path = resolve_filesystem(scores_uri)
     out = PixelSummary.empty()
     for name in names:

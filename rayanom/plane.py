@@ -21,8 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rayanom.columns import ROW_COL
 from rayanom.config import UserError
-from rayanom.data import ROW_COL, Decoded, ReadPolicy, bf16_bits, decode_table, failed_table, ipc_bytes
+from rayanom.decode import Decoded, bf16_bits, decode_table, failed_table
+from rayanom.storage import ReadPolicy, ipc_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +48,30 @@ class Plan:
     start_timeout_s: float
 
 
+@dataclass(frozen=True)
+class FaultHooks:
+    """Faults a caller injects into the stages (tests): each may raise, or end its worker's process.
+
+    ``decode(rows)`` runs before each cut of rows is read (a forward batch, or a single row in careful mode);
+    ``model(table, ok)`` before the model stage runs on a decoded batch (``ok``: the rows it computes).
+    """
+
+    decode: Callable[[pa.Table], None] | None = None
+    model: Callable[[pa.Table, np.ndarray], None] | None = None
+
+
 def batch_bytes(n: int, image_size: tuple[int, int], bf16: bool = False) -> int:
-    """Bytes of one forward batch between the stages: images at the model's input size, float32 or (bf16 runs)
-    bfloat16."""
+    """Bytes of one forward batch between the stages.
+
+    Images at the model's input size, float32, or bfloat16 for bf16 runs."""
     return n * 3 * image_size[0] * image_size[1] * (2 if bf16 else 4)
 
 
 def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> int:
-    """Rows per decode unit: about ``units`` units for a small job (so a few thousand rows spread over every worker),
-    a part for a large one; a multiple of ``batch_size`` (batches then sit at the same offsets whatever the unit)."""
+    """Rows per decode unit, a multiple of ``batch_size``.
+
+    About ``units`` units for a small job (so a few thousand rows spread over every worker), a part for a large one;
+    batches then sit at the same offsets whatever the unit."""
     def up(n: int) -> int:
         return -(-n // batch_size) * batch_size
 
@@ -62,9 +79,10 @@ def unit_rows(n_rows: int, per_part: int, batch_size: int, units: int = 64) -> i
 
 
 def to_batch_row(decoded: Decoded, where: dict, decode_s: float, node: str) -> dict:
-    """One forward batch as one row (a dict of columns): its place (``BATCH_COLS``), its decoded table (Arrow IPC),
-    the images of the rows that decoded (their bytes, float32 or bf16; a failed row has none) and where and how long
-    the decode ran."""
+    """One forward batch as one row (a dict of columns).
+
+    Its place (``BATCH_COLS``), its decoded table (Arrow IPC), the images of the rows that decoded (their bytes,
+    float32 or bf16; a failed row has none) and where and how long the decode ran."""
     images = np.ascontiguousarray(decoded.images)
     return {**{k: int(where[k]) for k in BATCH_COLS}, "meta": ipc_bytes(decoded.table), "pixels": images.tobytes(),
             "decode_node": node, "decode_s": decode_s}
@@ -120,11 +138,13 @@ def node_id() -> str:
 
 
 def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[int, int], policy: ReadPolicy,
-                marker=None, bf16: bool = False) -> Iterator[pa.Table]:
-    """``rows`` decoded in forward batches cut at multiples of ``batch_size`` from ``where["offset"]`` (itself one),
-    as batch rows, a table of them for every ``GROUP_BYTES`` of images. With a crash marker whose unit killed its
-    worker ``CAREFUL_AFTER`` times: row by row, the marker naming the row in progress, and a row that killed the
-    worker before failed without being read. ``bf16``: the images as a bf16 run's first convolution takes them."""
+                marker=None, bf16: bool = False, hook: Callable | None = None) -> Iterator[pa.Table]:
+    """Decode ``rows`` in forward batches and yield them as tables of batch rows.
+
+    Batches are cut at multiples of ``batch_size`` from ``where["offset"]`` (itself one), a table of them for every
+    ``GROUP_BYTES`` of images. With a crash marker whose unit killed its worker ``CAREFUL_AFTER`` times: row by row,
+    the marker naming the row in progress, and a row that killed the worker before failed without being read.
+    ``bf16``: the images as a bf16 run's first convolution takes them. ``hook``: ``FaultHooks.decode``."""
     node, state = node_id(), marker.begin() if marker is not None else None
     careful = state is not None and state["attempts"] > CAREFUL_AFTER
     if careful:
@@ -133,9 +153,10 @@ def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[
     for s in range(0, rows.num_rows, batch_size):
         t0 = time.perf_counter()
         cut = rows.slice(s, batch_size)
-        decoded = (Decoded.concat(row_by_row(cut, marker, state, lambda row: decode_table(row, image_size, policy),
+        decoded = (Decoded.concat(row_by_row(cut, marker, state,
+                                             lambda row: decode_table(row, image_size, policy, hook),
                                              lambda row, message: failed_table(row, image_size, message)))
-                   if careful else decode_table(cut, image_size, policy))
+                   if careful else decode_table(cut, image_size, policy, hook))
         if bf16:
             decoded = Decoded(decoded.table, bf16_bits(decoded.images))
         group.append(to_batch_row(decoded, {**where, "offset": where["offset"] + s, "n": cut.num_rows},
@@ -151,9 +172,10 @@ def decode_rows(rows: pa.Table, where: dict, batch_size: int, image_size: tuple[
 
 
 def row_by_row(rows: pa.Table, marker, state: dict, work: Callable, fail: Callable) -> list:
-    """``work`` on each row alone, the crash marker naming the row first; a row known to kill the worker (``state``'s
-    ``bad``) is not worked on but given to ``fail`` with the message that says so; each row's result. Both stages'
-    careful mode."""
+    """Run ``work`` on each row alone, the crash marker naming the row first; return each row's result.
+
+    A row known to kill the worker (``state``'s ``bad``) is not worked on but given to ``fail`` with the message that
+    says so. Both stages' careful mode."""
     bad, out = set(state["bad"]), []
     for i in range(rows.num_rows):
         row = rows.slice(i, 1)
@@ -172,19 +194,24 @@ def crash_message(state: dict) -> str:
 
 
 def decode_units(units: pa.Table, rows_of: Callable, batch_size: int, image_size: tuple[int, int],
-                 policy: ReadPolicy, marker_of: Callable | None = None, bf16: bool = False) -> Iterator[pa.Table]:
-    """The decode stage (a Ray Data generator UDF over unit rows): ``rows_of(unit)`` gives a unit's rows, decoded in
-    forward batches (:func:`decode_rows`); one output row per batch."""
+                 policy: ReadPolicy, marker_of: Callable | None = None, bf16: bool = False,
+                 hook: Callable | None = None) -> Iterator[pa.Table]:
+    """The decode stage, a Ray Data generator UDF over unit rows.
+
+    ``rows_of(unit)`` gives a unit's rows, decoded in forward batches (:func:`decode_rows`; ``hook``:
+    ``FaultHooks.decode``); one output row per batch."""
     for unit in units.to_pylist():
         rows, where = rows_of(unit)
         marker = marker_of(unit) if marker_of is not None else None
-        yield from decode_rows(rows, where, batch_size, image_size, policy, marker, bf16)
+        yield from decode_rows(rows, where, batch_size, image_size, policy, marker, bf16, hook)
 
 
 def run(units: list[dict], decode: dict, stage: type, kwargs: dict, plan: Plan,
         progress: bool = True) -> Iterator[pa.Table]:
-    """Stream ``units`` through decode tasks (``decode_units`` with the arguments ``decode``) and a pool of ``stage``
-    actors (created from ``kwargs``); yields the model stage's result blocks on the driver as they come."""
+    """Stream ``units`` through decode tasks and a pool of ``stage`` actors; yield the result blocks.
+
+    Decode runs ``decode_units`` with the arguments ``decode``; the actors are created from ``kwargs``; the model
+    stage's result blocks reach the driver as they come."""
     import ray
     import ray.data
 
@@ -250,8 +277,9 @@ class Nodes:
 
 
 def result_cols(rows: pa.Table, model_s: float, **extra) -> dict:
-    """The columns every model-stage result row carries (one per batch row of a call): the batch's place, where its
-    decode and model ran, and its share of the call's time."""
+    """The columns every model-stage result row carries (one per batch row of a call).
+
+    The batch's place, where its decode and model ran, and its share of the call's time."""
     n = rows.num_rows
     return {**{k: rows.column(k) for k in ("part", "offset", "n", "decode_node", "decode_s")},
             "node": pa.array([node_id()] * n), "model_s": pa.array([model_s / n] * n), **extra}

@@ -9,6 +9,9 @@ import os
 from collections import Counter
 
 import ray
+import yaml
+
+from rayanom.config import UserError
 
 
 def offer() -> str:
@@ -42,7 +45,6 @@ def autoscaler_max_resources() -> dict[str, float] | None:
     path = os.environ.get("RAYANOM_CLUSTER_CONFIG") or os.path.expanduser("~/ray_bootstrap_config.yaml")
     if not os.path.isfile(path):
         return None
-    import yaml
 
     with open(path) as f:
         config = yaml.safe_load(f) or {}
@@ -63,8 +65,6 @@ def choose_device(requested: str, gpus_now: float, gpus_most: float | None) -> t
     Raises:
         UserError: ``cuda`` where neither the nodes up nor the node types the autoscaler can start have a GPU.
     """
-    from rayanom.config import UserError
-
     if requested == "cpu":
         return "cpu", "--device cpu"
     if gpus_now:

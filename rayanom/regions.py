@@ -7,7 +7,7 @@ non-overlapping, best-scoring ones, and the AlexNet-style Fast R-CNN trunk gives
 normalised: both networks normalise internally. Weights are resolved once, on the driver, like the backbones
 (``rayanom.features``): a local file or URI (read without unpickling; its sha256 recorded) or a seeded random init;
 nothing is downloaded. The pretrained files (torchvision's ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth`` and
-anomalib's ``rkde_feature_extractor.pth``) and their URLs are listed once, in ``models.RKDE_FILES``.
+anomalib's ``rkde_feature_extractor.pth``) and their URLs are listed once, in ``config.RKDE_FILES``.
 
 Deviations from anomalib 1.2.0, each deliberate:
 
@@ -34,6 +34,7 @@ from functools import partial
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torchvision.transforms.functional as TF
 from torch import nn
@@ -42,9 +43,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import nms, remove_small_boxes, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from rayanom.config import RKDE_FRAME, RkdeConfig, UserError
-from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, same_file
+from rayanom.columns import BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
+from rayanom.config import RKDE_FRAME, RkdeConfig, UserError, rkde_files_needed
+from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD
 from rayanom.features import input_tensor, load_state_file, match_state, seeded
+from rayanom.heads import anomaly_probability
+from rayanom.storage import same_file
 
 logger = logging.getLogger(__name__)
 
@@ -318,11 +322,9 @@ def rkde_weights(config, detector_path: str | None, region_path: str | None,
     """Both RKDE networks' weights, ``{"detector": state, "region": state}``, and their JSON source.
 
     Without a file, a random init seeded with ``config.seed`` (tests and the offline demo), unless ``pretrained``:
-    then a missing file is refused, the error naming both files, their URLs and flags (``models.RKDE_FILES``). Files
+    then a missing file is refused, the error naming both files, their URLs and flags (``config.RKDE_FILES``). Files
     are read in order, so a bad file given before a missing one is reported first.
     """
-    from rayanom.models import rkde_files_needed
-
     paths = {"detector_weights": detector_path, "region_weights": region_path}
     missing = [flag for flag, path in paths.items() if pretrained and not path]
     states, sources = {}, {}
@@ -364,11 +366,6 @@ def region_outputs(b) -> dict:
     Per image: the largest region score (-log density), the largest region probability, the boxes in original pixels
     with their probabilities. No region: the lowest float64 score, probability 0, no boxes. Computed over all regions of
     the batch at once (no Python loop over rows or boxes)."""
-    import pyarrow as pa
-
-    from rayanom.data import BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL
-    from rayanom.heads import anomaly_probability
-
     n = b.n
     results = b.extractor(b.images) if b.ok.any() else []
     counts = np.zeros(n, np.int64)

@@ -18,9 +18,14 @@ import logging
 
 import numpy as np
 
-from rayanom.data import resolve_filesystem
+from rayanom import maps
+from rayanom.columns import BOXES_COL, MAP_COL
+from rayanom.config import UserError
 from rayanom.decisions import f1_adaptive_threshold
+from rayanom.pixels import pixel_metrics
 from rayanom.scores import VAL_SPLIT, count_rows, open_scores, read_score_columns
+from rayanom.specs import spec_of
+from rayanom.storage import check_output_dir, prepare_output_dir, resolve_filesystem
 from rayanom.summary import EXACT_ROWS, Histograms
 
 logger = logging.getLogger(__name__)
@@ -424,8 +429,6 @@ def evaluate(scores_uri: str, out_dir: str, exact_rows: int = EXACT_ROWS, decisi
     """
     pixel = None
     if pixel_size is not None:
-        from rayanom.pixels import pixel_metrics
-
         pixel = pixel_metrics(scores_uri, pixel_size)
     if count_rows(open_scores(scores_uri)) > exact_rows:
         metrics, png = _histogram(scores_uri, pixel)
@@ -464,10 +467,6 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, box
     Pictures and region rows need a model with those outputs (``ModelSpec.columns``: an anomaly map for heat maps, boxes
     for box overlays and region rows), and the report directory may hold only report files (rewritten each run).
     ``config`` None: no pictures asked for."""
-    from rayanom.data import check_output_dir
-    from rayanom.config import UserError
-    from rayanom.data import BOXES_COL, MAP_COL
-
     columns = _columns(config)
     if heatmaps and (heatmaps < 0 or MAP_COL not in columns):
         raise UserError(f"invalid heatmaps={heatmaps}: heat maps need a DFM model with score_type 'fre' (outputs "
@@ -482,8 +481,6 @@ def check_report(config, report_dir: str, evaluate: bool, heatmaps: int = 0, box
 
 
 def _columns(config) -> tuple[str, ...]:
-    from rayanom.models import spec_of
-
     return spec_of(config).columns(config) if config is not None else ()
 
 
@@ -498,10 +495,6 @@ def write_report(scores_uri: str, report_dir: str, evaluate_scores: bool, heatma
 
     Returns ``report_dir``, ``metrics`` (``evaluate``'s, or None) and, per picture kind written, its directory and file
     count (``regions``: its directory and the regions written)."""
-    from rayanom import maps
-    from rayanom.data import prepare_output_dir
-    from rayanom.data import MAP_COL
-
     written: dict = {"metrics": None, "report_dir": report_dir}
     if not (evaluate_scores or heatmaps or boxes or region_rows):
         return written

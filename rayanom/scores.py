@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from rayanom.columns import DEFECT_COL, ERROR_COL, LABEL_COL, PATH_COL, SCORE_COL, SPLIT_COL
 from rayanom.config import UserError
-from rayanom.data import DEFECT_COL, ERROR_COL, LABEL_COL, PATH_COL, SCORE_COL, SPLIT_COL, resolve_filesystem
+from rayanom.storage import resolve_filesystem
 
 VAL_SPLIT = "val"  # rows with this ``split`` value choose the threshold; metrics are reported on the other rows
 BATCH_ROWS = 1 << 20  # rows a streamed batch holds at most

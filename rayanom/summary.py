@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pyarrow.compute as pc
 
-from rayanom.data import ERROR_COL, LABEL_COL
+from rayanom.columns import ERROR_COL, LABEL_COL
 from rayanom.scores import BATCH_ROWS, count_rows, open_scores, read_score_columns, stream_score_columns
 
 logger = logging.getLogger(__name__)

@@ -20,18 +20,18 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 # leave a task none and the dataset hangs).
 workers = [cluster.add_node(num_cpus=3) for _ in range(2)]
 ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-from rayanom import pipeline
+from rayanom import workflows
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.index import describe_index
 from rayanom.features import resolve_weights
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
 _, source = resolve_weights(config, None, False)
-artifact = pipeline.fit(describe_index(demo_index), config, source, RunConfig(batch_size=8)).artifact
+artifact = workflows.fit(describe_index(demo_index), config, source, RunConfig(batch_size=8)).artifact
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 12), out_dir + "/long.parquet")
 from rayanom.index import describe_index
 index = describe_index(out_dir + "/long.parquet")
 run = RunConfig(batch_size=2, rows_per_part=4, num_actors=2, no_progress_s=180)
-pipeline.score(index, artifact, out_dir + "/ref", run)
+workflows.score(index, artifact, out_dir + "/ref", run)
 out = out_dir + "/scores"
 removed = []
 def remove_when_started():
@@ -51,7 +51,7 @@ def remove_when_started():
         time.sleep(0.05)
 t = threading.Thread(target=remove_when_started); t.start()
 t0 = time.time()
-summary = pipeline.score(index, artifact, out, run)
+summary = workflows.score(index, artifact, out, run)
 t.join()
 print("REMOVED", bool(removed), "ROWS", summary["rows"], "FAILED", summary["failed"], "TIME", round(time.time() - t0, 1))
 ray.shutdown(); cluster.shutdown()

@@ -21,7 +21,7 @@ os.environ["RAY_ADDRESS"] = cluster.address  # as `ray job submit` sets it: laun
 os.environ["RAYANOM_FAKE_GPUS"] = "1"  # the simulated GPUs are asked for; the model runs on the CPU
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
-from rayanom import pipeline  # noqa: E402
+from rayanom import workflows  # noqa: E402
 from rayanom.config import DfkdeConfig  # noqa: E402
 from rayanom.features import resolve_weights  # noqa: E402
 from rayanom.index import describe_index  # noqa: E402
@@ -30,12 +30,12 @@ from rayanom.launch import start_ray  # noqa: E402
 config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
 run = start_ray(config, precision="fp32", batch_size=2, rows_per_part=4, no_progress_s=240, progress=False)
 _, source = resolve_weights(config, None, False)
-artifact = pipeline.fit(describe_index(demo_index), config, source, run).artifact
+artifact = workflows.fit(describe_index(demo_index), config, source, run).artifact
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 pq.write_table(pa.concat_tables([pq.read_table(demo_test)] * 6), out_dir + "/long.parquet")  # 36 batches
-summary = pipeline.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/scores", run)
+summary = workflows.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/scores", run)
 killed = []
 if kind == "gpu":  # decode runs as tasks here: score again, killing a decode task mid-job (SIGKILL)
     import signal  # noqa: E402
@@ -59,7 +59,7 @@ if kind == "gpu":  # decode runs as tasks here: score again, killing a decode ta
             time.sleep(0.02)
 
     threading.Thread(target=kill_a_decode_task, daemon=True).start()
-    again = pipeline.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/again", run)
+    again = workflows.score(describe_index(out_dir + "/long.parquet"), artifact, out_dir + "/again", run)
     same = pq.read_table(out_dir + "/again").sort_by("row_index").equals(
         pq.read_table(out_dir + "/scores").sort_by("row_index"))
     killed.append(f"rows {again['rows']} failed {again['failed']} same {same}")

@@ -8,8 +8,8 @@ import pytest
 
 from rayanom.artifact import Artifact
 from rayanom.config import DfkdeConfig, RunConfig, UserError, config_to_dict
-from rayanom.models import config_from_dict
 from rayanom.heads import KdeHead
+from rayanom.specs import config_from_dict
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_a_pool_that_no_node_can_hold_ends_with_a_clear_error(ray_local):
     from test_reliability import Stuck, one_row_unit
 
     from rayanom.config import UserError
-    from rayanom.data import ReadPolicy
+    from rayanom.storage import ReadPolicy
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(test_reliability)  # workers cannot import a test module by name

@@ -299,7 +299,7 @@ def s3(monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3").create_bucket(Bucket="rayanom-test")
-    from rayanom.data import bucket_filesystem
+    from rayanom.storage import bucket_filesystem
 
     bucket_filesystem.cache_clear()  # this process's filesystems for the bucket: made for another server's port
     try:
@@ -313,7 +313,7 @@ def s3(monkeypatch):
 @pytest.mark.timeout(600)
 def test_fit_and_score_on_s3(s3, demo_set):
     from rayanom.artifact import Artifact
-    from rayanom.data import resolve_filesystem
+    from rayanom.storage import resolve_filesystem
 
     fs, _ = resolve_filesystem(s3["bucket"] + "/x")
     bucket = s3["bucket"]
@@ -368,7 +368,7 @@ def test_lease_on_s3_is_created_with_a_conditional_write(s3):
     refused naming the first."""
     from rayanom import parts
     from rayanom.config import UserError
-    from rayanom.data import resolve_filesystem
+    from rayanom.storage import resolve_filesystem
 
     fs, path = resolve_filesystem(s3["bucket"] + "/race/key.json")
     assert parts.s3_put_if_absent(fs, path, b"first") is True

@@ -89,7 +89,7 @@ def test_new_threshold_rewrites_only_the_decisions(ray_local, tmp_path):
 @pytest.mark.timeout(300)
 def test_scoring_with_a_threshold_equals_rethresholding(ray_local, demo_set, tmp_path):
     from conftest import SMALL
-    from rayanom import pipeline
+    from rayanom import workflows
     from rayanom.config import DfkdeConfig, RunConfig
     from rayanom.parts import apply_to_parts
     from rayanom.features import resolve_weights
@@ -97,14 +97,14 @@ def test_scoring_with_a_threshold_equals_rethresholding(ray_local, demo_set, tmp
 
     config = DfkdeConfig(**SMALL)
     _, source = resolve_weights(config, None, False)
-    artifact = pipeline.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8)).artifact
+    artifact = workflows.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8)).artifact
     info, run = describe_index(demo_set["test"]), RunConfig(batch_size=4, rows_per_part=5)
     scores = pq.read_table(demo_set["test"]).num_rows
     direct, redone = str(tmp_path / "direct"), str(tmp_path / "redone")
     t1 = Threshold(-5.0)
-    summary = pipeline.score(info, artifact, redone, run, threshold=t1)
+    summary = workflows.score(info, artifact, redone, run, threshold=t1)
     t2 = Threshold(float(np.median(pq.read_table(redone).column("anomaly_score").to_numpy())), -40.0, 10.0)
-    pipeline.score(info, artifact, direct, run, threshold=t2)
+    workflows.score(info, artifact, direct, run, threshold=t2)
     assert summary["threshold"]["value"] == -5.0 and apply_to_parts(redone, t2) == -(-scores // 5)
     parts = sorted(n for n in os.listdir(direct) if n.startswith("part-"))
     for name in parts:
@@ -118,7 +118,7 @@ def test_the_threshold_is_not_part_of_the_models_identity(tmp_path):
     from rayanom.config import DfkdeConfig
     from rayanom.decisions import THRESHOLD_FILE, load_threshold, save_threshold
     from rayanom.heads import KdeHead
-    from rayanom.pipeline import artifact_fingerprint
+    from rayanom.artifact import artifact_fingerprint
 
     head = KdeHead(2).fit(np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32))
     artifact = Artifact(config=DfkdeConfig(n_pca_components=2), head=head, weights={"kind": "random", "seed": 0})

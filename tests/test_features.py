@@ -12,7 +12,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from rayanom.config import DfkdeConfig, UserError
-from rayanom.data import decode_image
+from rayanom.decode import decode_image
 from rayanom.features import FeatureExtractor, artifact_weights, build_backbone, layer_indices, resolve_weights
 from rayanom.heads import BATCH_RTOL
 
@@ -106,7 +106,7 @@ def test_bf16_images_between_the_stages_give_the_very_features_of_float32_ones()
     of float32 images normalised on the actor, and the bits are torch's own rounding of the normalised values."""
     import torch
 
-    from rayanom.data import IMAGENET_MEAN, IMAGENET_STD, bf16_bits
+    from rayanom.decode import IMAGENET_MEAN, IMAGENET_STD, bf16_bits
 
     config = DfkdeConfig(backbone="resnet18", image_size=(64, 64), n_pca_components=4)
     extractor = FeatureExtractor(config, _perturbed_state(config), precision="bf16")
@@ -203,7 +203,7 @@ def test_score_job_checks_weights_without_building_the_backbone(tmp_path):
     import subprocess
     import sys
 
-    from rayanom.models import check_timm_weights
+    from rayanom.specs import check_timm_weights
 
     config = DfkdeConfig(backbone="resnet18", n_pca_components=4, seed=3)
     path, moved = str(tmp_path / "w.pth"), str(tmp_path / "elsewhere.pth")
@@ -227,7 +227,7 @@ def test_score_job_checks_weights_without_building_the_backbone(tmp_path):
                               ({"kind": "pickle"}, {}, "unknown weight source")):
         with pytest.raises(UserError, match=match):
             check_timm_weights(config, bad, files)
-    code = ("import json, sys\nfrom rayanom.config import DfkdeConfig\nfrom rayanom.models import check_timm_weights\n"
+    code = ("import json, sys\nfrom rayanom.config import DfkdeConfig\nfrom rayanom.specs import check_timm_weights\n"
             f"c = DfkdeConfig(backbone='resnet18', n_pca_components=4, seed=3)\n"
             f"check_timm_weights(c, {{'kind': 'random', 'seed': 3}}, {{}})\n"
             f"check_timm_weights(c, json.loads({json.dumps(json.dumps(source))}), {{}})\n"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rayanom.data import decode_batch
+from rayanom.decode import decode_batch
 
 
 def _png_bomb(path):

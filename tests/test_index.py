@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rayanom.columns import ROW_COL
 from rayanom.config import UserError
-from rayanom.data import ROW_COL
-from rayanom.index import describe_index, index_value_errors, read_rows
+from rayanom.index import (
+    describe_index, index_value_errors, read_index, read_rows, training_rows, validate_index, with_row_index,
+)
 from rayanom.parts import AUTO_PARTS, AUTO_ROWS, open_parts, part_name, rows_per_part
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +153,6 @@ def test_training_band_equals_the_rows_read_whole(ray_local, tmp_path):
     """The workers' band of training rows (split and label filters, row offsets across files, row groups, an empty
     file) equals the same selection made on the whole table read at once."""
     from rayanom.bank import lower_keys
-    from rayanom.data import training_rows, with_row_index
     from rayanom.index import training_band
 
     root = tmp_path / "idx"
@@ -192,3 +193,50 @@ def test_a_replaced_index_file_is_read_anew(tmp_path):
     assert read_rows(describe_index(str(path)), 2, 4).column("path").to_pylist() == ["img-2.png", "img-3.png"]
     pq.write_table(_table(100, 10), path)
     assert read_rows(describe_index(str(path)), 2, 4).column("path").to_pylist() == ["img-102.png", "img-103.png"]
+
+
+# --- an index table in memory: validation and the training rows ---
+
+def _write(tmp_path, **cols):
+    path = str(tmp_path / "index.parquet")
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+@pytest.mark.parametrize("cols,match", [
+    ({"file": ["a.png"]}, "required column 'path' is missing"),
+    ({"path": [1, 2]}, "column 'path' has type int64; expected string"),
+    ({"path": ["a", "b"], "label": [0, 2]}, r"column 'label' holds \[2\]; allowed values are 0"),
+    ({"path": ["a", "b"], "label": ["good", "bad"]}, "column 'label' has type string"),
+    ({"path": ["a"], "label": pa.array([None], pa.int64())}, "no nulls"),
+    ({"path": ["a"], "split": [1]}, "column 'split' has type int64"),
+    ({"path": ["a"], "anomaly_score": [1.0]}, "reserved for outputs"),
+])
+def test_bad_index_is_rejected_with_the_reason(tmp_path, cols, match):
+    with pytest.raises(UserError, match=match):
+        read_index(_write(tmp_path, **cols))
+
+
+def test_unreadable_index(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_text("nope")
+    with pytest.raises(UserError, match="cannot read index"):
+        read_index(str(bad))
+    with pytest.raises(UserError, match="cannot read index"):
+        read_index(str(tmp_path / "absent.parquet"))
+
+
+def test_training_rows_keep_normal_train_split():
+    table = validate_index(pa.table({"path": list("abcdef"), "label": [0, 1, 0, 0, 1, 0],
+                                     "split": ["train", "train", "test", "train", "test", None]}))
+    rows = training_rows(with_row_index(table))
+    assert rows.column("path").to_pylist() == ["a", "d"]
+    assert rows.column("row_index").to_pylist() == [0, 3]
+    assert training_rows(with_row_index(pa.table({"path": list("ab")}))).num_rows == 2
+
+
+def test_directory_of_parquet_files_is_one_index(tmp_path):
+    os.makedirs(tmp_path / "idx")
+    pq.write_table(pa.table({"path": ["a", "b"]}), tmp_path / "idx" / "part-0.parquet")
+    pq.write_table(pa.table({"path": ["c"]}), tmp_path / "idx" / "part-1.parquet")
+    assert sorted(read_index(str(tmp_path / "idx")).column("path").to_pylist()) == ["a", "b", "c"]

@@ -191,7 +191,7 @@ def s3(monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from rayanom.data import bucket_filesystem
+    from rayanom.storage import bucket_filesystem
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -239,7 +239,7 @@ def test_an_s3_prefix_with_nested_folders_other_files_and_a_denied_prefix(s3, tm
                                                 "s3://rayanom-test/imgs/good/sub/2.jpg",
                                                 "s3://rayanom-test/imgs/good/sub/deeper/3.png"]
     assert table.column("label").to_pylist() == [1, 0, 0, 0]
-    from rayanom.data import resolve_filesystem
+    from rayanom.storage import resolve_filesystem
 
     fs, path = resolve_filesystem(out)
     skipped = b"".join(fs.open_input_file(i.path).read() for i in sorted(

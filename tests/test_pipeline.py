@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL, index_at
 
-from rayanom import pipeline
+from rayanom import workflows
 from rayanom.artifact import Artifact
 from rayanom.bank import row_keys
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import decode_image, read_index, training_rows, with_row_index
+from rayanom.decode import decode_image
 from rayanom.features import FeatureExtractor, resolve_weights
 from rayanom.heads import BATCH_RTOL, KdeHead, anomaly_probability
-from rayanom.index import describe_index
+from rayanom.index import describe_index, read_index, training_rows, with_row_index
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def fitted(ray_local, demo_set):
     config = DfkdeConfig(**{**SMALL, "max_training_points": 12})
     state, source = resolve_weights(config, None, False)
     index = read_index(demo_set["index"])
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source,
+    result = workflows.fit(describe_index(demo_set["index"]), config, source,
                           RunConfig(batch_size=5, num_actors=1))
     return config, state, index, result
 
@@ -68,13 +68,13 @@ def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_pa
     paths = index.column("path").to_pylist()
     unread = [str(tmp_path / f"never-read-{r}.png") if r in by_key[12:] else p for r, p in enumerate(paths)]
     run = RunConfig(batch_size=5, num_actors=1)
-    result = pipeline.fit(index_at(tmp_path / "unread.parquet", index.set_column(col, "path", pa.array(unread))),
+    result = workflows.fit(index_at(tmp_path / "unread.parquet", index.set_column(col, "path", pa.array(unread))),
                           config, source, run)
     assert (result.n_read, result.n_failed, result.artifact.provenance["n_bank_rows"]) == (12, 0, 12)
 
     broken = by_key[[2, 7]]  # two of the 12 smallest keys
     missing = [str(tmp_path / f"missing-{r}.png") if r in broken else p for r, p in enumerate(paths)]
-    result = pipeline.fit(index_at(tmp_path / "missing.parquet", index.set_column(col, "path", pa.array(missing))),
+    result = workflows.fit(index_at(tmp_path / "missing.parquet", index.set_column(col, "path", pa.array(missing))),
                           config, source, run)
     assert result.n_failed == 2 and sorted(r for r, _ in result.failures) == sorted(broken.tolist())
     assert 12 < result.n_read <= 24
@@ -90,7 +90,7 @@ def test_fit_reads_only_rows_that_can_enter_the_bank(ray_local, demo_set, tmp_pa
 def test_same_artifact_with_one_or_two_actors(fitted, demo_set):
     config, state, index, result = fitted
     run = RunConfig(batch_size=5, num_actors=2, rows_per_part=10)  # chunks of 10 rows: both actors fit
-    other = pipeline.fit(describe_index(demo_set["index"]), config, {"kind": "random", "seed": 0}, run)
+    other = workflows.fit(describe_index(demo_set["index"]), config, {"kind": "random", "seed": 0}, run)
     a, b = result.artifact.head.to_arrays(), other.artifact.head.to_arrays()
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert result.artifact.provenance["bank_row_index_sha256"] == other.artifact.provenance["bank_row_index_sha256"]
@@ -111,7 +111,7 @@ def test_score_accounts_for_every_row(fitted, demo_set, tmp_path):
         "weight": pa.array([None if i % 3 == 0 else i * 0.5 for i in range(n)], pa.float32()),
     })
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), result.artifact, out,
+    summary = workflows.score(index_at(tmp_path / "index.parquet", index), result.artifact, out,
                              RunConfig(batch_size=4, num_actors=2))
     assert (summary["rows"], summary["scored"], summary["failed"]) == (n, n - 3, 3)
     scores = pq.read_table(out).sort_by("row_index")
@@ -205,13 +205,13 @@ def test_dfm_fit_and_score_with_maps(ray_local, demo_set, tmp_path):
                        image_size=(64, 64))
     state, source = resolve_weights(config, None, False)
     index = read_index(demo_set["index"])
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source,
+    result = workflows.fit(describe_index(demo_set["index"]), config, source,
                           RunConfig(batch_size=5, num_actors=2))
     train = training_rows(with_row_index(index))
     ref = DfmHead(0.97, "fre").fit(_features(config, state, train.column("path").to_pylist()))
     assert np.array_equal(np.abs(result.artifact.head.pca_.components_).shape, ref.pca_.components_.shape)
     out = str(tmp_path / "scores")
-    summary = pipeline.score(describe_index(demo_set["test"]), result.artifact, out, RunConfig(batch_size=4))
+    summary = workflows.score(describe_index(demo_set["test"]), result.artifact, out, RunConfig(batch_size=4))
     assert (summary["rows"], summary["failed"]) == (12, 0)
     rows = pq.read_table(out).sort_by("row_index").to_pylist()
     test_paths = [r["path"] for r in rows]
@@ -277,7 +277,7 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
     config = RkdeConfig(n_pca_components=4, max_training_points=60)
     state, source = rkde_weights(config, None, None)
     index = read_index(rkde_set["index"])
-    result = pipeline.fit(describe_index(rkde_set["index"]), config, source,
+    result = workflows.fit(describe_index(rkde_set["index"]), config, source,
                           RunConfig(batch_size=2, num_actors=1))
     model = RegionModel(state["detector"], state["region"])
     train = training_rows(with_row_index(index))
@@ -287,7 +287,7 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
     assert result.artifact.provenance["n_bank_rows"] == min(60, n_regions)  # regions, capped, uniform by key
     # Scoring: one row per image; boxes in original pixels; the image score is the largest region score.
     out = str(tmp_path / "scores")
-    summary = pipeline.score(describe_index(rkde_set["test"]), result.artifact, out, RunConfig(batch_size=2, num_actors=1))
+    summary = workflows.score(describe_index(rkde_set["test"]), result.artifact, out, RunConfig(batch_size=2, num_actors=1))
     assert (summary["rows"], summary["failed"]) == (4, 0)
     rows = pq.read_table(out).sort_by("row_index").to_pylist()
     test_images = np.stack([decode_image(open(r["path"], "rb").read(), (240, 360)) for r in rows])
@@ -313,7 +313,7 @@ def test_rkde_fit_and_score_regions(ray_local, rkde_set, tmp_path):
                    pa.table({"path": [str(tmp_path / "one_pixel.png"), str(tmp_path / "strip.png"), rows[0]["path"]]}))
     no_regions = dataclasses.replace(result.artifact, config=dataclasses.replace(config, roi_score_threshold=1.0))
     for artifact, out_name in ((result.artifact, "odd"), (no_regions, "none")):
-        pipeline.score(odd, artifact, str(tmp_path / out_name), RunConfig(batch_size=3))
+        workflows.score(odd, artifact, str(tmp_path / out_name), RunConfig(batch_size=3))
         scored = pq.read_table(str(tmp_path / out_name)).sort_by("row_index").to_pylist()
         assert [r["error"] for r in scored] == [None] * 3
         for r, (h, w) in zip(scored, [(1, 1), (3, 4000), (96, 96)]):

@@ -14,9 +14,11 @@ import pytest
 from conftest import SMALL, index_at
 
 from rayanom import plane
-from rayanom.data import ReadPolicy, decode_batch, decode_table, with_row_index
+from rayanom.decode import decode_batch, decode_table
+from rayanom.index import with_row_index
 from rayanom.parts import CrashMarker, part_name
-from rayanom.pipeline import score_units
+from rayanom.stages import score_units
+from rayanom.storage import ReadPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +104,8 @@ def test_decode_stage_skips_the_row_that_killed_its_worker_twice(demo_set, tmp_p
 
 @pytest.mark.ray
 def test_model_stage_skips_the_row_that_killed_its_worker_twice(fitted_small, demo_set, tmp_path):
-    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows
+    from rayanom.artifact import artifact_fingerprint
+    from rayanom.stages import ScoreBatches, score_unit_rows
 
     artifact, out = fitted_small, str(tmp_path / "scores")
     info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]).slice(0, 6))
@@ -124,7 +127,8 @@ def test_model_stage_skips_the_row_that_killed_its_worker_twice(fitted_small, de
 @pytest.mark.ray
 def test_a_bf16_run_ships_half_the_bytes_and_scores_as_from_float32(fitted_small, demo_set, tmp_path):
     from rayanom.index import read_rows
-    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows
+    from rayanom.artifact import artifact_fingerprint
+    from rayanom.stages import ScoreBatches, score_unit_rows
 
     artifact, out, size = fitted_small, str(tmp_path / "scores"), fitted_small.config.image_size
     info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]).slice(0, 6))
@@ -149,7 +153,7 @@ def fitted_small(ray_local, demo_set):
     from rayanom.config import DfkdeConfig, RunConfig
     from rayanom.features import resolve_weights
     from rayanom.index import describe_index
-    from rayanom.pipeline import fit
+    from rayanom.workflows import fit
 
     config = DfkdeConfig(**SMALL)
     _, source = resolve_weights(config, None, False)

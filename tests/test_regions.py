@@ -424,7 +424,7 @@ def test_score_job_check_of_rkde_weights_matches_the_full_load(tmp_path, states)
     from safetensors.numpy import save_file
 
     from rayanom.config import RkdeConfig
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
     check = SPECS["rkde"].check_weights
     config = RkdeConfig(seed=0)

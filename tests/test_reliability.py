@@ -18,13 +18,15 @@ import pytest
 from conftest import SMALL, index_at
 from test_hostile import make_hostile
 
-from rayanom import pipeline
+from rayanom import workflows
+from rayanom.bank import ALL_KEYS
 from rayanom.config import DfkdeConfig, RunConfig
-from rayanom.data import decode_table
-from rayanom.index import describe_index
+from rayanom.decode import decode_table
 from rayanom.features import device_kind, resolve_weights
-from rayanom.index import read_rows
+from rayanom.index import describe_index, read_rows
 from rayanom.parts import table_fingerprint
+from rayanom.plane import FaultHooks
+from rayanom.storage import ReadPolicy
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +48,7 @@ def check_accounting(out: str, index: pa.Table) -> pa.Table:
 def model(ray_local, demo_set):
     config = DfkdeConfig(**SMALL)
     state, source = resolve_weights(config, None, False)
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8))
+    result = workflows.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8))
     return result.artifact
 
 
@@ -56,7 +58,7 @@ def test_hostile_files_end_to_end(model, tmp_path):
     cases = make_hostile(tmp_path / "files")
     index = pa.table({"path": pa.array([p for _, p, _ in cases] * 2, pa.string())})  # duplicates included
     out = str(tmp_path / "scores")
-    summary = pipeline.score(index_at(tmp_path / "index.parquet", index), artifact, out,
+    summary = workflows.score(index_at(tmp_path / "index.parquet", index), artifact, out,
                              RunConfig(batch_size=4, rows_per_part=8, num_actors=2))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
@@ -98,12 +100,12 @@ def test_actor_killed_mid_job_loses_nothing(model, demo_set, tmp_path):
     info = index_at(tmp_path / "long.parquet", index)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     reference = str(tmp_path / "reference")
-    pipeline.score(info, artifact, reference, run)
+    workflows.score(info, artifact, reference, run)
     out, killed = str(tmp_path / "scores"), []
     killer = threading.Thread(target=_kill_once, args=("ScoreBatches", lambda: len(_parts(out)) >= 2,
                                                        killed))
     killer.start()
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, out, run)
     killer.join()
     assert killed, "the scoring actor was never killed: the test did not test anything"
     assert len(_parts(out)) == 36
@@ -116,7 +118,7 @@ def test_parts_do_not_depend_on_the_number_of_actors(model, demo_set, tmp_path):
     outs = []
     for actors in (1, 2):
         outs.append(str(tmp_path / f"scores-{actors}"))
-        pipeline.score(info, artifact, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
+        workflows.score(info, artifact, outs[-1], RunConfig(batch_size=3, rows_per_part=4, num_actors=actors))
     assert sorted(_parts(outs[0])) == sorted(_parts(outs[1])) and len(_parts(outs[0])) == 6
     for name in _parts(outs[0]):  # part by part, rows and values bit for bit
         assert pq.read_table(os.path.join(outs[0], name)).equals(pq.read_table(os.path.join(outs[1], name))), name
@@ -135,15 +137,15 @@ def test_broken_complete_parts_are_written_again(model, demo_set, tmp_path):
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=2))  # 24 rows, 6 parts
     run = RunConfig(batch_size=3, rows_per_part=4, num_actors=1)
     reference, out = str(tmp_path / "reference"), str(tmp_path / "scores")
-    pipeline.score(info, artifact, reference, run)
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, reference, run)
+    workflows.score(info, artifact, out, run)
     part = [os.path.join(out, f"part-{k:08d}.parquet") for k in range(6)]
     with open(part[1], "wb") as f:
         f.write(b"PAR1 not a parquet file")
     pq.write_table(pq.read_table(part[2]), part[3])  # part 2's rows under part 3's name
     pq.write_table(pq.read_table(part[4]).slice(0, 3), part[4])
     stamps = {k: os.stat(part[k]).st_mtime_ns for k in (0, 5)}
-    pipeline.score(info, artifact, out, run)
+    workflows.score(info, artifact, out, run)
     for name in _parts(reference):
         assert pq.read_table(os.path.join(out, name)).equals(pq.read_table(os.path.join(reference, name))), name
     assert all(os.stat(part[k]).st_mtime_ns == stamps[k] for k in stamps)  # the sound parts were kept
@@ -156,12 +158,12 @@ def test_unreadable_manifest_changes_nothing(model, demo_set, tmp_path):
     artifact = model
     info = index_at(tmp_path / "index.parquet", _long_index(demo_set, copies=1))
     out = str(tmp_path / "scores")
-    pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
+    workflows.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     manifest = os.path.join(out, "_rayanom_scores.json")
     os.replace(manifest, str(tmp_path / "manifest.bak"))
     os.mkdir(manifest)  # reading it now fails (a directory), as an unreachable object would
     with pytest.raises(UserError, match="cannot read the scores manifest") as e:
-        pipeline.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
+        workflows.score(info, artifact, out, RunConfig(batch_size=3, rows_per_part=4))
     assert "--overwrite" not in str(e.value) and len(_parts(out)) == 3
 
 
@@ -203,19 +205,42 @@ def _poisoned_index(demo_set, tmp_path):
     return test.set_column(test.schema.get_field_index("path"), "path", pa.array(paths))
 
 
-def _score_part(artifact, info, out, batch_size=4):
+def raise_on_poison(table, ok):
+    """A model-stage fault (``FaultHooks.model``): a batch holding a decoded ``poison.png`` raises."""
+    if any("poison.png" in str(p) for p, good in zip(table.column("path").to_pylist(), ok) if good):
+        msg = "failpoint: a batch holding 'poison.png'"
+        raise RuntimeError(msg)
+
+
+def oom_above_two(table, ok):
+    """A model-stage fault: the out-of-memory error CUDA raises, on batches of more than two images."""
+    import torch
+
+    if int(ok.sum()) > 2:
+        msg = "CUDA out of memory (failpoint: more than 2 images in a batch)"
+        raise torch.cuda.OutOfMemoryError(msg)
+
+
+def exit_on_poison(rows):
+    """A decode-stage fault (``FaultHooks.decode``): reading ``poison.png`` kills the worker process."""
+    if any("poison.png" in str(p) for p in rows.column("path").to_pylist()):
+        os._exit(77)
+
+
+def _score_part(artifact, info, out, batch_size=4, hook=None):
     """Part 0 (the whole index) scored by the two stages as plain objects, without Ray: the decode stage's batch rows
-    fed one by one to a ``ScoreBatches`` actor, which joins the part when its last batch is in."""
+    fed one by one to a ``ScoreBatches`` actor (``hook``: its model-stage fault), which joins the part when its last
+    batch is in."""
     import functools
 
-    from rayanom.data import ReadPolicy
-    from rayanom.pipeline import ScoreBatches, artifact_fingerprint, score_unit_rows, score_units
+    from rayanom.artifact import artifact_fingerprint
     from rayanom.plane import decode_units
+    from rayanom.stages import ScoreBatches, score_unit_rows, score_units
 
     os.makedirs(out)
     artifact.save(os.path.join(out, "_rayanom_model"))
     scorer = ScoreBatches(os.path.join(out, "_rayanom_model"), artifact_fingerprint(artifact), artifact.weights, "cpu",
-                          1, "fp32", out, "job", batch_size, info)
+                          1, "fp32", out, "job", batch_size, info, hook=hook)
     units = pa.Table.from_pylist(score_units([{"part": 0, "start": 0, "stop": info.n_rows, "retry": 0}], 2 * batch_size))
     rows_of = functools.partial(score_unit_rows, index=info, output=out)
     written = [w for rows in decode_units(units, rows_of, batch_size, artifact.config.image_size, ReadPolicy())
@@ -224,14 +249,13 @@ def _score_part(artifact, info, out, batch_size=4):
     return scorer, pq.read_table(os.path.join(out, "part-00000000.parquet"))
 
 
-def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path, monkeypatch):
+def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
 
     artifact = model
     info = index_at(tmp_path / "index.parquet", _poisoned_index(demo_set, tmp_path))
     _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
-    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    _, got = _score_part(artifact, info, str(tmp_path / "failing"))
+    _, got = _score_part(artifact, info, str(tmp_path / "failing"), hook=raise_on_poison)
     errors = got.column("error").to_pylist()
     assert errors[5] == "RuntimeError: failpoint: a batch holding 'poison.png'" and got["anomaly_score"][5].as_py() is None
     assert errors[:5] + errors[6:] == [None] * 11
@@ -241,54 +265,51 @@ def test_a_failing_batch_is_split_down_to_the_row_that_fails(model, demo_set, tm
     assert [b[i] for i in (0, 1, 2, 3, 8, 9, 10, 11)] == a[[0, 1, 2, 3, 8, 9, 10, 11]].tolist()  # other batches: bits
 
 
-def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path, monkeypatch):
+def test_fit_actor_narrows_a_failing_batch_to_its_row(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
-    from rayanom.pipeline import BankFeatures
+    from rayanom.stages import BankFeatures
 
     artifact = model
     index = _poisoned_index(demo_set, tmp_path).append_column("row_index", pa.array(np.arange(12, dtype=np.int64)))
     rows = decode_table(index.slice(4, 4).select(["row_index", "path"]), artifact.config.image_size)  # row 5 poisoned
     actor = BankFeatures(artifact.config, artifact.weights, 1, "cpu", 1, batch_size=4)
-    clean = actor.items(rows, 0.0, 2.0)
-    monkeypatch.setenv("RAYANOM_FAILPOINT_RAISE_ON_PATH", "poison.png")
-    got = actor.items(rows, 0.0, 2.0)
+    clean = actor.items(rows, 0.0, ALL_KEYS)
+    actor.hook = raise_on_poison
+    got = actor.items(rows, 0.0, ALL_KEYS)
     assert got["failed_rows"].tolist() == [5]
     assert got["errors"].tolist() == ["RuntimeError: failpoint: a batch holding 'poison.png'"]
     assert got["bank_id"].tolist() == [4, 6, 7] and clean["bank_id"].tolist() == [4, 5, 6, 7]
     np.testing.assert_allclose(got["features"], clean["features"][[0, 2, 3]], rtol=BATCH_RTOL, atol=1e-6)
 
 
-def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path, monkeypatch):
+def test_out_of_memory_lowers_the_actors_batch_size(model, demo_set, tmp_path):
     from rayanom.heads import BATCH_RTOL
 
     artifact = model
     info = index_at(tmp_path / "index.parquet", pq.read_table(demo_set["test"]))
     _, clean = _score_part(artifact, info, str(tmp_path / "clean"))
-    monkeypatch.setenv("RAYANOM_FAILPOINT_OOM_ABOVE", "2")
-    scorer, got = _score_part(artifact, info, str(tmp_path / "oom"))
+    scorer, got = _score_part(artifact, info, str(tmp_path / "oom"), hook=oom_above_two)
     assert scorer.max_batch == 2 and got.column("error").to_pylist() == [None] * 12
     np.testing.assert_allclose(got["anomaly_score"].to_pylist(), clean["anomaly_score"].to_pylist(), rtol=BATCH_RTOL)
 
 
 @pytest.mark.timeout(600)
 def test_a_row_that_kills_its_worker_is_recorded_and_the_job_finishes(model, demo_set, tmp_path):
-    artifact = model
-    artifact.save(str(tmp_path / "model"))
+    """A row whose reading kills its worker (a decode hook that ends the process) kills it again in row-by-row mode,
+    then is skipped with a WorkerCrash error; the job finishes, every other row scored, no crash marker left."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
     index = _poisoned_index(demo_set, tmp_path)
-    pq.write_table(index, tmp_path / "index.parquet")
     out = str(tmp_path / "scores")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "RAYANOM_FAILPOINT_EXIT_ON_PATH": "poison.png"}
-    proc = subprocess.run([sys.executable, "jobs/score.py", "--model-dir", str(tmp_path / "model"), "--index",
-                           str(tmp_path / "index.parquet"), "--out", out, "--rows-per-part", "4", "--batch-size",
-                           "2", "--num-actors", "1", "--max-failed-fraction", "0.5", "--quiet"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunConfig(rows_per_part=4, batch_size=2, num_actors=1)
+    summary = workflows.score(index_at(tmp_path / "index.parquet", index), model, out, run,
+                              hooks=FaultHooks(decode=exit_on_poison))
     scores = check_accounting(out, index)
     errors = scores.column("error").to_pylist()
     assert errors[5].startswith("WorkerCrash: the worker process died while reading or scoring this row")
     assert errors[:5] + errors[6:] == [None] * 11
-    assert "scored 11 of 12 rows, 1 failed (WorkerCrash 1)" in proc.stdout
+    assert (summary["scored"], summary["rows"], summary["failed_by_kind"]) == (11, 12, {"WorkerCrash": 1})
     assert not [n for n in os.listdir(out) if n.endswith(".crash.tmp")]
 
 
@@ -308,17 +329,17 @@ def test_retry_failed_rescores_exactly_the_failed_rows(model, demo_set, tmp_path
     info = index_at(tmp_path / "index.parquet", moved)
     run = RunConfig(batch_size=2, rows_per_part=4, num_actors=1)
     out = str(tmp_path / "scores")
-    first = pipeline.score(info, artifact, out, run)
+    first = workflows.score(info, artifact, out, run)
     assert first["failed"] == 2 and first["failed_by_kind"] == {"FileNotFoundError": 2}
     before = {k: pq.read_table(os.path.join(out, f"part-{k:08d}.parquet")) for k in range(3)}
     stamp = os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns
     for i, p in later.items():
         shutil.copy(paths[i], p)
-    again = pipeline.score(info, artifact, out, run, retry_failed=True)
+    again = workflows.score(info, artifact, out, run, retry_failed=True)
     assert again["failed"] == 0
     assert os.stat(os.path.join(out, "part-00000001.parquet")).st_mtime_ns == stamp
     clean = str(tmp_path / "clean")
-    pipeline.score(info, artifact, clean, run)
+    workflows.score(info, artifact, clean, run)
     for k in (0, 2):
         got = pq.read_table(os.path.join(out, f"part-{k:08d}.parquet"))
         ref = pq.read_table(os.path.join(clean, f"part-{k:08d}.parquet"))
@@ -427,7 +448,7 @@ def test_a_stalled_plane_ends_with_an_error(ray_local):
     from rayanom.plane import Plan, run
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module by name
-    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": pipeline.ReadPolicy()}
+    decode = {"rows_of": one_row_unit, "batch_size": 1, "image_size": (8, 8), "policy": ReadPolicy()}
     units = [{"part": i} for i in range(7)]
     quick = Plan(num_actors=2, batches_per_call=1, num_cpus=0.5, num_gpus=0, memory=2**28, no_progress_s=60, start_timeout_s=120)
     got = pa.concat_tables(run(units, decode, Stuck, {"seconds": 0.0}, quick, progress=False))

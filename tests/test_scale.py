@@ -1,4 +1,4 @@
-"""Scale: the driver's memory during ``pipeline.fit`` is bounded by the memory bank, not by the training index.
+"""Scale: the driver's memory during ``workflows.fit`` is bounded by the memory bank, not by the training index.
 
 The same fit runs on a 30-row and on a 3000-row index (100x) of tiny PNGs with a 16-row bank cap. The driver is this
 test process: its peak Python heap (``tracemalloc``, which traces numpy's buffers too) and its peak Arrow allocations
@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import index_at
 
-from rayanom import pipeline
+from rayanom import workflows
 from rayanom.config import DfmConfig, RunConfig
-from rayanom.index import describe_index
 from rayanom.features import resolve_weights
+from rayanom.index import describe_index
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -79,7 +79,7 @@ def test_driver_memory_is_bounded_by_the_bank_when_the_index_grows_100x(ray_loca
     run = RunConfig(batch_size=BATCH, num_actors=1)
 
     def fit(index):
-        return pipeline.fit(index, CONFIG, source, run)
+        return workflows.fit(index, CONFIG, source, run)
 
     fit(small)  # warm-up: the first fit of a process imports and caches several MiB (7.7 MiB measured)
     peaks = {}
@@ -130,7 +130,7 @@ def test_scoring_driver_holds_no_rows_when_the_index_grows_10x(ray_local, tmp_pa
         pq.write_table(pa.table({"path": [f"/nonexistent/{name}/{i:07d}-with-a-longer-name.png" for i in range(n)],
                                  "label": pa.array(np.arange(n) % 2)}), path)
         index = describe_index(path)
-        return _driver_peak(lambda: pipeline.score(index, artifact, str(tmp_path / f"out-{name}"), run))
+        return _driver_peak(lambda: workflows.score(index, artifact, str(tmp_path / f"out-{name}"), run))
 
     score(500, "warm")
     # A sampled Arrow peak can only fall short of the true one; a baseline that fell short would inflate the growth

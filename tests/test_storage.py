@@ -12,8 +12,9 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-import rayanom.data as data
-from rayanom.data import ReadPolicy, decode_batch, is_transient, read_bytes
+import rayanom.storage as storage
+from rayanom.decode import decode_batch
+from rayanom.storage import ReadPolicy, is_transient, read_bytes
 
 SLOW_DOWN = "AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate. (HTTP status 503)"
 HEAD_503 = "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body."
@@ -115,8 +116,8 @@ class Flaky(pafs.FileSystemHandler):
 def flaky(monkeypatch, tmp_path):
     handler = Flaky()
     fs = pafs.PyFileSystem(handler)
-    real = data.resolve_filesystem
-    monkeypatch.setattr(data, "resolve_filesystem",
+    real = storage.resolve_filesystem
+    monkeypatch.setattr(storage, "resolve_filesystem",
                         lambda uri: (fs, uri[len("flaky://"):]) if uri.startswith("flaky://") else real(uri))
     paths = []
     rng = np.random.default_rng(0)

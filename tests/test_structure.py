@@ -73,7 +73,7 @@ def test_no_comment_points_outside_the_repository():
 def test_public_api_is_light_and_complete():
     # After every module is loaded, no name of the API may be shadowed by a submodule of the same name.
     code = ("import sys, types, rayanom; assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy'; "
-            "import rayanom.pipeline, rayanom.report, rayanom.compare, rayanom.pixels, rayanom.workflows; "
+            "import rayanom.stages, rayanom.report, rayanom.compare, rayanom.pixels, rayanom.workflows; "
             "print([n for n in rayanom.__all__ "
             "       if isinstance(getattr(rayanom, n, None), (type(None), types.ModuleType))])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -106,7 +106,7 @@ def test_every_default_is_the_dataclasses():
     import dataclasses
 
     from rayanom.config import RunConfig
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
     from rayanom_jobs import fit
 
     actions = {a.dest: a for a in fit.get_args_parser()._actions}
@@ -127,12 +127,12 @@ def test_every_default_is_the_dataclasses():
 
 
 def test_only_the_model_table_names_a_model():
-    """The model choice is made in rayanom/models.py (the table), rayanom/config.py (the configs it lists) and each
+    """The model choice is made in rayanom/specs.py (the table), rayanom/config.py (the configs it lists) and each
     model's own stage (heads, regions, features); the orchestration, the artifact, the report and the jobs name no
     model: no string literal equal to a model's name."""
-    from rayanom.models import SPECS
+    from rayanom.specs import SPECS
 
-    own = {"models.py", "config.py", "heads.py", "regions.py", "features.py"}
+    own = {"specs.py", "config.py", "heads.py", "regions.py", "features.py"}
     found = []
     for p in SOURCES:
         if p.name in own:
@@ -150,7 +150,7 @@ def test_only_the_model_table_names_a_model():
 
 # --- docstrings: a one-line summary each ----------------------------------------------------------------------------
 
-DOCSTRING_RULE_PENDING = {"data.py", "pipeline.py", "models.py", "plane.py", "workflows.py"}  # until the issue-30 merge
+DOCSTRING_RULE_PENDING: set[str] = set()  # files the one-line-summary rule skips (none)
 TWO_SENTENCES = re.compile(r"[a-z)`]\. [A-Z]")  # a full stop inside the summary line, then a new sentence
 
 
@@ -343,3 +343,117 @@ def test_the_ray_marker_is_on_the_tests_that_start_ray():
             if starts != marked and not (marked and "subprocess." in text):
                 wrong.append(f"{path.relative_to(REPO)}::{test.name}")
     assert set(wrong) == RAY_MARKER_EXCEPTIONS, sorted(set(wrong) ^ RAY_MARKER_EXCEPTIONS)
+
+
+# --- import layers: the package reads as the data flow, each module importing from its own layer or below ----------
+
+# Bottom to top. A module imports only from its own layer or a lower one (at module level or inside a function), and
+# the import graph has no circle. ``rayanom`` is the package's __init__: it imports nothing of the package at import
+# time (its public API names modules as strings, imported on first use).
+LAYERS = [
+    ["rayanom", "columns", "bank"],  # leaves: the package, the column names, the bank's sampling maths
+    ["config"],  # model and run configs, user errors
+    ["storage", "heads"],  # filesystems, retried reads, weight files; the heads (numpy)
+    ["index", "decode", "decisions", "scores", "folders", "pool"],  # input rows, decoding, decisions, score reading
+    ["features", "parts", "summary", "maps", "listing", "demo"],  # feature stage, parts on disk, summaries, maps
+    ["regions", "pixels", "plane"],  # RKDE's region stage, pixel metrics, the data plane on Ray Data
+    ["specs"],  # the per-model table
+    ["artifact", "launch", "report"],  # the fitted model on disk, starting Ray, the evaluation report
+    ["stages", "compare"],  # the model-stage actors; comparing two runs
+    ["workflows"],  # fit, score and decide: what the jobs and the public API call
+]
+# Optional dependencies heavy enough that a light import path (``import rayanom``, the decode workers, jobs/index.py)
+# must not load them: the only imports allowed inside functions. botocore comes with boto3.
+HEAVY = {"torch", "torchvision", "timm", "ray", "matplotlib", "sklearn", "scipy", "moto", "boto3", "botocore"}
+PACKAGE = REPO / "rayanom"
+
+
+def _project_imports(tree: ast.AST) -> list[tuple[ast.AST, str]]:
+    """(import node, the rayanom module it imports: ``columns``, ..., or ``rayanom`` for the package itself)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rayanom":
+            if node.module == "rayanom":
+                found += [(node, a.name if (PACKAGE / f"{a.name}.py").exists() else "rayanom") for a in node.names]
+            else:
+                found.append((node, node.module.split(".")[1]))
+        elif isinstance(node, ast.Import):
+            found += [(node, (a.name.split(".") + ["rayanom"])[1] if a.name != "rayanom" else "rayanom")
+                      for a in node.names if a.name.split(".")[0] == "rayanom"]
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {p.stem if p.stem != "__init__" else "rayanom": p for p in PACKAGE.glob("*.py")}
+    return {name: {m for _, m in _project_imports(ast.parse(p.read_text())) if m != name}
+            for name, p in modules.items()}
+
+
+def test_imports_go_down_the_layers_without_a_circle():
+    layer = {m: i for i, names in enumerate(LAYERS) for m in names}
+    graph = _import_graph()
+    assert set(graph) == set(layer), f"modules missing from LAYERS or gone: {set(graph) ^ set(layer)}"
+    upward = sorted(f"{a} (layer {layer[a]}) imports {b} (layer {layer[b]})" for a, bs in graph.items() for b in bs
+                    if layer[b] > layer[a])
+    assert not upward, upward
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def circle_from(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt):], nxt] if nxt in path else [*path, nxt]
+            if nxt not in state:
+                found = circle_from(nxt, [*path, nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        circle = circle_from(start, [start]) if start not in state else None
+        assert circle is None, " -> ".join(circle)
+
+
+def _heavy_modules() -> set[str]:
+    """The rayanom modules that load a heavy dependency when imported (at module level, directly or through another
+    such module): importing one inside a function is importing that dependency."""
+    top = {}
+    for p in PACKAGE.glob("*.py"):
+        tree = ast.parse(p.read_text())
+        names = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+        module_level = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
+                                  type_ignores=[])
+        top[p.stem] = (names, {m for _, m in _project_imports(module_level)})
+    heavy = {m for m, (names, _) in top.items() if names & HEAVY}
+    while True:
+        more = {m for m, (_, project) in top.items() if project & heavy} - heavy
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def test_function_local_imports_are_only_of_heavy_dependencies():
+    """Imports sit at the top of each module, so the coupling shows; inside a function only a heavy optional
+    dependency (``HEAVY``, or a rayanom module that loads one) that a light import path must not load."""
+    heavy = _heavy_modules()
+    found = []
+    for p in SOURCES:
+        tree = ast.parse(p.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in (n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if node.level == 0 else [])
+                project = {m for _, m in _project_imports(node)}
+                light = [n for n in names if n.split(".")[0] not in HEAVY and n.split(".")[0] != "rayanom"]
+                if light or (project and not project <= heavy):
+                    found.append(f"{p.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
+    assert len(found) == 0, found
+
+
+def test_fault_hooks_live_in_the_tests():
+    """Faults are injected by the tests, through ``plane.FaultHooks``; the library reads no failpoint variable."""
+    found = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES for i, line in enumerate(p.read_text().splitlines(), 1)
+             if "FAILPOINT" in line]
+    assert not found, found

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from rayanom.config import DfkdeConfig, RkdeConfig, UserError
-from rayanom.models import RKDE_FILES, SPECS, random_weights_warning, report_weights
+from rayanom.config import RKDE_FILES, DfkdeConfig, RkdeConfig, UserError
+from rayanom.specs import SPECS, random_weights_warning, report_weights
 
 DETECTOR_URL = "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
 REGION_URL = "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/rkde_feature_extractor.pth"
@@ -42,7 +42,7 @@ def _fit_until_ray(monkeypatch, argv: list[str]):
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "rayanom.models"]
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "rayanom.specs"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def _warnings(caplog) -> list[str]:
 def test_random_weights_warn_on_a_user_index_and_not_on_the_demo(caplog):
     config = DfkdeConfig(backbone="resnet18", seed=5)
     random = {"kind": "random", "seed": 5}
-    with caplog.at_level(logging.INFO, logger="rayanom.models"):
+    with caplog.at_level(logging.INFO, logger="rayanom.specs"):
         assert random_weights_warning(config, random, demo=True) is None
         assert not _warnings(caplog)
         msg = random_weights_warning(config, random, demo=False)
@@ -71,7 +71,7 @@ def test_rkde_random_parts_warn_with_the_files_urls(caplog):
     config = RkdeConfig()
     file = {"kind": "file", "path": "d.pth", "sha256": "cd" * 32}
     source = {"kind": "rkde", "detector": file, "region": {"kind": "random", "seed": 0}}
-    with caplog.at_level(logging.WARNING, logger="rayanom.models"):
+    with caplog.at_level(logging.WARNING, logger="rayanom.specs"):
         assert random_weights_warning(config, source, demo=True) is None
         msg = random_weights_warning(config, source, demo=False)
         assert random_weights_warning(config, {**source, "region": file}, demo=False) is None
@@ -86,14 +86,14 @@ def test_fit_job_warns_on_a_user_index_and_not_on_the_demo(demo_set, tmp_path, m
     the demo (no --index, here the fixture's set standing in for the generated one) does not."""
     from rayanom import demo
 
-    with caplog.at_level(logging.WARNING, logger="rayanom.models"):
+    with caplog.at_level(logging.WARNING, logger="rayanom.specs"):
         _fit_until_ray(monkeypatch, ["--model", "dfkde", "--index", demo_set["index"], "--out", str(tmp_path / "a"),
                                      "--no-pretrained", *SMALL])
     assert len(_warnings(caplog)) == 1 and "random backbone weights (seed 0)" in _warnings(caplog)[0]
     assert "weights: random, seed 0" in capsys.readouterr().out
     caplog.clear()
     monkeypatch.setattr(demo, "demo_set", lambda spec: (demo_set["index"], demo_set["test"]))
-    with caplog.at_level(logging.WARNING, logger="rayanom.models"):
+    with caplog.at_level(logging.WARNING, logger="rayanom.specs"):
         _fit_until_ray(monkeypatch, ["--model", "dfkde", "--out", str(tmp_path / "b"), *SMALL])
     assert not _warnings(caplog)
     assert "weights: random, seed 0" in capsys.readouterr().out

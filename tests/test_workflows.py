@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SMALL, index_at
-from rayanom import pipeline
+from rayanom import workflows
+from rayanom.artifact import artifact_fingerprint
 from rayanom.config import DfkdeConfig, RunConfig
 from rayanom.decisions import Threshold, load_threshold
 from rayanom.features import resolve_weights
@@ -57,7 +58,7 @@ def labelled(ray_local, demo_set, tmp_path_factory):
     """A small model, and the demo's test rows with every other row in the ``val`` split (both classes there)."""
     config = DfkdeConfig(**SMALL)
     _, source = resolve_weights(config, None, False)
-    artifact = pipeline.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8)).artifact
+    artifact = workflows.fit(describe_index(demo_set["index"]), config, source, RunConfig(batch_size=8)).artifact
     table = pq.read_table(demo_set["test"])
     split = pa.array(["val" if i % 2 else "test" for i in range(table.num_rows)])
     table = table.set_column(table.schema.get_field_index("split"), "split", split)
@@ -80,7 +81,7 @@ def test_a_threshold_from_the_val_rows_writes_every_part_once(labelled, tmp_path
     n_val = table.column("split").to_pylist().count("val")
     assert t.source == f"F1-adaptive on {n_val} val rows" and t.min is not None
     assert t == threshold_from_val(os.path.join(out, VAL_DIR, "scores"))  # the val rows, scored first
-    assert load_threshold(model, pipeline.artifact_fingerprint(artifact)) == t  # stored beside the model
+    assert load_threshold(model, artifact_fingerprint(artifact)) == t  # stored beside the model
     assert apply_to_parts(out, t) == 0  # every part decided with it already
     scores = pq.read_table(out)  # the val rows' own directory is hidden: the scores are the index's rows only
     assert scores.num_rows == table.num_rows

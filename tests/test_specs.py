@@ -1,4 +1,4 @@
-"""A fourth model, defined in this file and registered through rayanom.models alone, fitted and scored end to end on a
+"""A fourth model, defined in this file and registered through rayanom.specs alone, fitted and scored end to end on a
 local Ray: nothing else in the library knows it (its spec travels to the actors with their arguments)."""
 
 import sys
@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from rayanom import models, pipeline
+from rayanom import specs, workflows
 from rayanom.artifact import Artifact
+from rayanom.columns import SCORE_COL
 from rayanom.config import RunConfig, UserError
-from rayanom.data import SCORE_COL, decode_image, read_index, training_rows, with_row_index
+from rayanom.decode import decode_image
 from rayanom.features import FeatureExtractor
-from rayanom.index import describe_index
+from rayanom.index import describe_index, read_index, training_rows, with_row_index
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -50,9 +51,9 @@ class MeanDistanceHead:
         return self
 
 
-TOY = models.ModelSpec(name="toy-mean", config=MeanConfig, head=lambda config: MeanDistanceHead(),
-                       extractor=models.backbone_extractor, weights=models.timm_weights,
-                       load_weights=models.load_timm_weights, outputs=models.score_outputs, columns=lambda config: ())
+TOY = specs.ModelSpec(name="toy-mean", config=MeanConfig, head=lambda config: MeanDistanceHead(),
+                       extractor=specs.backbone_extractor, weights=specs.timm_weights,
+                       load_weights=specs.load_timm_weights, outputs=specs.score_outputs, columns=lambda config: ())
 
 
 @pytest.fixture
@@ -60,9 +61,9 @@ def toy():
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
-    models.register(TOY)
+    specs.register(TOY)
     yield TOY
-    del models.SPECS[TOY.name]
+    del specs.SPECS[TOY.name]
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -71,11 +72,11 @@ def test_a_fourth_model_registered_in_one_place_fits_and_scores(ray_local, demo_
     config = MeanConfig()
     state, source = toy.weights(config, {}, False)  # seeded random weights, as the demo
     run = RunConfig(batch_size=8, num_actors=2)
-    result = pipeline.fit(describe_index(demo_set["index"]), config, source, run)
+    result = workflows.fit(describe_index(demo_set["index"]), config, source, run)
     result.artifact.save(str(tmp_path / "model"))
     artifact = Artifact.load(str(tmp_path / "model"))  # found by its name, registered
     assert isinstance(artifact.config, MeanConfig) and isinstance(artifact.head, MeanDistanceHead)
-    summary = pipeline.score(describe_index(demo_set["test"]), artifact, str(tmp_path / "scores"), run)
+    summary = workflows.score(describe_index(demo_set["test"]), artifact, str(tmp_path / "scores"), run)
     assert summary["rows"] == 12 and summary["failed"] == 0
 
     # The independent reference: the same features in this process, the distance to the training mean by hand.
@@ -94,6 +95,6 @@ def test_a_fourth_model_registered_in_one_place_fits_and_scores(ray_local, demo_
 
 def test_a_registered_name_is_refused_and_an_unknown_model_is_named():
     with pytest.raises(UserError, match="invalid model='dfkde'"):
-        models.register(models.SPECS["dfkde"])
+        specs.register(specs.SPECS["dfkde"])
     with pytest.raises(UserError, match=r"invalid model='toy-mean': expected one of \['dfkde', 'dfm', 'rkde'\]"):
-        models.spec("toy-mean")
+        specs.spec("toy-mean")

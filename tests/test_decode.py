@@ -1,17 +1,12 @@
-"""Index validation and the CPU decode stage (pre-processing parity with torch's antialiased resize)."""
-
-import os
+"""The CPU decode stage: pre-processing parity with torch's antialiased resize, errors kept per row."""
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rayanom.config import UserError
-from rayanom.data import decode_batch, decode_image, read_index, training_rows, validate_index, with_row_index
+from rayanom.decode import decode_batch, decode_image
 
 
 def _png(path, h, w, mode="RGB", seed=0):
@@ -54,57 +49,14 @@ def test_decode_batch_records_errors_per_row(tmp_path):
     assert np.array_equal(out["row_index"], np.arange(6))
 
 
-def _write(tmp_path, **cols):
-    path = str(tmp_path / "index.parquet")
-    pq.write_table(pa.table(cols), path)
-    return path
-
-
-@pytest.mark.parametrize("cols,match", [
-    ({"file": ["a.png"]}, "required column 'path' is missing"),
-    ({"path": [1, 2]}, "column 'path' has type int64; expected string"),
-    ({"path": ["a", "b"], "label": [0, 2]}, r"column 'label' holds \[2\]; allowed values are 0"),
-    ({"path": ["a", "b"], "label": ["good", "bad"]}, "column 'label' has type string"),
-    ({"path": ["a"], "label": pa.array([None], pa.int64())}, "no nulls"),
-    ({"path": ["a"], "split": [1]}, "column 'split' has type int64"),
-    ({"path": ["a"], "anomaly_score": [1.0]}, "reserved for outputs"),
-])
-def test_bad_index_is_rejected_with_the_reason(tmp_path, cols, match):
-    with pytest.raises(UserError, match=match):
-        read_index(_write(tmp_path, **cols))
-
-
-def test_unreadable_index(tmp_path):
-    bad = tmp_path / "x.parquet"
-    bad.write_text("nope")
-    with pytest.raises(UserError, match="cannot read index"):
-        read_index(str(bad))
-    with pytest.raises(UserError, match="cannot read index"):
-        read_index(str(tmp_path / "absent.parquet"))
-
-
-def test_training_rows_keep_normal_train_split():
-    table = validate_index(pa.table({"path": list("abcdef"), "label": [0, 1, 0, 0, 1, 0],
-                                     "split": ["train", "train", "test", "train", "test", None]}))
-    rows = training_rows(with_row_index(table))
-    assert rows.column("path").to_pylist() == ["a", "d"]
-    assert rows.column("row_index").to_pylist() == [0, 3]
-    assert training_rows(with_row_index(pa.table({"path": list("ab")}))).num_rows == 2
-
-
-def test_directory_of_parquet_files_is_one_index(tmp_path):
-    os.makedirs(tmp_path / "idx")
-    pq.write_table(pa.table({"path": ["a", "b"]}), tmp_path / "idx" / "part-0.parquet")
-    pq.write_table(pa.table({"path": ["c"]}), tmp_path / "idx" / "part-1.parquet")
-    assert sorted(read_index(str(tmp_path / "idx")).column("path").to_pylist()) == ["a", "b", "c"]
-
-
 def test_decode_stage_does_not_import_torch():
     # Ray workers import the module of the function they run: a decode worker that imported torch paid ~1.5 s of
     # CPU while the feature actor was starting on the same cores (fit.py --score 37 -> 29 s when it stopped).
     import subprocess
     import sys
 
-    code = "import sys, rayanom.data; assert callable(rayanom.data.decode_table); print('torch' in sys.modules)"
+    # The decode workers import the stage's function (plane) and the unit helpers they are given (stages).
+    code = ("import sys, rayanom.decode, rayanom.plane, rayanom.stages; assert callable(rayanom.plane.decode_units); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"

@@ -2,12 +2,12 @@
 
 For each model: its config class, where its weights come from (the fit flags, the files a score job may find
 elsewhere, the loader the actors use), its feature stage, its head, how many bank items an image gives, its output
-columns, and whether its feature stage runs in bf16. ``pipeline``, ``artifact`` and ``jobs/`` ask ``spec_of(config)``
-and name no model.
+columns, and whether its feature stage runs in bf16. ``stages``, ``workflows``, ``artifact`` and ``jobs/`` ask
+``spec_of(config)`` and name no model.
 
 A new model is one more ``ModelSpec``: a config dataclass (its fields are the fit flags, its defaults written once),
 a head (``fit``, ``score_samples`` higher = more normal, ``to_arrays``), the weight functions and an ``outputs``
-function (``score_outputs`` for an image-level model). ``register`` adds one at run time (tests/test_models.py
+function (``score_outputs`` for an image-level model). ``register`` adds one at run time (tests/test_specs.py
 defines a toy fourth model so). The spec travels to the actors with their arguments (Ray pickles it), so a model
 registered in the driver alone runs on every worker.
 """
@@ -24,19 +24,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rayanom.config import DfkdeConfig, DfmConfig, RkdeConfig, UserError, raise_invalid
-from rayanom.data import (
-    BOX_SCORES_COL, BOXES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
+from rayanom.columns import (
+    BOXES_COL, BOX_SCORES_COL, HEIGHT_COL, MAP_COL, MAP_SHAPE_COL, NUM_REGIONS_COL, PROB_COL, SCORE_COL, WIDTH_COL,
 )
+from rayanom.config import RKDE_FILES, DfkdeConfig, DfmConfig, RkdeConfig, raise_invalid, rkde_file_help
+from rayanom.heads import DfmHead, KdeHead, anomaly_probability
+from rayanom.storage import read_weights_file, same_file
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Batch:
-    """A decoded batch as a model's ``outputs`` sees it: the table (``decode_table``'s), which rows decoded (``ok``)
-    and their images, the error of each row (a list the outputs may fill), and the actor's feature stage, head and
-    device."""
+class ScoringBatch:
+    """A decoded batch as a model's ``outputs`` sees it.
+
+    The table (``decode_table``'s), which rows decoded (``ok``) and their images, the error of each row (a list the
+    outputs may fill), and the actor's feature stage, head and device."""
 
     table: pa.Table
     ok: np.ndarray
@@ -56,8 +59,9 @@ class Batch:
         return self.extractor.features(self.images)
 
     def valid(self, score: np.ndarray, what: str = "anomaly score") -> np.ndarray:
-        """Rows with a score: decoded, no error, a finite ``score``; a decoded row whose score is not finite gets an
-        error saying so."""
+        """Rows with a score: decoded, no error, a finite ``score``.
+
+        A decoded row whose score is not finite gets an error saying so."""
         for i in np.flatnonzero(self.ok & ~np.isfinite(score)):
             if self.errors[i] is None:
                 self.errors[i] = f"ValueError: non-finite {what} (non-finite features?)"
@@ -69,7 +73,7 @@ def masked(values: np.ndarray, valid: np.ndarray, type_=pa.float64()) -> pa.Arra
     return pa.array(values, type_, mask=~valid)
 
 
-def image_scores(b: Batch) -> np.ndarray:
+def image_scores(b: ScoringBatch) -> np.ndarray:
     """Per row, -``head.score_samples`` of the image's features (higher = more anomalous); NaN where not decoded."""
     score = np.full(b.n, np.nan)
     if b.ok.any():
@@ -77,24 +81,24 @@ def image_scores(b: Batch) -> np.ndarray:
     return score
 
 
-def score_outputs(b: Batch) -> dict[str, pa.Array]:
+def score_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     """An image-level model's outputs: ``anomaly_score`` only."""
     score = image_scores(b)
     return {SCORE_COL: masked(score, b.valid(score))}
 
 
-def _kde_outputs(b: Batch) -> dict[str, pa.Array]:
+def _kde_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     """DFKDE: ``anomaly_score`` (-log density) and ``anomaly_probability`` (anomalib's sigmoid of the log density)."""
-    from rayanom.heads import anomaly_probability
-
     score = image_scores(b)
     valid = b.valid(score)
     return {SCORE_COL: masked(score, valid), PROB_COL: masked(anomaly_probability(-score), valid)}
 
 
-def _dfm_outputs(b: Batch) -> dict[str, pa.Array]:
-    """DFM: ``anomaly_score`` (FRE or NLL) and, for FRE, the anomaly map (channel sums of the squared residuals at the
-    pooled resolution, flattened row-major), its shape and the original image size (for upsampling: ``maps``)."""
+def _dfm_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
+    """DFM's output columns: ``anomaly_score`` (FRE or NLL) and, for FRE, the anomaly map.
+
+    The map holds the channel sums of the squared residuals at the pooled resolution, flattened row-major, with its
+    shape and the original image size (for upsampling: ``maps``)."""
     fre = b.config.score_type == "fre"
     score, maps = np.full(b.n, np.nan), None
     if b.ok.any():
@@ -113,7 +117,7 @@ def _dfm_outputs(b: Batch) -> dict[str, pa.Array]:
             HEIGHT_COL: b.table.column(HEIGHT_COL), WIDTH_COL: b.table.column(WIDTH_COL)}
 
 
-def _region_outputs(b: Batch) -> dict[str, pa.Array]:
+def _region_outputs(b: ScoringBatch) -> dict[str, pa.Array]:
     from rayanom.regions import region_outputs
 
     return region_outputs(b)
@@ -121,16 +125,6 @@ def _region_outputs(b: Batch) -> dict[str, pa.Array]:
 
 # --- weights: timm backbones (DFKDE, DFM) and the two RKDE networks ------------------------------------------
 
-# RKDE's pretrained weights: two files a user downloads once (nothing is downloaded here), passed as a path or URI.
-# torchvision names its file after the first 8 hex digits of its sha256 (torch.hub's convention, checked on reading:
-# ``features.check_hash_in_name``); anomalib's file name has no hash.
-RKDE_FILES = {
-    "detector_weights": ("torchvision's COCO_V1 Faster R-CNN ResNet-50 FPN",
-                         "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"),
-    "region_weights": ("anomalib's RKDE region feature extractor (fc6/fc7)",
-                       "https://github.com/openvinotoolkit/anomalib/releases/download/rkde-weights/"
-                       "rkde_feature_extractor.pth"),
-}
 PRETRAINED_FLAG = ({"action": argparse.BooleanOptionalAction, "default": None},
                    "pretrained weights: timm's pretrained tag (the network or an HF_HOME cache), or RKDE's two files "
                    "(--detector-weights, --region-weights: required then); default: yes with --index, no for the "
@@ -143,29 +137,12 @@ TIMM_WEIGHT_FLAGS = {
 }
 
 
-def rkde_file_help(flag: str) -> str:
-    """Where RKDE's weights file for ``flag`` comes from: what it is, its name and its download URL."""
-    what, url = RKDE_FILES[flag]
-    name = url.rsplit("/", 1)[-1]
-    return f"{what}: {name} from {url}"
-
-
 RKDE_WEIGHT_FLAGS = {
     flag: ({"metavar": "PATH"}, f"{rkde_file_help(flag)}, downloaded once, local or a URI (as --weights); its sha256 "
            "is recorded (default: none, seeded random weights with --no-pretrained or for the demo)")
     for flag in RKDE_FILES
 }
 RKDE_WEIGHT_FLAGS["pretrained"] = PRETRAINED_FLAG
-
-
-def rkde_files_needed(missing: list[str]) -> UserError:
-    """The refusal of RKDE's pretrained weights without their files: which to download from where, which flags."""
-    flags = "/".join("--" + f.replace("_", "-") for f in missing)
-    where = "; ".join(f"--{f.replace('_', '-')} PATH|URI: {rkde_file_help(f)}" for f in RKDE_FILES)
-    return UserError(f"invalid {flags}=None: RKDE's pretrained weights (--pretrained, the default with --index) are "
-                     f"two files to download once, nothing is downloaded here: {where}; or --no-pretrained for "
-                     "random weights seeded with --seed (scores then reflect low-level image statistics, not "
-                     "learned defects)")
 
 
 def _pretrained(flags: dict, download: bool) -> bool:
@@ -175,8 +152,10 @@ def _pretrained(flags: dict, download: bool) -> bool:
 
 
 def timm_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
-    """The backbone's state and source from the fit flags: ``--weights PATH``, else timm's pretrained tag when
-    ``--pretrained`` (by default when ``download``, a user index; never for the demo), else a seeded random init."""
+    """The backbone's state and source from the fit flags.
+
+    ``--weights PATH``, else timm's pretrained tag when ``--pretrained`` (by default when ``download``, a user index;
+    never for the demo), else a seeded random init."""
     from rayanom.features import resolve_weights
 
     return resolve_weights(config, flags.get("weights"), not flags.get("weights") and _pretrained(flags, download))
@@ -196,17 +175,16 @@ def load_timm_weights(config, source: dict, files: dict) -> dict:
 
 
 def _same_file(path: str, recorded: dict, flag: str) -> None:
-    from rayanom.data import read_weights_file, same_file
-
     same_file({"path": path, "sha256": read_weights_file(path, flag)[1]}, recorded, flag)
     logger.info("%s=%s: sha256 %s, the file the model was fitted with", flag, path, recorded["sha256"])
 
 
 def check_timm_weights(config, source: dict, files: dict) -> None:
-    """``load_timm_weights``'s checks without building the backbone (nor importing torch) in the two usual cases: a
-    file is the one recorded (its sha256; it was checked against the backbone at fit time), a random init has the
-    config's seed. Anything else is loaded: timm's pretrained weights (the one proof that they can be), and the
-    errors."""
+    """Check ``load_timm_weights``' source without building the backbone (nor importing torch).
+
+    In the two usual cases: a file is the one recorded (its sha256; it was checked against the backbone at fit time),
+    a random init has the config's seed. Anything else is loaded: timm's pretrained weights (the one proof that they
+    can be), and the errors."""
     kind, moved = source.get("kind"), files.get("weights")
     if kind == "file":
         _same_file(moved or source["path"], source, "weights")
@@ -215,8 +193,10 @@ def check_timm_weights(config, source: dict, files: dict) -> None:
 
 
 def _rkde_weights(config, flags: dict, download: bool) -> tuple[dict, dict]:
-    """Both networks' states and source from the fit flags: their files, required with ``--pretrained`` (by default
-    when ``download``, a user index), else seeded random inits where a file is not given."""
+    """Both RKDE networks' states and source from the fit flags.
+
+    Their files, required with ``--pretrained`` (by default when ``download``, a user index), else seeded random
+    inits where a file is not given."""
     from rayanom.regions import rkde_weights
 
     return rkde_weights(config, flags.get("detector_weights"), flags.get("region_weights"),
@@ -235,8 +215,10 @@ def _load_rkde_weights(config, source: dict, files: dict) -> dict:
 
 
 def _check_rkde_weights(config, source: dict, files: dict) -> None:
-    """``_load_rkde_weights``' checks without building the networks where each is a recorded file or a seeded random
-    init (as ``check_timm_weights``); anything else is loaded, for its error."""
+    """Check ``_load_rkde_weights``' source without building the networks where it can.
+
+    Where each is a recorded file or a seeded random init (as ``check_timm_weights``); anything else is loaded, for
+    its error."""
     for part, flag in (("detector", "detector_weights"), ("region", "region_weights")):
         recorded = source.get(part, {}) if source.get("kind") == "rkde" else {}
         if recorded.get("kind") == "file":
@@ -251,17 +233,20 @@ RANDOM_MEANING = ("its features are random, so its scores reflect low-level imag
 
 
 def random_parts(source: dict) -> list[str]:
-    """The networks of a weight source that are random inits: none, ``["backbone"]``, or parts of a source of several
-    networks (RKDE's ``detector``, ``region``)."""
+    """The networks of a weight source that are random inits.
+
+    None, ``["backbone"]``, or parts of a source of several networks (RKDE's ``detector``, ``region``)."""
     if source.get("kind") == "random":
         return ["backbone"]
     return [name for name, part in source.items() if isinstance(part, dict) and part.get("kind") == "random"]
 
 
 def random_weights_warning(config, source: dict, demo: bool) -> str | None:
-    """The one decision on random weights: a fit on any index but the demo's with a random init logs a WARNING that
-    says what its scores mean and how to get the pretrained weights (``ModelSpec.weights_help``); returns it, or None
-    (pretrained weights or files, or the demo)."""
+    """The one decision on random weights: the WARNING for a fit on random weights, or None.
+
+    A fit on any index but the demo's with a random init logs a WARNING that says what its scores mean and how to get
+    the pretrained weights (``ModelSpec.weights_help``) and returns it; None for pretrained weights or files, or the
+    demo."""
     parts = random_parts(source)
     if demo or not parts:
         return None
@@ -285,8 +270,10 @@ def describe_weights(source: dict) -> str:
 
 
 def report_weights(config, source: dict, demo: bool) -> str:
-    """What the fit job says of its weights: the warning on random weights (``random_weights_warning``) logged, and
-    the line it prints (``weights: ...``, with each file's recorded sha256), returned."""
+    """What the fit job says of its weights.
+
+    The warning on random weights (``random_weights_warning``) is logged, and the line it prints (``weights: ...``,
+    with each file's recorded sha256) returned."""
     random_weights_warning(config, source, demo)
     return f"weights: {describe_weights(source)}"
 
@@ -327,22 +314,20 @@ def _region_items(extractor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def _kde_head(config):
-    from rayanom.heads import KdeHead
-
     return KdeHead(config.n_pca_components, config.feature_scaling)
 
 
 def _dfm_head(config):
-    from rayanom.heads import DfmHead
-
     return DfmHead(config.pca_level, config.score_type)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model's choices. Ray pickles a spec with cloudpickle: the library's functions by reference, lambdas and
-    the functions of a model defined in a test or a notebook by value. ``outputs`` must give ``anomaly_score`` and
-    then exactly ``columns(config)`` (the scorer checks it: the report's checks before any work rely on it)."""
+    """One model's choices: what differs per model lives here.
+
+    Ray pickles a spec with cloudpickle: the library's functions by reference, lambdas and the functions of a model
+    defined in a test or a notebook by value. ``outputs`` must give ``anomaly_score`` and then exactly
+    ``columns(config)`` (the scorer checks it: the report's checks before any work rely on it)."""
 
     name: str
     config: type  # its config dataclass: defaults, validation, and (its fields) the fit flags
@@ -350,7 +335,7 @@ class ModelSpec:
     extractor: Callable[..., Any]  # (config, state, device, threads, precision) -> the feature stage
     weights: Callable[[Any, dict, bool], tuple[dict, dict]]  # (config, weight flags, download) -> state, source
     load_weights: Callable[[Any, dict, dict], dict]  # (config, source, moved files) -> state, checked against source
-    outputs: Callable[[Batch], dict[str, pa.Array]]  # a decoded batch -> its output columns (anomaly_score first)
+    outputs: Callable[[ScoringBatch], dict[str, pa.Array]]  # a batch -> its output columns (anomaly_score first)
     columns: Callable[[Any], tuple[str, ...]]  # config -> the output columns beyond anomaly_score and error
     weight_flags: dict[str, tuple[dict, str]] = field(default_factory=lambda: dict(TIMM_WEIGHT_FLAGS))
     items: Callable[[Any, np.ndarray], tuple[np.ndarray, np.ndarray]] = image_items  # bank items per image, features
@@ -413,7 +398,8 @@ def spec_of(config) -> ModelSpec:
 
 
 def config_from_dict(d: dict[str, Any], model: ModelSpec | None = None):
-    """Inverse of ``config.config_to_dict``; unknown keys and unknown models are errors naming the valid ones.
+    """Inverse of ``config.config_to_dict``; unknown keys and models are errors naming the valid ones.
+
     ``model``: the spec to read it with (else found by the ``model`` tag)."""
     if not isinstance(d, dict):
         raise_invalid("config", d, "a JSON object")
@@ -425,16 +411,3 @@ def config_from_dict(d: dict[str, Any], model: ModelSpec | None = None):
     if unknown:
         raise_invalid("config keys", unknown, f"keys among {sorted(names)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "model"})
-
-
-def head_from_arrays(config, arrays: dict[str, np.ndarray], uri: str = "model", model: ModelSpec | None = None):
-    """The fitted head of ``config``'s model (``model``, else found by name) from its arrays (``head.to_arrays()``),
-    names and ranks checked against the head's ``ARRAYS``."""
-    head = (model or spec_of(config)).head(config)
-    bad = [k for k, ndim in head.ARRAYS.items() if k not in arrays or arrays[k].ndim != ndim]
-    if bad:
-        from rayanom.artifact import HEAD_FILE
-
-        msg = f"invalid model={uri!r}: {HEAD_FILE} lacks or has malformed arrays {bad} for a {config.model} head"
-        raise UserError(msg)
-    return head.load_arrays(arrays)
