@@ -302,11 +302,14 @@ def probe_bf16(device: str) -> tuple[float, float]:
 
 
 def input_tensor(images: np.ndarray, device) -> torch.Tensor:
-    """Images (n, 3, h, w) as a float32 tensor on ``device``, without a copy on the CPU.
+    """Images (n, 3, h, w) as a tensor on ``device``, without a copy on the CPU.
 
-    The array may be read-only (the object store's): the feature stages never write their input."""
+    float32, or bfloat16 where the array holds bf16 bits (uint16, ``decode.bf16_bits``). The array may be read-only
+    (the object store's): the feature stages never write their input."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        if images.dtype == np.uint16:
+            return torch.from_numpy(np.ascontiguousarray(images).view(np.int16)).view(torch.bfloat16).to(device)
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
 
 
@@ -347,11 +350,8 @@ class FeatureExtractor:
         The images are float32 RGB in [0, 1], or, in bf16 runs, normalised bf16 bits."""
         if len(images) == 0:
             return torch.zeros((0, self.dim), device=self.device)
-        if images.dtype == np.uint16:  # normalised bf16 bits (data.bf16_bits): the first convolution's very input
-            x = torch.from_numpy(np.ascontiguousarray(images).view(np.int16)).view(torch.bfloat16).to(self.device)
-            return self._forward(x, normalised=True).reshape(len(x), -1).float()
-        x = input_tensor(images, self.device)
-        return self._forward(x).reshape(len(x), -1).float()
+        x = input_tensor(images, self.device)  # bf16 bits are normalised already: the first convolution's very input
+        return self._forward(x, normalised=x.dtype == torch.bfloat16).reshape(len(x), -1).float()
 
     def _forward(self, x: torch.Tensor, normalised: bool = False) -> torch.Tensor:
         x = (x if normalised else (x - self.mean) / self.std).contiguous(memory_format=self.memory_format)

@@ -1,8 +1,9 @@
 """The data plane on Ray Data: a CPU decode stage that runs on any node, and a model stage of accelerator actors.
 
 units (small rows: a row range of a part, or a chunk of fit rows) -> ``decode_units`` (Ray Data tasks: one output
-row per forward batch, its images as float32 bytes, bf16 for bf16 runs) -> a model stage class (``ActorPoolStrategy``, ``batch_size=1``:
-one forward batch a call) -> small result rows, streamed to the driver. Forward batches are cut at fixed offsets from
+row per forward batch, its images as float32 bytes, bf16 for bf16 runs) -> a model stage class
+(``ActorPoolStrategy``, ``Plan.batches_per_call`` forward batches a call) -> small result rows, streamed to the
+driver. Forward batches are cut at fixed offsets from
 the start of their part or chunk, and every batch the model sees is checked against what it should hold, so results
 do not depend on how Ray Data cuts blocks or on how many actors run. Where decode and model ask for the same
 resources (CPU only) Ray Data fuses them into the actors: decode then runs in the model's process, with nothing to
@@ -28,7 +29,8 @@ from rayanom.storage import ReadPolicy, ipc_bytes
 
 logger = logging.getLogger(__name__)
 
-CAREFUL_AFTER = 2  # a unit or batch whose worker died this many times is done row by row, skipping the rows that kill it
+# A unit or batch whose worker died this many times is done row by row, skipping the rows that kill it.
+CAREFUL_AFTER = 2
 # Where a forward batch sits: its part (or fit chunk) and the part's rows [first, stop), whether it re-scores the part's
 # failed rows only (retry), the batch's offset in the rows it is cut from, their number (total) and its own rows (n).
 BATCH_COLS = ("part", "first", "stop", "retry", "offset", "total", "n")

@@ -103,8 +103,7 @@ class BankFeatures:
         """The bank items of a decoded batch (``decode_table``'s) with keys in [lo, hi), and its failed rows."""
         rows = decoded.column(ROW_COL).to_numpy()
         errors = np.asarray(decoded.column(ERROR_COL).to_pylist(), dtype=object)
-        ok = np.array([e is None for e in errors], dtype=bool)
-        ids, keys, feats = self._safe_items(decoded, rows, ok, errors)
+        ids, keys, feats = self._safe_items(decoded, rows, decoded.ok, errors)
         ok = np.array([e is None for e in errors], dtype=bool)  # rows the model stage failed on are failed rows
         keep = (keys >= lo) & (keys < hi)
         return {"failed_rows": rows[~ok], "errors": errors[~ok], KEY_COL: keys[keep], BANK_ID_COL: ids[keep],
@@ -164,8 +163,7 @@ class Scorer:
 
     def __call__(self, decoded: Decoded) -> pa.Table:
         """Score a decoded batch."""
-        errors = decoded.column(ERROR_COL).to_pylist()
-        ok = np.array([e is None for e in errors], dtype=bool)
+        errors, ok = decoded.column(ERROR_COL).to_pylist(), decoded.ok
         if self.hook is not None:
             self.hook(decoded.table, ok)
         columns = self.spec.outputs(ScoringBatch(decoded.table, ok, errors, self.extractor, self.head, self.config,
@@ -198,9 +196,10 @@ def bank_items(block: pa.Table):
 class ScoreBatches:
     """Score-stage model actor: decoded forward batches scored and joined into parts beside the output.
 
-    One decoded forward batch a call (a ``plane`` batch row), scored (``Scorer``) and
-    written as a fragment of its part; the call that completes a part joins its fragments into the part
-    (``parts.write_part``), with its decisions and metadata. Only a one-row result goes back, never a row's data.
+    A call takes a few decoded forward batches (``plane`` batch rows), scores them (``Scorer``) and writes them: a
+    part the call holds whole goes straight into place (``parts.write_part``); otherwise the batches of each part
+    become a fragment, and the call that completes a part joins its fragments into it, with its decisions and
+    metadata. Only a one-row result per batch goes back, never a row's data.
 
     Failures stay with their rows. A batch whose model stage raises is scored again in halves down to single rows, so
     only the offending row gets an ``error`` naming the exception; an out-of-memory error also lowers this actor's

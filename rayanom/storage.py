@@ -170,12 +170,7 @@ def read_bytes(path: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
             msg = f"{path} is a directory, expected an image file"
             raise IsADirectoryError(msg) from e
         raise
-    with f:
-        size = f.size()
-        if size > policy.max_file_bytes:
-            msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
-            raise ValueError(msg)
-        return with_retries(lambda: _read_all(f), policy)
+    return _read_whole(f, f.size, policy)
 
 
 def _read_local(path: str, policy: ReadPolicy) -> bytes:
@@ -188,8 +183,13 @@ def _read_local(path: str, policy: ReadPolicy) -> bytes:
     except IsADirectoryError as e:
         msg = f"{path} is a directory, expected an image file"
         raise IsADirectoryError(msg) from e
+    return _read_whole(f, lambda: os.fstat(f.fileno()).st_size, policy)
+
+
+def _read_whole(f, size_of: Callable[[], int], policy: ReadPolicy) -> bytes:
+    """All bytes of the open file ``f`` (closed after), refused above ``max_file_bytes`` (``size_of()`` says)."""
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = size_of()
         if size > policy.max_file_bytes:
             msg = f"file too large: {size} bytes (--max-file-bytes {policy.max_file_bytes})"
             raise ValueError(msg)

@@ -68,15 +68,24 @@ def labelled(ray_local, demo_set, tmp_path_factory):
     return artifact, model, index_at(root / "index.parquet", table), table
 
 
+def _scored_watching_parts(labelled, out: str, rows_per_part: int, *args, **kwargs) -> dict:
+    """``score_and_decide`` on the labelled rows while ``PartWrites`` watches ``out``; checks that every part of the
+    index was written exactly once, and returns the summary."""
+    artifact, _, info, table = labelled
+    with PartWrites(out) as writes:
+        summary = score_and_decide(info, artifact, out, RunConfig(batch_size=4, rows_per_part=rows_per_part), *args,
+                                   **kwargs)
+    assert len(writes.seen) == -(-table.num_rows // rows_per_part)
+    assert all(len(versions) == 1 for versions in writes.seen.values()), writes.seen  # no part written twice
+    return summary
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_a_threshold_from_the_val_rows_writes_every_part_once(labelled, tmp_path):
-    artifact, model, info, table = labelled
-    out, run = str(tmp_path / "scores"), RunConfig(batch_size=4, rows_per_part=3)
-    with PartWrites(out) as writes:
-        summary = score_and_decide(info, artifact, out, run, model, store=True)
-    assert len(writes.seen) == -(-table.num_rows // 3)
-    assert all(len(versions) == 1 for versions in writes.seen.values()), writes.seen  # no part written twice
+    artifact, model, _, table = labelled
+    out = str(tmp_path / "scores")
+    summary = _scored_watching_parts(labelled, out, 3, model, store=True)
     t = Threshold(**summary["threshold"])
     n_val = table.column("split").to_pylist().count("val")
     assert t.source == f"F1-adaptive on {n_val} val rows" and t.min is not None
@@ -92,11 +101,8 @@ def test_a_threshold_from_the_val_rows_writes_every_part_once(labelled, tmp_path
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_a_manual_threshold_takes_the_val_rows_range_and_writes_every_part_once(labelled, tmp_path):
-    artifact, _, info, table = labelled
-    out, run = str(tmp_path / "scores"), RunConfig(batch_size=4, rows_per_part=5)
-    with PartWrites(out) as writes:
-        summary = score_and_decide(info, artifact, out, run, manual=-20.0)
-    assert all(len(versions) == 1 for versions in writes.seen.values()), writes.seen
+    out = str(tmp_path / "scores")
+    summary = _scored_watching_parts(labelled, out, 5, manual=-20.0)
     stats = threshold_from_val(os.path.join(out, VAL_DIR, "scores"))
     assert summary["threshold"] == {"value": -20.0, "min": stats.min, "max": stats.max, "source": "manual"}
     scores = pq.read_table(out)
